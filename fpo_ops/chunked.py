@@ -1,0 +1,157 @@
+"""Streaming PyTorch implementation of `token_stats` (``impl="torch"``).
+
+Tiles tokens and vocabulary so that only one [BN, BV] block of logits per model exists at a time.
+Forward keeps a few floats per token (log-normalisers and the statistic values the gradient
+formula needs); backward recomputes the tiles. Runs on any device PyTorch runs on.
+"""
+from typing import Dict, Optional
+
+import torch
+
+from .online import (
+    finalize, logit_to_preactivation_grad, merge_partials, needed_partials, tile_jsd_sums,
+    tile_logit_grad, tile_partials, transform_logits,
+)
+from .options import HeadOptions
+from .stats import DIFFERENTIABLE_STATS
+
+# Tile sizes: a [TOKEN_BLOCK, VOCAB_BLOCK] fp32 tile is 8 MiB, large enough for efficient GEMMs.
+TOKEN_BLOCK = 512
+VOCAB_BLOCK = 4096
+
+# Values, besides lse/lse_ref, that the gradient of each statistic reads (DESIGN section 2).
+_SAVED_FOR_GRAD = {"entropy": "entropy", "reverse_kl": "reverse_kl", "jsd": "kl_p_m"}
+
+
+def _logit_tile(hidden, weight, bias, v0, v1, softcap, logit_scale, opts: HeadOptions) -> torch.Tensor:
+    x = (hidden @ weight[v0:v1].T).to(opts.accum_dtype)
+    if bias is not None:
+        x = x + bias[v0:v1].to(opts.accum_dtype)
+    return transform_logits(x, softcap, logit_scale, opts.temperature)
+
+
+class ChunkedTokenStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: HeadOptions):
+        n_tokens, vocab = hidden.shape[0], weight.shape[0]
+        has_ref = ref_hidden is not None
+        keys = needed_partials(opts)
+        valid = labels != opts.ignore_index
+        # -1 is never a column of any tile, so ignored tokens gather nothing.
+        labels = torch.where(valid, labels, torch.full_like(labels, -1))
+        want_jsd = opts.wants("jsd")
+        keep = ["lse"] + (["lse_ref"] if has_ref else [])
+        keep += [saved for stat, saved in _SAVED_FOR_GRAD.items() if opts.wants(stat)]
+        kept = {name: hidden.new_empty(n_tokens, dtype=opts.accum_dtype) for name in keep}
+        outputs = {name: hidden.new_empty(n_tokens, dtype=opts.accum_dtype) for name in opts.outputs}
+
+        for n0 in range(0, n_tokens, TOKEN_BLOCK):
+            n1 = min(n0 + TOKEN_BLOCK, n_tokens)
+            h, y = hidden[n0:n1], labels[n0:n1]
+            rh = ref_hidden[n0:n1] if has_ref else None
+            partials = None
+            for v0 in range(0, vocab, VOCAB_BLOCK):
+                v1 = min(v0 + VOCAB_BLOCK, vocab)
+                z = _logit_tile(h, weight, bias, v0, v1, opts.softcap, opts.logit_scale, opts)
+                z_ref = (_logit_tile(rh, ref_weight, ref_bias, v0, v1, opts.ref_softcap,
+                                     opts.ref_logit_scale, opts) if has_ref else None)
+                tile = tile_partials(z, z_ref, y - v0, keys)
+                partials = tile if partials is None else merge_partials(partials, tile)
+            stats = finalize(partials, vocab)
+            if want_jsd:
+                stats.update(_jsd_pass(h, rh, weight, bias, ref_weight, ref_bias, stats, opts))
+            for name, buf in list(outputs.items()) + list(kept.items()):
+                buf[n0:n1] = stats[name]
+
+        zero = hidden.new_zeros((), dtype=opts.accum_dtype)
+        results = tuple(torch.where(valid, outputs[name], zero) for name in opts.outputs)
+        ctx.opts = opts
+        ctx.kept_names = tuple(kept)
+        ctx.save_for_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
+                              *kept.values())
+        ctx.mark_non_differentiable(*(r for name, r in zip(opts.outputs, results)
+                                      if name not in DIFFERENTIABLE_STATS))
+        ctx.set_materialize_grads(False)
+        return results
+
+    @staticmethod
+    def backward(ctx, *grads):
+        opts: HeadOptions = ctx.opts
+        hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, *kept = ctx.saved_tensors
+        saved = dict(zip(ctx.kept_names, kept))
+        valid = labels >= 0
+        coef = {
+            name: torch.where(valid, g.to(opts.accum_dtype), torch.zeros((), dtype=opts.accum_dtype,
+                                                                            device=g.device))
+            for name, g in zip(opts.outputs, grads) if name in DIFFERENTIABLE_STATS and g is not None
+        }
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if not coef or not (need_h or need_w or need_b):
+            return (None,) * 8
+        grad_h, grad_w, grad_b = _backward_tiles(
+            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef, saved, opts,
+            need_h, need_w, need_b,
+        )
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _jsd_pass(h, rh, weight, bias, ref_weight, ref_bias, stats, opts: HeadOptions) -> Dict[str, torch.Tensor]:
+    """Second pass over the vocabulary: the JSD needs both log-normalisers first."""
+    beta = opts.jsd_beta
+    sum_q = h.new_zeros(h.shape[0], dtype=opts.accum_dtype)
+    sum_p = torch.zeros_like(sum_q)
+    for v0 in range(0, weight.shape[0], VOCAB_BLOCK):
+        v1 = min(v0 + VOCAB_BLOCK, weight.shape[0])
+        z = _logit_tile(h, weight, bias, v0, v1, opts.softcap, opts.logit_scale, opts)
+        z_ref = _logit_tile(rh, ref_weight, ref_bias, v0, v1, opts.ref_softcap, opts.ref_logit_scale, opts)
+        q_part, p_part = tile_jsd_sums(z - stats["lse"][:, None], z_ref - stats["lse_ref"][:, None], beta)
+        sum_q += q_part
+        sum_p += p_part
+    return {"jsd": beta * sum_q + (1.0 - beta) * sum_p, "kl_p_m": sum_p}
+
+
+def _backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef, saved,
+                    opts: HeadOptions, need_h: bool, need_w: bool, need_b: bool):
+    """Recompute tiles, vocabulary-block outer so each block's dW sums over all tokens in fp32."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    acc = opts.accum_dtype
+    needs_ref_tile = ref_hidden is not None and any(k in coef for k in ("kl", "reverse_kl", "jsd"))
+    grad_h = hidden.new_zeros(hidden.shape, dtype=acc) if need_h else None
+    grad_w = torch.empty_like(weight) if need_w else None
+    grad_b = torch.empty_like(bias) if need_b else None
+
+    for v0 in range(0, vocab, VOCAB_BLOCK):
+        v1 = min(v0 + VOCAB_BLOCK, vocab)
+        grad_w_block = hidden.new_zeros((v1 - v0, weight.shape[1]), dtype=acc) if need_w else None
+        grad_b_block = hidden.new_zeros(v1 - v0, dtype=acc) if need_b else None
+        for n0 in range(0, n_tokens, TOKEN_BLOCK):
+            n1 = min(n0 + TOKEN_BLOCK, n_tokens)
+            h = hidden[n0:n1]
+            z = _logit_tile(h, weight, bias, v0, v1, opts.softcap, opts.logit_scale, opts)
+            z_ref = (_logit_tile(ref_hidden[n0:n1], ref_weight, ref_bias, v0, v1, opts.ref_softcap,
+                                 opts.ref_logit_scale, opts) if needs_ref_tile else None)
+            dz = tile_logit_grad(
+                z, z_ref, labels[n0:n1] - v0,
+                {k: c[n0:n1] for k, c in coef.items()}, {k: s[n0:n1] for k, s in saved.items()},
+                opts.jsd_beta,
+            )
+            dx = logit_to_preactivation_grad(dz, z, opts.softcap, opts.logit_scale, opts.temperature)
+            if need_b:
+                grad_b_block += dx.sum(0)
+            dx = dx.to(hidden.dtype)
+            if need_h:
+                grad_h[n0:n1] += dx @ weight[v0:v1]
+            if need_w:
+                grad_w_block += dx.T @ h
+        if need_w:
+            grad_w[v0:v1] = grad_w_block
+        if need_b:
+            grad_b[v0:v1] = grad_b_block
+    return (grad_h.to(hidden.dtype) if need_h else None), grad_w, grad_b
+
+
+def chunked_token_stats(hidden, weight, bias, labels, ref_hidden: Optional[torch.Tensor], ref_weight,
+                        ref_bias, opts: HeadOptions) -> Dict[str, torch.Tensor]:
+    """Flattened inputs (hidden [N, H], labels [N]) to {name: [N]} through the streaming op."""
+    results = ChunkedTokenStats.apply(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts)
+    return dict(zip(opts.outputs, results))

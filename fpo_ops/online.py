@@ -1,0 +1,178 @@
+"""Online (max-rescaled) per-token sums over vocabulary blocks, and the per-token logit gradient.
+
+A block of the vocabulary turns into *partials*: a dict of per-token tensors, each kept relative to
+the block's running maxima so that no exponential overflows. Partials of disjoint blocks merge
+exactly (`merge_partials`), so the same code folds vocabulary tiles one after another, or combines
+slices of the vocabulary held by different processes. `finalize` turns them into statistics.
+
+Per token, with m = max z, s = sum e^{z-m} (primed: reference):
+    ent = sum e^{z-m} (z-m)                      entropy     = log s - ent / s
+    s2  = sum e^{2(z-m)}                         log_sum_p2  = log s2 - 2 log s
+    rkl = sum e^{z-m} ((z-m) - (z'-m'))          reverse_kl  = rkl / s - log s + log s'
+    kl  = sum e^{z'-m'} ((z'-m') - (z-m))        kl          = kl / s' - log s' + log s
+Shifting by the maxima keeps the sums free of the cancellation that ``sum p z`` suffers at |z| ~ 1e4.
+"""
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .options import HeadOptions
+
+Partials = Dict[str, torch.Tensor]
+
+
+def needed_partials(opts: HeadOptions) -> Tuple[str, ...]:
+    """Names of the sums a call needs beyond the two log-normalisers and the label logits."""
+    wanted = {
+        "entropy": "ent", "log_sum_p2": "s2", "reverse_kl": "rkl", "kl": "kl", "mean_logit": "sum_z",
+    }
+    return tuple(key for name, key in wanted.items() if opts.wants(name))
+
+
+def transform_logits(x: torch.Tensor, softcap: Optional[float], logit_scale: float,
+                     temperature: float) -> torch.Tensor:
+    """``cap(scale * x) / T`` on a fp32/fp64 tile of pre-activations ``x = h @ W^T + b``."""
+    x = x * logit_scale
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    return x / temperature
+
+
+def logit_to_preactivation_grad(dz: torch.Tensor, z: torch.Tensor, softcap: Optional[float],
+                                logit_scale: float, temperature: float) -> torch.Tensor:
+    """Chain d/dz through ``/T``, the softcap and the scale: tanh(u/c) is recovered as z T / c."""
+    factor = logit_scale / temperature
+    if softcap is None:
+        return dz * factor
+    t = z * (temperature / softcap)
+    return dz * (factor * (1.0 - t * t))
+
+
+def tile_partials(z: torch.Tensor, z_ref: Optional[torch.Tensor], local_labels: torch.Tensor,
+                  keys: Tuple[str, ...]) -> Partials:
+    """Partials of one [n, b] tile; ``local_labels`` is the label's column in the tile or -1."""
+    in_tile = (local_labels >= 0) & (local_labels < z.shape[1])
+    col = torch.where(in_tile, local_labels, torch.zeros_like(local_labels))[:, None]
+    zero = z.new_zeros(())
+
+    m = z.max(dim=1).values
+    shifted = z - m[:, None]
+    e = torch.exp(shifted)
+    out = {"m": m, "s": e.sum(1), "z_label": torch.where(in_tile, z.gather(1, col)[:, 0], zero)}
+    if "ent" in keys:
+        out["ent"] = (e * shifted).sum(1)
+    if "s2" in keys:
+        out["s2"] = (e * e).sum(1)
+    if "sum_z" in keys:
+        out["sum_z"] = z.sum(1)
+    if z_ref is not None:
+        m_ref = z_ref.max(dim=1).values
+        shifted_ref = z_ref - m_ref[:, None]
+        e_ref = torch.exp(shifted_ref)
+        out["m_ref"], out["s_ref"] = m_ref, e_ref.sum(1)
+        out["z_ref_label"] = torch.where(in_tile, z_ref.gather(1, col)[:, 0], zero)
+        if "rkl" in keys:
+            out["rkl"] = (e * (shifted - shifted_ref)).sum(1)
+        if "kl" in keys:
+            out["kl"] = (e_ref * (shifted_ref - shifted)).sum(1)
+    return out
+
+
+def merge_partials(a: Partials, b: Partials) -> Partials:
+    """Exact combination of the partials of two disjoint vocabulary blocks."""
+    m = torch.maximum(a["m"], b["m"])
+    da, db = a["m"] - m, b["m"] - m
+    ra, rb = torch.exp(da), torch.exp(db)
+    out = {"m": m, "s": ra * a["s"] + rb * b["s"], "z_label": a["z_label"] + b["z_label"]}
+    if "ent" in a:
+        out["ent"] = ra * (a["ent"] + da * a["s"]) + rb * (b["ent"] + db * b["s"])
+    if "s2" in a:
+        out["s2"] = ra * ra * a["s2"] + rb * rb * b["s2"]
+    if "sum_z" in a:
+        out["sum_z"] = a["sum_z"] + b["sum_z"]
+    if "m_ref" in a:
+        m_ref = torch.maximum(a["m_ref"], b["m_ref"])
+        da_ref, db_ref = a["m_ref"] - m_ref, b["m_ref"] - m_ref
+        ra_ref, rb_ref = torch.exp(da_ref), torch.exp(db_ref)
+        out["m_ref"] = m_ref
+        out["s_ref"] = ra_ref * a["s_ref"] + rb_ref * b["s_ref"]
+        out["z_ref_label"] = a["z_ref_label"] + b["z_ref_label"]
+        if "rkl" in a:
+            out["rkl"] = (ra * (a["rkl"] + (da - da_ref) * a["s"])
+                          + rb * (b["rkl"] + (db - db_ref) * b["s"]))
+        if "kl" in a:
+            out["kl"] = (ra_ref * (a["kl"] + (da_ref - da) * a["s_ref"])
+                         + rb_ref * (b["kl"] + (db_ref - db) * b["s_ref"]))
+    return out
+
+
+def finalize(p: Partials, vocab_size: int) -> Dict[str, torch.Tensor]:
+    """Statistics (and the log-normalisers ``lse``/``lse_ref``) from fully merged partials."""
+    log_s = torch.log(p["s"])
+    lse = p["m"] + log_s
+    out = {"lse": lse, "logp": p["z_label"] - lse, "top1_correct": (p["z_label"] >= p["m"]).to(lse.dtype)}
+    if "ent" in p:
+        out["entropy"] = log_s - p["ent"] / p["s"]
+    if "s2" in p:
+        out["log_sum_p2"] = torch.log(p["s2"]) - 2.0 * log_s
+    if "sum_z" in p:
+        out["mean_logit"] = p["sum_z"] / vocab_size
+    if "m_ref" in p:
+        log_s_ref = torch.log(p["s_ref"])
+        lse_ref = p["m_ref"] + log_s_ref
+        out["lse_ref"] = lse_ref
+        out["ref_logp"] = p["z_ref_label"] - lse_ref
+        if "rkl" in p:
+            out["reverse_kl"] = p["rkl"] / p["s"] - log_s + log_s_ref
+        if "kl" in p:
+            out["kl"] = p["kl"] / p["s_ref"] - log_s_ref + log_s
+    return out
+
+
+def log_mixture(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
+    """log(beta q + (1 - beta) p); exact at the endpoints, where one term vanishes."""
+    if beta == 0.0:
+        return logp
+    if beta == 1.0:
+        return logq
+    return torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
+
+
+def tile_jsd_sums(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row sums of one tile for the JSD: (sum q (log q - log m), sum p (log p - log m))."""
+    logm = log_mixture(logp, logq, beta)
+    return (torch.exp(logq) * (logq - logm)).sum(1), (torch.exp(logp) * (logp - logm)).sum(1)
+
+
+def tile_logit_grad(
+    z: torch.Tensor, z_ref: Optional[torch.Tensor], local_labels: torch.Tensor,
+    coef: Dict[str, torch.Tensor], saved: Dict[str, torch.Tensor], beta: float,
+) -> torch.Tensor:
+    """d loss / d z on one [n, b] tile (DESIGN section 2), given per-token upstream gradients.
+
+    ``coef`` maps each differentiable statistic with an upstream gradient to that gradient [n]
+    (already 0 at ignored tokens); ``saved`` holds lse, lse_ref and the statistic values the
+    formula needs, each [n].
+    """
+    logp = z - saved["lse"][:, None]
+    p = torch.exp(logp)
+    dz = torch.zeros_like(z)
+    if "logp" in coef:
+        g = coef["logp"][:, None]
+        in_tile = (local_labels >= 0) & (local_labels < z.shape[1])
+        col = torch.where(in_tile, local_labels, torch.zeros_like(local_labels))[:, None]
+        dz = dz - g * p
+        dz.scatter_add_(1, col, torch.where(in_tile, coef["logp"], torch.zeros_like(coef["logp"]))[:, None])
+    if "entropy" in coef:
+        dz = dz - coef["entropy"][:, None] * p * (logp + saved["entropy"][:, None])
+    if z_ref is not None:
+        logq = z_ref - saved["lse_ref"][:, None]
+        if "kl" in coef:
+            dz = dz + coef["kl"][:, None] * (p - torch.exp(logq))
+        if "reverse_kl" in coef:
+            dz = dz + coef["reverse_kl"][:, None] * p * (logp - logq - saved["reverse_kl"][:, None])
+        if "jsd" in coef and beta < 1.0:
+            logm = log_mixture(logp, logq, beta)
+            dz = dz + ((1.0 - beta) * coef["jsd"])[:, None] * p * (logp - logm - saved["kl_p_m"][:, None])
+    return dz

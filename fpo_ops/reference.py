@@ -1,0 +1,87 @@
+"""The math oracle: plain PyTorch that materialises both models' logits.
+
+It is deliberately simple (autograd does every gradient) and runs in any dtype, float64 included.
+Optimised code never imports it; tests and benchmarks compare against it.
+"""
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .options import HeadOptions
+
+
+def reference_logits(hidden, weight, bias, softcap, logit_scale, opts: HeadOptions) -> torch.Tensor:
+    """``cap(scale * (h @ W^T + b)) / T`` as a [N, V] tensor in the accumulation dtype."""
+    x = (hidden.to(opts.compute_dtype) @ weight.to(opts.compute_dtype).T).to(opts.accum_dtype)
+    if bias is not None:
+        x = x + bias.to(opts.accum_dtype)
+    x = x * logit_scale
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    return x / opts.temperature
+
+
+def reference_token_stats(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+    ref_hidden: Optional[torch.Tensor], ref_weight: Optional[torch.Tensor],
+    ref_bias: Optional[torch.Tensor], opts: HeadOptions,
+) -> Dict[str, torch.Tensor]:
+    """Per-token statistics of flattened inputs (hidden [N, H], labels [N]) as {name: [N]}."""
+    valid = labels != opts.ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+
+    def at_label(values):
+        return values.gather(-1, safe_labels[:, None]).squeeze(-1)
+
+    z = reference_logits(hidden, weight, bias, opts.softcap, opts.logit_scale, opts)
+    logp_all = F.log_softmax(z, dim=-1)
+    stats = {}
+    if opts.wants("logp"):
+        stats["logp"] = at_label(logp_all)
+    if opts.wants("entropy"):
+        stats["entropy"] = -(logp_all.exp() * logp_all).sum(-1)
+    with torch.no_grad():  # metric statistics carry no gradient
+        if opts.wants("log_sum_p2"):
+            stats["log_sum_p2"] = torch.logsumexp(2 * logp_all, dim=-1)
+        if opts.wants("mean_logit"):
+            stats["mean_logit"] = z.mean(-1)
+        if opts.wants("top1_correct"):
+            stats["top1_correct"] = (at_label(z) >= z.max(-1).values).to(opts.accum_dtype)
+
+    if ref_hidden is not None:
+        # The reference is frozen: no gradient reaches it, even through a shared weight.
+        z_ref = reference_logits(
+            ref_hidden.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach(),
+            opts.ref_softcap, opts.ref_logit_scale, opts,
+        )
+        logq_all = F.log_softmax(z_ref, dim=-1)
+        if opts.wants("ref_logp"):
+            stats["ref_logp"] = at_label(logq_all)
+        if opts.wants("kl"):
+            stats["kl"] = (logq_all.exp() * (logq_all - logp_all)).sum(-1)
+        if opts.wants("reverse_kl"):
+            stats["reverse_kl"] = (logp_all.exp() * (logp_all - logq_all)).sum(-1)
+        if opts.wants("jsd"):
+            stats["jsd"] = _jsd(logp_all, logq_all, opts.jsd_beta)
+
+    zero = torch.zeros((), dtype=opts.accum_dtype, device=hidden.device)
+    return {name: torch.where(valid, stats[name], zero) for name in opts.outputs}
+
+
+def _jsd(logp_all: torch.Tensor, logq_all: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta KL(q || m) + (1 - beta) KL(p || m) with m = beta q + (1 - beta) p, per row."""
+    # The endpoints drop the vanishing term of m, whose log would be -inf.
+    if beta == 0.0:
+        logm = logp_all
+    elif beta == 1.0:
+        logm = logq_all
+    else:
+        logm = torch.logaddexp(logq_all + math.log(beta), logp_all + math.log1p(-beta))
+    jsd = torch.zeros(logp_all.shape[:-1], dtype=logp_all.dtype, device=logp_all.device)
+    if beta > 0.0:
+        jsd = jsd + beta * (logq_all.exp() * (logq_all - logm)).sum(-1)
+    if beta < 1.0:
+        jsd = jsd + (1.0 - beta) * (logp_all.exp() * (logp_all - logm)).sum(-1)
+    return jsd

@@ -1,0 +1,125 @@
+"""`token_stats`: the public op. Validates, resolves autocast, flattens and dispatches on `impl`."""
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+
+from .chunked import chunked_token_stats
+from .options import HeadOptions
+from .stats import TokenStats
+from .validation import normalize_outputs, validate_token_stats_args
+
+StatsFn = Callable[..., Dict[str, torch.Tensor]]
+
+
+def _triton_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_impl(impl: str, device: torch.device) -> StatsFn:
+    if impl == "auto":
+        impl = "triton" if _triton_available(device) else "torch"
+    if impl == "torch":
+        return chunked_token_stats
+    if impl == "reference":
+        from .reference import reference_token_stats  # the oracle is only loaded on request
+        return reference_token_stats
+    from .triton_stats import triton_token_stats
+    return triton_token_stats
+
+
+def token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    ref_softcap: Optional[float] = None,
+    ref_logit_scale: float = 1.0,
+    outputs: Sequence[str] = ("logp",),
+    jsd_beta: float = 0.5,
+    impl: str = "auto",
+    check_labels: bool = True,
+    check_finite: bool = False,
+) -> TokenStats:
+    """Per-token statistics of the policy (and reference) LM head without materialising logits.
+
+    Logits of each model are ``cap(logit_scale * (hidden @ weight^T + bias)) / temperature``, with
+    ``cap(x) = softcap * tanh(x / softcap)`` when a softcap is given. Let p be the policy's and q
+    the reference's next-token distribution and y the label.
+
+    Args:
+        hidden: [..., H] policy hidden states (already aligned with ``labels``).
+        weight: [V, H] policy LM-head weight.
+        labels: [...] int token ids, ``labels[i]`` being predicted at ``hidden[i]``; positions equal
+            to ``ignore_index`` are skipped and get statistic 0 and gradient 0.
+        ref_hidden: [..., H'] reference hidden states (H' may differ from H), or None.
+        ref_weight: [V, H'] reference LM-head weight; None with ``ref_hidden`` shares the policy's
+            head (weight and, unless ``ref_bias`` is given, bias). The reference gets no gradient.
+        bias, ref_bias: [V] head biases or None.
+        ignore_index: label value of positions to skip.
+        temperature: divides both models' logits.
+        softcap, ref_softcap: tanh logit cap of each model (Gemma-2's ``final_logit_softcapping``).
+        logit_scale, ref_logit_scale: multiply each model's logits before the cap.
+        outputs: names of the statistics to compute: ``logp`` (log p[y]), ``ref_logp`` (log q[y]),
+            ``kl`` (KL(q||p)), ``reverse_kl`` (KL(p||q)), ``entropy`` (H(p)), ``jsd``
+            (beta KL(q||m) + (1-beta) KL(p||m), m = beta q + (1-beta) p), and the gradient-free
+            metrics ``log_sum_p2`` (log sum p^2), ``mean_logit`` and ``top1_correct``.
+        jsd_beta: beta of ``jsd``, in [0, 1].
+        impl: ``"auto"`` (Triton on CUDA, else ``"torch"``), ``"triton"``, ``"torch"`` (streaming
+            PyTorch) or ``"reference"`` (materialises logits; the test oracle).
+        check_labels: check that labels lie in [0, V) (one host sync).
+        check_finite: check that the hidden states are finite (one host sync).
+
+    Returns:
+        TokenStats with the requested fields set, each shaped like ``labels``: float32 (float64 for
+        float64 inputs), 0 at ignored positions. Gradients flow to ``hidden``, ``weight``, ``bias``.
+        Under ``torch.autocast`` the GEMMs run in the autocast dtype; the statistics stay fp32.
+    """
+    outputs = normalize_outputs(outputs)
+    validate_token_stats_args(
+        hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias, outputs=outputs,
+        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, jsd_beta=jsd_beta, impl=impl,
+        check_labels=check_labels, check_finite=check_finite,
+    )
+    if ref_hidden is not None and ref_weight is None:
+        ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
+
+    device_type = hidden.device.type
+    compute_dtype = hidden.dtype
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    opts = HeadOptions(
+        outputs=outputs, ignore_index=ignore_index, temperature=float(temperature),
+        softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale),
+        ref_softcap=None if ref_softcap is None else float(ref_softcap),
+        ref_logit_scale=float(ref_logit_scale), jsd_beta=float(jsd_beta), compute_dtype=compute_dtype,
+    )
+
+    def flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.reshape(-1, t.shape[-1]).to(compute_dtype)
+
+    def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.to(compute_dtype)
+
+    fn = _resolve_impl(impl, hidden.device)
+    # The GEMMs run in compute_dtype with every sum in fp32: autocast must not recast inside.
+    with torch.autocast(device_type, enabled=False):
+        stats = fn(
+            flat(hidden), cast(weight), bias, labels.reshape(-1),
+            flat(ref_hidden), cast(ref_weight), ref_bias, opts,
+        )
+    return TokenStats(**{name: value.reshape(labels.shape) for name, value in stats.items()})

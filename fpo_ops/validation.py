@@ -1,0 +1,131 @@
+"""Argument checks for `token_stats`: every failure names the argument, expected vs got."""
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .stats import REFERENCE_STATS, STAT_NAMES
+
+IMPLS = ("auto", "triton", "torch", "reference")
+
+
+def _require_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+
+
+def _require_float_tensor(name: str, value) -> None:
+    _require_tensor(name, value)
+    if not value.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
+
+
+def _require_same(name: str, what: str, expected, got) -> None:
+    if expected != got:
+        raise (TypeError if what == "dtype" else ValueError)(
+            f"{name}: expected {what} {expected}, got {got}"
+        )
+
+
+def _check_head(prefix: str, hidden, weight, bias, labels) -> None:
+    """Shapes, dtypes and devices of one model's hidden states, weight and bias."""
+    h_name, w_name, b_name = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
+    _require_float_tensor(h_name, hidden)
+    _require_float_tensor(w_name, weight)
+    if hidden.dim() < 1:
+        raise ValueError(f"{h_name}: expected shape [..., H], got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{w_name}: expected shape [V, H], got {tuple(weight.shape)}")
+    _require_same(w_name, "hidden size (dim 1)", hidden.shape[-1], weight.shape[1])
+    _require_same(h_name, "leading shape (that of labels)", tuple(labels.shape), tuple(hidden.shape[:-1]))
+    _require_same(w_name, "dtype", hidden.dtype, weight.dtype)
+    _require_same(h_name, "device", labels.device, hidden.device)
+    _require_same(w_name, "device", hidden.device, weight.device)
+    if bias is not None:
+        _require_float_tensor(b_name, bias)
+        _require_same(b_name, "shape", (weight.shape[0],), tuple(bias.shape))
+        _require_same(b_name, "dtype", weight.dtype, bias.dtype)
+        _require_same(b_name, "device", weight.device, bias.device)
+
+
+def _check_positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected a finite value > 0, got {value}")
+
+
+def normalize_outputs(outputs) -> Tuple[str, ...]:
+    """Accept a name or a sequence of names; keep the first occurrence of each."""
+    if isinstance(outputs, str):
+        outputs = (outputs,)
+    if not isinstance(outputs, Sequence) or len(outputs) == 0:
+        raise ValueError(f"outputs: expected a non-empty sequence of names from {STAT_NAMES}, got {outputs!r}")
+    unknown = [name for name in outputs if name not in STAT_NAMES]
+    if unknown:
+        raise ValueError(f"outputs: expected names from {STAT_NAMES}, got unknown {unknown}")
+    return tuple(dict.fromkeys(outputs))
+
+
+def validate_token_stats_args(
+    hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias, *, outputs: Tuple[str, ...],
+    ignore_index: int, temperature, softcap, logit_scale, ref_softcap, ref_logit_scale, jsd_beta,
+    impl: str, check_labels: bool, check_finite: bool,
+) -> None:
+    """Raise ValueError/TypeError on anything `token_stats` cannot compute correctly."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    _require_tensor("labels", labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels: expected an integer dtype, got {labels.dtype}")
+    _check_head("", hidden, weight, bias, labels)
+
+    if ref_hidden is None:
+        for name, value in (("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+            if value is not None:
+                raise ValueError(f"{name}: expected None without ref_hidden, got a tensor")
+        needs_ref = [name for name in outputs if name in REFERENCE_STATS]
+        if needs_ref:
+            raise ValueError(
+                f"outputs: {needs_ref} need the reference model, got ref_hidden=None"
+            )
+    else:
+        shared_weight = ref_weight is None
+        _check_head("ref_", ref_hidden, weight if shared_weight else ref_weight,
+                    bias if shared_weight and ref_bias is None else ref_bias, labels)
+        if not shared_weight:
+            _require_same("ref_weight", "vocabulary size (dim 0)", weight.shape[0], ref_weight.shape[0])
+        _require_same("ref_hidden", "dtype (that of hidden)", hidden.dtype, ref_hidden.dtype)
+        _require_same("ref_hidden", "device", hidden.device, ref_hidden.device)
+
+    _check_positive("temperature", temperature)
+    _check_positive("softcap", softcap, allow_none=True)
+    _check_positive("ref_softcap", ref_softcap, allow_none=True)
+    _check_positive("logit_scale", logit_scale)
+    _check_positive("ref_logit_scale", ref_logit_scale)
+    if isinstance(jsd_beta, bool) or not isinstance(jsd_beta, (int, float)) or not 0.0 <= jsd_beta <= 1.0:
+        raise ValueError(f"jsd_beta: expected a float in [0, 1], got {jsd_beta!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+
+    if check_labels:
+        vocab = weight.shape[0]
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            first = labels[bad].flatten()[0].item()
+            raise ValueError(
+                f"labels: expected values in [0, {vocab}) or ignore_index={ignore_index}, got {first}"
+            )
+    if check_finite:
+        for name, value in (("hidden", hidden), ("ref_hidden", ref_hidden)):
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name}: expected finite values, got NaN or inf")
+
+
+def shared_reference_head(weight, bias, ref_weight, ref_bias) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The reference head: its own, or (when ``ref_weight`` is None) the policy's."""
+    if ref_weight is None:
+        return weight, bias if ref_bias is None else ref_bias
+    return ref_weight, ref_bias

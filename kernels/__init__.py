@@ -1,0 +1,1 @@
+"""Triton device code of fpo-ops (installed as ``fpo_ops.kernels``)."""

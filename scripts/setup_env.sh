@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs the package with everything the tests and benchmarks use.
+# torch is pinned to the CPU build first: an unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install -q "torch==${FPO_TORCH_VERSION:-2.13.0}"
+fi
+python -m pip install -q -e ".[test,bench,trl]"
