@@ -22,9 +22,8 @@ def _require_float_tensor(name: str, value) -> None:
 
 def _require_same(name: str, what: str, expected, got) -> None:
     if expected != got:
-        raise (TypeError if what == "dtype" else ValueError)(
-            f"{name}: expected {what} {expected}, got {got}"
-        )
+        error = TypeError if what.startswith("dtype") else ValueError
+        raise error(f"{name}: expected {what} {expected}, got {got}")
 
 
 def _check_head(prefix: str, hidden, weight, bias, labels) -> None:
@@ -89,7 +88,7 @@ def validate_token_stats_args(
         needs_ref = [name for name in outputs if name in REFERENCE_STATS]
         if needs_ref:
             raise ValueError(
-                f"outputs: {needs_ref} need the reference model, got ref_hidden=None"
+                f"outputs: expected ref_hidden for the reference statistics {needs_ref}, got ref_hidden=None"
             )
     else:
         shared_weight = ref_weight is None

@@ -1,0 +1,94 @@
+"""Input builders and comparison helpers shared by the statistic tests."""
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+import fpo_ops
+from fpo_ops.stats import DIFFERENTIABLE_STATS, STAT_NAMES
+
+ALL_STATS = STAT_NAMES
+
+
+@dataclass
+class Case:
+    """One set of inputs for `token_stats` (leaves are float64 unless cast)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    labels: torch.Tensor
+    ref_hidden: Optional[torch.Tensor] = None
+    ref_weight: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    ref_bias: Optional[torch.Tensor] = None
+    kwargs: Dict = field(default_factory=dict)
+
+    def leaves(self) -> Tuple[torch.Tensor, ...]:
+        """The tensors that receive gradients."""
+        return tuple(t for t in (self.hidden, self.weight, self.bias) if t is not None)
+
+    def cast(self, dtype: torch.dtype) -> "Case":
+        def c(t):
+            return None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad)
+        return Case(c(self.hidden), c(self.weight), self.labels, c(self.ref_hidden),
+                    c(self.ref_weight), c(self.bias), c(self.ref_bias), dict(self.kwargs))
+
+
+def make_case(
+    shape: Sequence[int] = (2, 9), hidden_size: int = 19, vocab: int = 37, *,
+    ref_hidden_size: Optional[int] = 23, bias: bool = False, ref_bias: bool = False,
+    shared_weight: bool = False, ignore_fraction: float = 0.25, logit_std: float = 3.0,
+    seed: int = 0, dtype: torch.dtype = torch.float64, **kwargs,
+) -> Case:
+    """Random inputs with logits of roughly ``logit_std`` spread and some ignored labels."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*s, scale=1.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    w_scale = logit_std / hidden_size ** 0.5
+    hidden = randn(*shape, hidden_size).requires_grad_()
+    weight = randn(vocab, hidden_size, scale=w_scale).requires_grad_()
+    labels = torch.randint(0, vocab, tuple(shape), generator=g)
+    labels[torch.rand(tuple(shape), generator=g) < ignore_fraction] = kwargs.get("ignore_index", -100)
+    case = Case(hidden, weight, labels, kwargs=kwargs)
+    if bias:
+        case.bias = randn(vocab).requires_grad_()
+    if ref_hidden_size is not None:
+        if shared_weight:
+            case.ref_hidden = randn(*shape, hidden_size)
+        else:
+            case.ref_hidden = randn(*shape, ref_hidden_size)
+            case.ref_weight = randn(vocab, ref_hidden_size, scale=logit_std / ref_hidden_size ** 0.5)
+        if ref_bias:
+            case.ref_bias = randn(vocab)
+    return case
+
+
+def run(case: Case, impl: str, outputs: Sequence[str], upstream_seed: int = 1, **extra):
+    """Statistics and gradients of sum(stat * random upstream) over the differentiable stats."""
+    stats = fpo_ops.token_stats(
+        case.hidden, case.weight, case.labels, case.ref_hidden, case.ref_weight,
+        bias=case.bias, ref_bias=case.ref_bias, outputs=outputs, impl=impl, **case.kwargs, **extra,
+    )
+    g = torch.Generator().manual_seed(upstream_seed)
+    loss = 0.0
+    for name in outputs:
+        value = getattr(stats, name)
+        if name in DIFFERENTIABLE_STATS:
+            loss = loss + (value * torch.randn(value.shape, generator=g, dtype=torch.float64)
+                           .to(value.dtype)).sum()
+    grads = ()
+    if torch.is_tensor(loss) and loss.requires_grad:
+        grads = torch.autograd.grad(loss, case.leaves(), allow_unused=True)
+    return stats, grads
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a - e| / max(max |e|, tiny): one scale for a whole tensor."""
+    scale = expected.abs().max().clamp_min(1e-30)
+    return ((actual.double() - expected.double()).abs().max() / scale).item()
+
+
+def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item()

@@ -1,0 +1,251 @@
+"""impl="torch" (streaming PyTorch) against the float64 oracle impl="reference"."""
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fpo_ops
+import fpo_ops.chunked as chunked
+from fpo_ops.stats import DIFFERENTIABLE_STATS
+from stats_cases import ALL_STATS, make_case, max_abs_err, max_rel_err, run
+
+GRAD_STATS = tuple(sorted(DIFFERENTIABLE_STATS))
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks that do not divide the test sizes, so every partial-tile path runs."""
+    monkeypatch.setattr(chunked, "TOKEN_BLOCK", 8)
+    monkeypatch.setattr(chunked, "VOCAB_BLOCK", 16)
+
+
+CASES = {
+    "plain": dict(),
+    "bias": dict(bias=True, ref_bias=True),
+    "softcap_temperature_scale": dict(softcap=2.5, ref_softcap=4.0, temperature=0.7, logit_scale=1.3,
+                                      ref_logit_scale=0.8),
+    "shared_weight": dict(shared_weight=True, bias=True),
+    "single_token": dict(shape=(1,), ignore_fraction=0.0),
+    "three_dims_odd_sizes": dict(shape=(2, 3, 5), hidden_size=7, vocab=53, ref_hidden_size=11),
+    "custom_ignore_index": dict(ignore_index=3),
+    "jsd_beta_0": dict(jsd_beta=0.0),
+    "jsd_beta_1": dict(jsd_beta=1.0),
+    "jsd_beta_0.2": dict(jsd_beta=0.2, softcap=3.0),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_float64(name):
+    case = make_case(**CASES[name])
+    ref_stats, ref_grads = run(case, "reference", ALL_STATS)
+    stats, grads = run(case, "torch", ALL_STATS)
+    for stat in ALL_STATS:
+        got, want = getattr(stats, stat), getattr(ref_stats, stat)
+        assert got.dtype == torch.float64 and got.shape == case.labels.shape
+        assert max_rel_err(got, want) < 1e-9, stat
+    assert len(grads) == len(ref_grads) == len(case.leaves())
+    for got, want in zip(grads, ref_grads):
+        assert max_rel_err(got, want) < 1e-9
+
+
+@pytest.mark.parametrize("outputs", [("logp",), ("kl",), ("reverse_kl", "entropy"), ("jsd",),
+                                     ("ref_logp", "logp", "log_sum_p2")])
+def test_each_statistic_alone(outputs):
+    """Each gradient formula on its own, and the partial sums of a subset of statistics."""
+    case = make_case(bias=True, softcap=5.0, seed=3)
+    ref_stats, ref_grads = run(case, "reference", outputs)
+    stats, grads = run(case, "torch", outputs)
+    for stat in outputs:
+        assert max_rel_err(getattr(stats, stat), getattr(ref_stats, stat)) < 1e-9
+    for stat in set(fpo_ops.STAT_NAMES) - set(outputs):
+        assert getattr(stats, stat) is None
+    for got, want in zip(grads, ref_grads):
+        assert max_rel_err(got, want) < 1e-9
+
+
+def test_gradcheck():
+    case = make_case(shape=(5,), hidden_size=4, vocab=21, ref_hidden_size=3, bias=True, softcap=2.0,
+                     temperature=0.9, ignore_fraction=0.2, seed=5)
+    upstream = torch.randn(len(GRAD_STATS), 5, dtype=torch.float64)
+
+    def fn(hidden, weight, bias):
+        stats = fpo_ops.token_stats(hidden, weight, case.labels, case.ref_hidden, case.ref_weight,
+                                    bias=bias, outputs=GRAD_STATS, impl="torch", softcap=2.0,
+                                    temperature=0.9, jsd_beta=0.3)
+        return sum((getattr(stats, s) * u).sum() for s, u in zip(GRAD_STATS, upstream))
+
+    assert torch.autograd.gradcheck(fn, case.leaves())
+
+
+def test_ignored_positions_are_zero_and_get_zero_gradient():
+    case = make_case(ignore_fraction=0.5, seed=7)
+    ignored = case.labels == -100
+    assert ignored.any() and (~ignored).any()
+    stats, (grad_h, _) = run(case, "torch", ALL_STATS)
+    for stat in ALL_STATS:
+        assert torch.all(getattr(stats, stat)[ignored] == 0), stat
+    assert torch.all(grad_h[ignored] == 0)
+    assert grad_h[~ignored].abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_all_ignored_gives_zeros_not_nan(impl):
+    case = make_case(ignore_fraction=1.0, bias=True)
+    stats, grads = run(case, impl, ALL_STATS)
+    for stat in ALL_STATS:
+        assert torch.all(getattr(stats, stat) == 0), stat
+    for grad in grads:
+        assert torch.all(grad == 0)
+
+
+def test_reference_gets_no_gradient():
+    case = make_case(bias=True, ref_bias=True)
+    for t in (case.ref_hidden, case.ref_weight, case.ref_bias):
+        t.requires_grad_()
+    stats = fpo_ops.token_stats(case.hidden, case.weight, case.labels, case.ref_hidden, case.ref_weight,
+                                bias=case.bias, ref_bias=case.ref_bias, outputs=("kl", "ref_logp"),
+                                impl="torch")
+    assert not stats.ref_logp.requires_grad
+    grads = torch.autograd.grad(stats.kl.sum(), (case.ref_hidden, case.ref_weight, case.ref_bias),
+                                allow_unused=True)
+    assert all(g is None for g in grads)
+
+
+@pytest.mark.parametrize("softcap", [None, 50.0])
+def test_extreme_logits(softcap):
+    """Logits of magnitude ~1e4: finite, and equal to the oracle."""
+    case = make_case(logit_std=1e4, softcap=softcap, seed=11)
+    ref_stats, ref_grads = run(case, "reference", ALL_STATS)
+    stats, grads = run(case, "torch", ALL_STATS)
+    for stat in ALL_STATS:
+        got = getattr(stats, stat)
+        assert torch.isfinite(got).all(), stat
+        assert max_abs_err(got, getattr(ref_stats, stat)) <= 1e-9 * max(1.0, getattr(ref_stats, stat)
+                                                                        .abs().max().item()), stat
+    for got, want in zip(grads, ref_grads):
+        assert torch.isfinite(got).all()
+        assert max_rel_err(got, want) < 1e-9
+
+
+def test_extreme_logits_float32_finite():
+    case = make_case(logit_std=1e4, seed=12, bias=True).cast(torch.float32)
+    stats, grads = run(case, "torch", ALL_STATS)
+    for stat in ALL_STATS:
+        assert torch.isfinite(getattr(stats, stat)).all(), stat
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("dtype,floor", [(torch.float32, 1e-6), (torch.bfloat16, 1e-3)])
+def test_error_budget_low_precision(dtype, floor):
+    """Error against float64 <= 2x that of plain same-dtype PyTorch (the oracle run in dtype) + floor."""
+    case64 = make_case(shape=(4, 16), hidden_size=48, vocab=150, ref_hidden_size=40, bias=True,
+                       softcap=20.0, seed=13)
+    low = case64.cast(dtype)
+    exact = case64.cast(dtype).cast(torch.float64)  # the same rounded inputs, computed exactly
+    exact_stats, exact_grads = run(exact, "reference", ALL_STATS)
+    plain_stats, plain_grads = run(low, "reference", ALL_STATS)
+    stats, grads = run(low, "torch", ALL_STATS)
+    for stat in ALL_STATS:
+        want = getattr(exact_stats, stat)
+        ours, plain = max_abs_err(getattr(stats, stat), want), max_abs_err(getattr(plain_stats, stat), want)
+        assert getattr(stats, stat).dtype == torch.float32
+        assert ours <= 2 * plain + floor * max(1.0, want.abs().max().item()), (stat, ours, plain)
+    for got, plain, want in zip(grads, plain_grads, exact_grads):
+        assert got.dtype == dtype
+        ours, base = max_abs_err(got, want), max_abs_err(plain, want)
+        assert ours <= 2 * base + floor * want.abs().max().item(), (ours, base)
+
+
+def test_autocast_bf16_runs_gemms_in_bf16_and_returns_fp32():
+    case = make_case(shape=(3, 8), hidden_size=32, vocab=70, seed=17).cast(torch.float32)
+    outputs = ("logp", "ref_logp", "kl")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto_stats, auto_grads = run(case, "torch", outputs)
+        ref_auto_stats, _ = run(case, "reference", outputs)
+    fp32_stats, _ = run(case, "torch", outputs)
+    bf16_stats, _ = run(case.cast(torch.bfloat16), "torch", outputs)
+    for stat in outputs:
+        got = getattr(auto_stats, stat)
+        assert got.dtype == torch.float32
+        # Same numbers as an explicit bf16 run: the GEMMs did run in bf16 ...
+        assert max_abs_err(got, getattr(bf16_stats, stat)) < 1e-5
+        assert max_abs_err(got, getattr(ref_auto_stats, stat)) < 1e-4
+        # ... which differs measurably from fp32 GEMMs.
+        assert max_abs_err(got, getattr(fp32_stats, stat)) > 1e-5
+    assert all(g.dtype == torch.float32 for g in auto_grads)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any ATen op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_never_materialises_logits():
+    n_tokens, hidden_size, vocab = 64, 8, 300
+    case = make_case(shape=(n_tokens,), hidden_size=hidden_size, vocab=vocab, ref_hidden_size=8,
+                     dtype=torch.float32, bias=True)
+    with _LargestTensor() as mode:
+        run(case, "torch", ALL_STATS)
+    tile = chunked.TOKEN_BLOCK * chunked.VOCAB_BLOCK
+    largest_input = max(vocab * hidden_size, n_tokens * hidden_size)
+    assert mode.largest <= max(tile, largest_input) < n_tokens * vocab
+
+
+BAD_INPUTS = [
+    ("hidden", lambda c: dict(hidden=c.hidden.int()), TypeError),
+    ("weight", lambda c: dict(weight=c.weight[:, :-1]), ValueError),
+    ("weight", lambda c: dict(weight=c.weight.float()), TypeError),
+    ("weight", lambda c: dict(weight=c.weight[None]), ValueError),
+    ("labels", lambda c: dict(labels=c.labels.double()), TypeError),
+    ("hidden", lambda c: dict(labels=c.labels[:, :-1]), ValueError),
+    ("labels", lambda c: dict(labels=torch.where(c.labels == 0, 37, c.labels).index_fill(1, torch.tensor([0]), 37)),
+     ValueError),
+    ("labels", lambda c: dict(labels=c.labels.index_fill(1, torch.tensor([0]), -5)), ValueError),
+    ("bias", lambda c: dict(bias=torch.zeros(36, dtype=torch.float64)), ValueError),
+    ("bias", lambda c: dict(bias=torch.zeros(37, dtype=torch.float32)), TypeError),
+    ("ref_hidden", lambda c: dict(ref_hidden=c.ref_hidden.float(), ref_weight=c.ref_weight.float()),
+     TypeError),
+    ("ref_weight", lambda c: dict(ref_weight=c.ref_weight[:-1]), ValueError),
+    ("ref_weight", lambda c: dict(ref_weight=c.ref_weight[:, :-1]), ValueError),
+    ("ref_hidden", lambda c: dict(ref_hidden=c.ref_hidden[:, :-1]), ValueError),
+    ("ref_weight", lambda c: dict(ref_hidden=None), ValueError),
+    ("outputs", lambda c: dict(ref_hidden=None, ref_weight=None, outputs=("kl",)), ValueError),
+    ("outputs", lambda c: dict(outputs=("logp", "perplexity")), ValueError),
+    ("outputs", lambda c: dict(outputs=()), ValueError),
+    ("impl", lambda c: dict(impl="cuda"), ValueError),
+    ("temperature", lambda c: dict(temperature=0.0), ValueError),
+    ("softcap", lambda c: dict(softcap=-1.0), ValueError),
+    ("logit_scale", lambda c: dict(logit_scale=float("nan")), ValueError),
+    ("jsd_beta", lambda c: dict(jsd_beta=1.5), ValueError),
+    ("ignore_index", lambda c: dict(ignore_index=-100.0), TypeError),
+    ("hidden", lambda c: dict(hidden=c.hidden.detach().index_fill(0, torch.tensor([1]), math.inf),
+                              check_finite=True), ValueError),
+]
+
+
+@pytest.mark.parametrize("argument,mutate,error", BAD_INPUTS, ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(BAD_INPUTS)])
+def test_bad_input_names_the_argument(argument, mutate, error):
+    case = make_case(shape=(2, 5))
+    args = dict(hidden=case.hidden, weight=case.weight, labels=case.labels, ref_hidden=case.ref_hidden,
+                ref_weight=case.ref_weight, outputs=("logp", "kl"), impl="torch")
+    args.update(mutate(case))
+    with pytest.raises(error, match=rf"^{argument}\b.*expected"):
+        fpo_ops.token_stats(**args)
+
+
+def test_device_mismatch_is_reported():
+    case = make_case(shape=(2, 5))
+    meta_weight = case.weight.detach().to("meta")
+    with pytest.raises(ValueError, match=r"^weight: expected device"):
+        fpo_ops.token_stats(case.hidden, meta_weight, case.labels, check_labels=False)
