@@ -49,17 +49,10 @@ class ChunkedTokenStats(torch.autograd.Function):
             n1 = min(n0 + TOKEN_BLOCK, n_tokens)
             h, y = hidden[n0:n1], labels[n0:n1]
             rh = ref_hidden[n0:n1] if has_ref else None
-            partials = None
-            for v0 in range(0, vocab, VOCAB_BLOCK):
-                v1 = min(v0 + VOCAB_BLOCK, vocab)
-                z = _logit_tile(h, weight, bias, v0, v1, opts.softcap, opts.logit_scale, opts)
-                z_ref = (_logit_tile(rh, ref_weight, ref_bias, v0, v1, opts.ref_softcap,
-                                     opts.ref_logit_scale, opts) if has_ref else None)
-                tile = tile_partials(z, z_ref, y - v0, keys)
-                partials = tile if partials is None else merge_partials(partials, tile)
+            partials = vocab_partials(h, rh, y, weight, bias, ref_weight, ref_bias, keys, opts)
             stats = finalize(partials, vocab)
             if want_jsd:
-                stats.update(_jsd_pass(h, rh, weight, bias, ref_weight, ref_bias, stats, opts))
+                stats.update(jsd_pass(h, rh, weight, bias, ref_weight, ref_bias, stats, opts))
             for name, buf in list(outputs.items()) + list(kept.items()):
                 buf[n0:n1] = stats[name]
 
@@ -88,15 +81,37 @@ class ChunkedTokenStats(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if not coef or not (need_h or need_w or need_b):
             return (None,) * 8
-        grad_h, grad_w, grad_b = _backward_tiles(
+        grad_h, grad_w, grad_b = backward_tiles(
             hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef, saved, opts,
             need_h, need_w, need_b,
         )
+        grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
-def _jsd_pass(h, rh, weight, bias, ref_weight, ref_bias, stats, opts: HeadOptions) -> Dict[str, torch.Tensor]:
-    """Second pass over the vocabulary: the JSD needs both log-normalisers first."""
+def vocab_partials(h, rh, labels, weight, bias, ref_weight, ref_bias, keys, opts: HeadOptions):
+    """Partials (`fpo_ops.online`) of tokens ``h`` [n, H] over every row of ``weight`` [V, H].
+
+    ``weight`` may be one process's slice of the vocabulary: ``labels`` [n] are then ids relative
+    to the slice (outside [0, V) where another slice holds the label, or the token is ignored).
+    """
+    has_ref = rh is not None
+    partials = None
+    for v0 in range(0, weight.shape[0], VOCAB_BLOCK):
+        v1 = min(v0 + VOCAB_BLOCK, weight.shape[0])
+        z = _logit_tile(h, weight, bias, v0, v1, opts.softcap, opts.logit_scale, opts)
+        z_ref = (_logit_tile(rh, ref_weight, ref_bias, v0, v1, opts.ref_softcap,
+                             opts.ref_logit_scale, opts) if has_ref else None)
+        tile = tile_partials(z, z_ref, labels - v0, keys)
+        partials = tile if partials is None else merge_partials(partials, tile)
+    return partials
+
+
+def jsd_pass(h, rh, weight, bias, ref_weight, ref_bias, stats, opts: HeadOptions) -> Dict[str, torch.Tensor]:
+    """Second pass over the vocabulary: the JSD needs both log-normalisers first.
+
+    Both results are sums over the rows of ``weight``, so the passes of vocabulary slices add up.
+    """
     beta = opts.jsd_beta
     sum_q = h.new_zeros(h.shape[0], dtype=opts.accum_dtype)
     sum_p = torch.zeros_like(sum_q)
@@ -110,9 +125,13 @@ def _jsd_pass(h, rh, weight, bias, ref_weight, ref_bias, stats, opts: HeadOption
     return {"jsd": beta * sum_q + (1.0 - beta) * sum_p, "kl_p_m": sum_p}
 
 
-def _backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef, saved,
-                    opts: HeadOptions, need_h: bool, need_w: bool, need_b: bool):
-    """Recompute tiles, vocabulary-block outer so each block's dW sums over all tokens in fp32."""
+def backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef, saved,
+                   opts: HeadOptions, need_h: bool, need_w: bool, need_b: bool):
+    """Recompute tiles, vocabulary-block outer so each block's dW sums over all tokens in fp32.
+
+    ``labels`` are relative to the rows of ``weight`` (see `vocab_partials`). Returns dhidden in
+    the accumulation dtype (a slice's share, before any cross-process sum), dweight and dbias.
+    """
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc = opts.accum_dtype
     needs_ref_tile = ref_hidden is not None and any(k in coef for k in ("kl", "reverse_kl", "jsd"))
@@ -147,7 +166,7 @@ def _backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bi
             grad_w[v0:v1] = grad_w_block
         if need_b:
             grad_b[v0:v1] = grad_b_block
-    return (grad_h.to(hidden.dtype) if need_h else None), grad_w, grad_b
+    return grad_h, grad_w, grad_b
 
 
 def chunked_token_stats(hidden, weight, bias, labels, ref_hidden: Optional[torch.Tensor], ref_weight,

@@ -79,32 +79,42 @@ def tile_partials(z: torch.Tensor, z_ref: Optional[torch.Tensor], local_labels: 
     return out
 
 
+def shift_partials(p: Partials, m: torch.Tensor, m_ref: Optional[torch.Tensor]) -> Partials:
+    """The partials ``p`` re-expressed relative to per-token maxima ``m`` (``m_ref``) >= their own.
+
+    Relative to common maxima every partial except the maxima themselves is a plain sum over the
+    vocabulary, so those of disjoint blocks add: that is how processes holding slices of the
+    vocabulary combine theirs with one all-reduce.
+    """
+    d = p["m"] - m
+    r = torch.exp(d)
+    out = {"m": m, "s": r * p["s"], "z_label": p["z_label"]}
+    if "ent" in p:
+        out["ent"] = r * (p["ent"] + d * p["s"])
+    if "s2" in p:
+        out["s2"] = r * r * p["s2"]
+    if "sum_z" in p:
+        out["sum_z"] = p["sum_z"]
+    if "m_ref" in p:
+        d_ref = p["m_ref"] - m_ref
+        r_ref = torch.exp(d_ref)
+        out["m_ref"], out["s_ref"], out["z_ref_label"] = m_ref, r_ref * p["s_ref"], p["z_ref_label"]
+        if "rkl" in p:
+            out["rkl"] = r * (p["rkl"] + (d - d_ref) * p["s"])
+        if "kl" in p:
+            out["kl"] = r_ref * (p["kl"] + (d_ref - d) * p["s_ref"])
+    return out
+
+
+MAXIMA = ("m", "m_ref")
+
+
 def merge_partials(a: Partials, b: Partials) -> Partials:
     """Exact combination of the partials of two disjoint vocabulary blocks."""
     m = torch.maximum(a["m"], b["m"])
-    da, db = a["m"] - m, b["m"] - m
-    ra, rb = torch.exp(da), torch.exp(db)
-    out = {"m": m, "s": ra * a["s"] + rb * b["s"], "z_label": a["z_label"] + b["z_label"]}
-    if "ent" in a:
-        out["ent"] = ra * (a["ent"] + da * a["s"]) + rb * (b["ent"] + db * b["s"])
-    if "s2" in a:
-        out["s2"] = ra * ra * a["s2"] + rb * rb * b["s2"]
-    if "sum_z" in a:
-        out["sum_z"] = a["sum_z"] + b["sum_z"]
-    if "m_ref" in a:
-        m_ref = torch.maximum(a["m_ref"], b["m_ref"])
-        da_ref, db_ref = a["m_ref"] - m_ref, b["m_ref"] - m_ref
-        ra_ref, rb_ref = torch.exp(da_ref), torch.exp(db_ref)
-        out["m_ref"] = m_ref
-        out["s_ref"] = ra_ref * a["s_ref"] + rb_ref * b["s_ref"]
-        out["z_ref_label"] = a["z_ref_label"] + b["z_ref_label"]
-        if "rkl" in a:
-            out["rkl"] = (ra * (a["rkl"] + (da - da_ref) * a["s"])
-                          + rb * (b["rkl"] + (db - db_ref) * b["s"]))
-        if "kl" in a:
-            out["kl"] = (ra_ref * (a["kl"] + (da_ref - da) * a["s_ref"])
-                         + rb_ref * (b["kl"] + (db_ref - db) * b["s_ref"]))
-    return out
+    m_ref = torch.maximum(a["m_ref"], b["m_ref"]) if "m_ref" in a else None
+    a, b = shift_partials(a, m, m_ref), shift_partials(b, m, m_ref)
+    return {key: value if key in MAXIMA else value + b[key] for key, value in a.items()}
 
 
 def finalize(p: Partials, vocab_size: int) -> Dict[str, torch.Tensor]:
