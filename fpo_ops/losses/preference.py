@@ -1,0 +1,337 @@
+"""`preference_loss`: every pairwise preference loss on top of `token_stats`, without [N, V] logits."""
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..token_stats import token_stats
+from .config import (
+    MARGIN_LOSS_TYPES, MEAN_LOGP_LOSS_TYPES, NEEDS_REFERENCE_LOGPS, NEEDS_REFERENCE_MODEL,
+    normalize_loss_types, validate_options, validate_pair_labels, validate_pair_tensor,
+)
+from .fdivergence import f_divergence_score
+from .heads import LossConfig, PairTerms, per_pair_loss
+from .metrics import optional_mean, reward_metrics, token_metrics
+from .output import PreferenceOutput
+from .reference_free import orpo_log_odds, sft_loss
+from .sequence import completion_mask, ld_token_weights, sequence_mean, sequence_sum, split_pairs
+
+import torch.nn.functional as F
+
+
+def preference_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    loss_type: Union[str, Sequence[str]] = "sigmoid",
+    loss_weights: Optional[Sequence[float]] = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    ld_alpha: Optional[float] = None,
+    use_weighting: bool = False,
+    discopop_tau: float = 0.05,
+    ref_chosen_logps: Optional[torch.Tensor] = None,
+    ref_rejected_logps: Optional[torch.Tensor] = None,
+    margin: Optional[torch.Tensor] = None,
+    tdpo_alpha: float = 0.5,
+    spo_alpha: float = 1.0,
+    sample_hidden: Optional[torch.Tensor] = None,
+    sample_ref_hidden: Optional[torch.Tensor] = None,
+    sample_labels: Optional[torch.Tensor] = None,
+    chosen_win_prob: Optional[torch.Tensor] = None,
+    rejected_win_prob: Optional[torch.Tensor] = None,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    ref_softcap: Optional[float] = None,
+    ref_logit_scale: float = 1.0,
+    compute_metrics: bool = True,
+    impl: str = "auto",
+    check_inputs: bool = True,
+) -> PreferenceOutput:
+    """Pairwise preference loss of an LM head (DPO family, TDPO, SPO, SPPO, SimPO, CPO, ORPO).
+
+    The batch holds B pairs: rows ``[:B]`` are the chosen responses, rows ``[B:]`` the rejected ones
+    (TRL and Liger layout). Per-token statistics come from `token_stats` (``impl`` and the head
+    options are forwarded); per-sequence log-probs are sums over the completion tokens (labels not
+    equal to ``ignore_index``), as in TRL. With several loss types the loss is
+    ``Σ_k loss_weights[k] · mean_pairs(loss_k)``.
+
+    Loss types (formulas and papers in the docstrings of `pairwise`, `per_response`, `ranked`,
+    `token_level`, `sppo`, `reference_free`):
+    every TRL ``DPOTrainer`` type (``sigmoid``, ``hinge``, ``ipo``, ``exo_pair``, ``nca_pair``,
+    ``robust``, ``bco_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``, ``apo_zero``, ``apo_down``,
+    ``discopop``, ``sft``, ``sigmoid_norm``) with TRL's semantics, plus ``tdpo1``, ``tdpo2``
+    (token KL(π_ref‖π_θ) summed per sequence), ``spo`` (preference term plus β times the summed token
+    KL(π_θ‖π_ref)), ``sppo`` (soft win rates), ``simpo``, ``cpo`` and ``orpo``.
+
+    Reference: losses on log-ratios need reference log-probs, from ``ref_hidden`` (with
+    ``ref_weight``, or the policy head when None) or precomputed as ``ref_chosen_logps`` /
+    ``ref_rejected_logps``. ``tdpo1``, ``tdpo2`` and ``spo`` need token-level reference
+    distributions, so precomputed log-probs cannot replace ``ref_hidden`` for them.
+    ``simpo``, ``cpo``, ``orpo`` and ``sft`` need no reference.
+
+    Margin (Sequential Preference Optimization, Lou et al. 2024, "SPO: Multi-Dimensional Preference
+    Sequential Alignment With Implicit Reward Modeling"): ``margin`` [B] is subtracted, in reward
+    units, from the scaled difference inside every margin-based loss (``sigmoid``, ``hinge``, ``ipo``,
+    ``exo_pair``, ``robust``, ``discopop``, ``sigmoid_norm``, ``tdpo1``, ``tdpo2``, ``spo``,
+    ``simpo``, ``cpo``); e.g. sigmoid becomes ``-log σ(β Δ - margin)`` and ipo
+    ``(Δ_avg - margin/β - 1/(2β))²``. For round k of sequential alignment the caller computes it from
+    the frozen models π_1..π_{k-1} of the earlier rounds with multipliers λ_i:
+    ``margin = β Σ_{i<k} λ_i [log π_i(y_w)/π_ref(y_w) - log π_i(y_l)/π_ref(y_l)]``.
+
+    Args:
+        hidden: [2B, T, H] policy hidden states aligned with ``labels``.
+        weight: [V, H] policy LM-head weight.
+        labels: [2B, T] next-token ids, ``ignore_index`` outside the completions.
+        ref_hidden: [2B, T, H'] reference hidden states, or None.
+        ref_weight: [V, H'] reference LM-head weight; None shares the policy head.
+        bias, ref_bias: [V] head biases or None.
+        loss_type: a loss name or a list of names (combined with ``loss_weights``).
+        loss_weights: one float per loss type; default all 1.
+        beta: β (the KL strength; IPO's τ; ORPO's λ; SPO's KL weight; SPPO's 1/η).
+        label_smoothing: ε of ``robust`` ([0, 0.5)), ``exo_pair`` ((0, 1)), ``aot``, ``aot_unpaired``,
+            ``simpo`` and ``cpo``.
+        f_divergence_type: ``reverse_kl``, ``forward_kl``, ``js_divergence`` or ``alpha_divergence``
+            (f-DPO), allowed with sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft.
+        f_alpha_divergence_coef: α in [0, 1] of ``alpha_divergence``.
+        ld_alpha: LD-DPO weight in [0, 1] of each pair's tokens beyond the shorter response's length
+            (summed log-probs only), or None.
+        use_weighting: WPO weighting by the detached product of the two responses' length-normalised
+            ``exp(mean(log p - log Σ_v p_v²))``.
+        discopop_tau: τ of ``discopop``.
+        ref_chosen_logps, ref_rejected_logps: [B] precomputed reference log-probs (already LD-DPO
+            weighted when ``ld_alpha`` is used), or None.
+        margin: [B] per-pair margin in reward units (see above), or None.
+        tdpo_alpha: α of ``tdpo2``.
+        spo_alpha: softmax exponent α of ``spo``'s preference term.
+        sample_hidden, sample_ref_hidden, sample_labels: [S, T', H], [S, T', H'], [S, T']: on-policy
+            samples whose summed token KL(π_θ‖π_ref) forms ``spo``'s regulariser; None uses the pair.
+        chosen_win_prob, rejected_win_prob: [B] win probabilities P_w, P_l in [0, 1] for ``sppo``.
+        simpo_gamma: target margin γ of ``simpo``.
+        cpo_alpha: weight of the NLL term of ``cpo``.
+        ignore_index, temperature, softcap, logit_scale, ref_softcap, ref_logit_scale: head options,
+            as in `token_stats`.
+        compute_metrics: also compute ``entropy``, ``logits/*`` and ``mean_token_accuracy``.
+        impl: `token_stats` implementation.
+        check_inputs: check label ranges (via `token_stats`) and win-probability ranges (host syncs).
+
+    Returns:
+        PreferenceOutput: ``loss`` [] and ``metrics`` under TRL's names (plus ``kl/chosen``,
+        ``kl/rejected`` for TDPO, ``reverse_kl`` for SPO, ``nll_loss`` for CPO/ORPO/SFT,
+        ``log_odds_ratio``/``log_odds_chosen`` for ORPO), the [B] per-sequence log-probs with gradient,
+        the reference log-probs and the rewards. Rewards follow the first loss type: β·(log-ratio +
+        sequence KL) for TDPO (official code), β·(mean log-prob) for SimPO/ORPO, β·(log-prob) for CPO
+        or without a reference, else β·(log-ratio) as TRL.
+    """
+    types, weights = normalize_loss_types(loss_type, loss_weights)
+    validate_options(
+        types, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha, use_weighting=use_weighting,
+        discopop_tau=discopop_tau, tdpo_alpha=tdpo_alpha, spo_alpha=spo_alpha, simpo_gamma=simpo_gamma,
+        cpo_alpha=cpo_alpha,
+    )
+    n_pairs = validate_pair_labels(labels)
+    chosen_set = set(types)
+    device = labels.device
+    for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
+                        ("margin", margin), ("chosen_win_prob", chosen_win_prob),
+                        ("rejected_win_prob", rejected_win_prob)):
+        validate_pair_tensor(name, value, n_pairs, device)
+    precomputed_ref = _check_reference(
+        chosen_set, ref_hidden, ref_chosen_logps, ref_rejected_logps, sample_hidden, sample_ref_hidden, sample_labels,
+    )
+    if margin is not None and not chosen_set <= MARGIN_LOSS_TYPES:
+        raise ValueError(
+            f"margin: expected None with loss types outside {sorted(MARGIN_LOSS_TYPES)}, got a tensor with "
+            f"{sorted(chosen_set - MARGIN_LOSS_TYPES)}"
+        )
+    _check_win_probs(chosen_set, chosen_win_prob, rejected_win_prob, check_inputs)
+
+    spo_on_pair = "spo" in chosen_set and sample_hidden is None
+    needs_ref_logps = bool(chosen_set & NEEDS_REFERENCE_LOGPS)
+    outputs = ["logp"]
+    if ref_hidden is not None and not precomputed_ref and (needs_ref_logps or chosen_set & NEEDS_REFERENCE_MODEL):
+        outputs.append("ref_logp")
+    if chosen_set & {"tdpo1", "tdpo2"}:
+        outputs.append("kl")
+    if spo_on_pair:
+        outputs.append("reverse_kl")
+    if use_weighting:
+        outputs.append("log_sum_p2")
+    if compute_metrics:
+        outputs += ["entropy", "mean_logit", "top1_correct"]
+    head_options = dict(
+        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, impl=impl, check_labels=check_inputs,
+    )
+    uses_ref_model = any(name in outputs for name in ("ref_logp", "kl", "reverse_kl"))
+    stats = token_stats(
+        hidden, weight, labels, ref_hidden if uses_ref_model else None, ref_weight if uses_ref_model else None,
+        bias=bias, ref_bias=ref_bias, outputs=tuple(outputs), **head_options,
+    )
+
+    mask = completion_mask(labels, ignore_index)
+    dtype = stats.logp.dtype
+    token_weights = ld_token_weights(mask, ld_alpha, dtype)
+    logps = (stats.logp * token_weights).sum(dim=1)
+    avg_logps = sequence_mean(stats.logp, mask)
+    lengths = mask.sum(dim=1).to(dtype)
+    chosen_mask, _ = split_pairs(mask)
+    chosen_token_logps, _ = split_pairs(stats.logp)
+    nll = sft_loss(chosen_token_logps, chosen_mask)
+
+    terms = PairTerms(*split_pairs(logps), *split_pairs(avg_logps), *split_pairs(lengths), nll=nll)
+    if precomputed_ref:
+        terms.ref_chosen_logps = ref_chosen_logps.detach().to(dtype)
+        terms.ref_rejected_logps = ref_rejected_logps.detach().to(dtype)
+    elif stats.ref_logp is not None:
+        terms.ref_chosen_logps, terms.ref_rejected_logps = split_pairs((stats.ref_logp * token_weights).sum(dim=1))
+    has_ref = terms.ref_chosen_logps is not None
+    if has_ref:
+        terms.chosen_scores = f_divergence_score(terms.chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
+        terms.rejected_scores = f_divergence_score(terms.rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
+    if stats.kl is not None:
+        terms.chosen_seq_kl, terms.rejected_seq_kl = split_pairs(sequence_sum(stats.kl, mask))
+    if spo_on_pair:
+        terms.spo_reverse_kl = sequence_sum(stats.reverse_kl, mask)
+    elif "spo" in chosen_set:
+        sample_stats = token_stats(
+            sample_hidden, weight, sample_labels, sample_ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
+            outputs=("reverse_kl",), **head_options,
+        )
+        terms.spo_reverse_kl = sequence_sum(sample_stats.reverse_kl, completion_mask(sample_labels, ignore_index))
+    terms.chosen_win_prob = None if chosen_win_prob is None else chosen_win_prob.to(dtype)
+    terms.rejected_win_prob = None if rejected_win_prob is None else rejected_win_prob.to(dtype)
+
+    config = LossConfig(
+        beta=float(beta), label_smoothing=float(label_smoothing), discopop_tau=float(discopop_tau),
+        tdpo_alpha=float(tdpo_alpha), spo_alpha=float(spo_alpha), simpo_gamma=float(simpo_gamma),
+        cpo_alpha=float(cpo_alpha),
+    )
+    pair_margin = 0.0 if margin is None else margin.to(dtype)
+    pair_weights = _wpo_weights(stats, mask) if use_weighting else None
+    loss = torch.zeros((), dtype=dtype, device=device)
+    per_sequence = torch.zeros(n_pairs, dtype=dtype, device=device)
+    for name, loss_weight in zip(types, weights):
+        per_pair = per_pair_loss(name, terms, config, pair_margin)
+        if pair_weights is not None:
+            per_pair = per_pair * pair_weights
+        loss = loss + per_pair.mean() * loss_weight
+        per_sequence = per_sequence + per_pair.detach() * loss_weight
+
+    return _build_output(types[0], chosen_set, terms, config, loss, per_sequence, has_ref,
+                         stats if compute_metrics else None, mask)
+
+
+def _check_reference(chosen_set, ref_hidden, ref_chosen_logps, ref_rejected_logps,
+                     sample_hidden, sample_ref_hidden, sample_labels) -> bool:
+    """Checks that every loss has the reference it needs; returns whether precomputed log-probs are used."""
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError(
+            "ref_chosen_logps, ref_rejected_logps: expected both tensors or both None, got "
+            f"{'a tensor' if ref_chosen_logps is not None else 'None'} and "
+            f"{'a tensor' if ref_rejected_logps is not None else 'None'}"
+        )
+    precomputed = ref_chosen_logps is not None
+    needs_logps = sorted(chosen_set & NEEDS_REFERENCE_LOGPS)
+    if needs_logps and ref_hidden is None and not precomputed:
+        raise ValueError(
+            f"ref_hidden: loss types {needs_logps} need reference log-probs: expected ref_hidden (with ref_weight) "
+            "or ref_chosen_logps and ref_rejected_logps, got neither"
+        )
+    token_level = sorted(chosen_set & {"tdpo1", "tdpo2"})
+    if token_level and ref_hidden is None:
+        raise ValueError(
+            f"ref_hidden: loss types {token_level} need the token-level KL to the reference over the full "
+            "vocabulary, which precomputed log-probs cannot give: expected a tensor, got None"
+        )
+    sample_args = (sample_hidden, sample_ref_hidden, sample_labels)
+    if any(a is not None for a in sample_args):
+        if "spo" not in chosen_set:
+            raise ValueError(f"sample_hidden: on-policy samples are only used by 'spo', got loss types {sorted(chosen_set)}")
+        if any(a is None for a in sample_args):
+            raise ValueError(
+                "sample_hidden, sample_ref_hidden, sample_labels: expected all three tensors for SPO's on-policy "
+                f"samples, got {['tensor' if a is not None else 'None' for a in sample_args]}"
+            )
+    elif "spo" in chosen_set and ref_hidden is None:
+        raise ValueError(
+            "ref_hidden: 'spo' needs the token-level KL(policy || reference) over the full vocabulary: expected "
+            "ref_hidden (or sample_hidden, sample_ref_hidden, sample_labels), got None"
+        )
+    return precomputed
+
+
+def _check_win_probs(chosen_set, chosen_win_prob, rejected_win_prob, check_inputs: bool) -> None:
+    given = chosen_win_prob is not None, rejected_win_prob is not None
+    if "sppo" in chosen_set and not all(given):
+        raise ValueError(
+            "chosen_win_prob, rejected_win_prob: 'sppo' expects both win-probability tensors, got "
+            f"{['tensor' if g else 'None' for g in given]}"
+        )
+    if any(given) and "sppo" not in chosen_set:
+        raise ValueError(f"chosen_win_prob: win probabilities are only used by 'sppo', got loss types {sorted(chosen_set)}")
+    if any(given) and check_inputs:
+        for name, value in (("chosen_win_prob", chosen_win_prob), ("rejected_win_prob", rejected_win_prob)):
+            if not bool(((value >= 0) & (value <= 1)).all()):
+                raise ValueError(
+                    f"{name}: expected values in [0, 1], got min {value.min().item()} max {value.max().item()}"
+                )
+
+
+def _wpo_weights(stats, mask) -> torch.Tensor:
+    """[B] WPO pair weights (Zhou et al., "WPO: Enhancing RLHF with Weighted Preference Optimization",
+    2024, Eq. 2): the product over the pair of exp(mean over completion tokens of log p - log Σ p²)."""
+    with torch.no_grad():
+        aligned = (stats.logp.detach() - stats.log_sum_p2) * mask
+        weights = torch.exp(aligned.sum(dim=1) / mask.sum(dim=1).clamp(min=1))
+        chosen_weights, rejected_weights = split_pairs(weights)
+        return chosen_weights * rejected_weights
+
+
+def _build_output(primary, chosen_set, terms: PairTerms, config: LossConfig, loss, per_sequence, has_ref,
+                  stats, mask) -> PreferenceOutput:
+    beta = config.beta
+    if primary in MEAN_LOGP_LOSS_TYPES:
+        chosen_logps, rejected_logps = terms.chosen_avg_logps, terms.rejected_avg_logps
+    else:
+        chosen_logps, rejected_logps = terms.chosen_logps, terms.rejected_logps
+    if primary in ("tdpo1", "tdpo2"):
+        chosen_rewards = beta * (terms.chosen_logratios + terms.chosen_seq_kl).detach()
+        rejected_rewards = beta * (terms.rejected_logratios + terms.rejected_seq_kl).detach()
+    elif has_ref and primary not in ("simpo", "orpo", "cpo"):
+        chosen_rewards = beta * terms.chosen_logratios.detach()
+        rejected_rewards = beta * terms.rejected_logratios.detach()
+    else:
+        chosen_rewards, rejected_rewards = beta * chosen_logps.detach(), beta * rejected_logps.detach()
+
+    metrics = reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+    if stats is not None:
+        metrics.update(token_metrics(stats, mask))
+    if chosen_set & {"tdpo1", "tdpo2"}:
+        metrics["kl/chosen"] = optional_mean(terms.chosen_seq_kl)
+        metrics["kl/rejected"] = optional_mean(terms.rejected_seq_kl)
+    if "spo" in chosen_set:
+        metrics["reverse_kl"] = optional_mean(terms.spo_reverse_kl)
+    if chosen_set & {"cpo", "orpo", "sft"}:
+        metrics["nll_loss"] = terms.nll.detach()
+    if "orpo" in chosen_set:
+        log_odds = orpo_log_odds(terms.chosen_avg_logps, terms.rejected_avg_logps).detach()
+        metrics["log_odds_ratio"] = F.logsigmoid(log_odds).mean()
+        metrics["log_odds_chosen"] = log_odds.mean()
+    return PreferenceOutput(
+        loss=loss, metrics=metrics, chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+        ref_chosen_logps=None if not has_ref else terms.ref_chosen_logps.detach(),
+        ref_rejected_logps=None if not has_ref else terms.ref_rejected_logps.detach(),
+        chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, per_sequence_loss=per_sequence,
+    )
