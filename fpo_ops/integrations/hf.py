@@ -1,0 +1,341 @@
+"""Final hidden states and LM head of a Hugging Face causal LM, without computing its logits.
+
+A causal LM computes ``logits = cap(scale * lm_head(backbone(x)))``; the fused ops want the parts:
+the backbone's last hidden state, the head's weight and bias, and the softcap and scale the family
+applies. This module finds them for any ``transformers`` causal LM, through PEFT wrappers, with tied
+embeddings, FSDP2 (DTensor parameters) and DeepSpeed ZeRO-3 (partitioned parameters).
+"""
+import contextlib
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+# Keyword a patched forward (`add_head_outputs`) answers to instead of computing logits.
+HEAD_INPUTS_KWARG = "return_head_inputs"
+# Keywords of a causal LM's forward that only make sense with logits; the backbone rejects them.
+_HEAD_ONLY_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "fused_lm_head")
+
+
+@dataclass(frozen=True)
+class HeadScaling:
+    """How a model family transforms ``hidden @ W^T + b`` into logits: ``cap(logit_scale * x)``.
+
+    ``softcap`` is None when the family does not cap.
+    """
+
+    softcap: Optional[float] = None
+    logit_scale: float = 1.0
+
+
+@dataclass
+class HeadInputs:
+    """What the fused ops need from one model.
+
+    Attributes:
+        hidden: [B, T, H] final hidden states (after the final norm), one per input position.
+        weight: [V, H] LM-head weight (a full tensor: DTensors are gathered).
+        bias: [V] LM-head bias or None.
+        softcap: logit softcap of the family or None.
+        logit_scale: multiplier of the logits before the cap.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    softcap: Optional[float]
+    logit_scale: float
+
+
+def _text_config(config: Any) -> Any:
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if callable(get_text_config) else config
+
+
+def head_scaling(config: Any) -> HeadScaling:
+    """Logit softcap and scale of a model family, read from its config.
+
+    Names read: ``final_logit_softcapping`` (Gemma-2/3, PaliGemma, nanochat), ``logit_scale`` (Cohere:
+    logits multiplied), ``output_multiplier``, ``lm_head_multiplier`` (Falcon-H1: multiplied),
+    ``logits_scaling`` (Granite, MiniCPM3: logits divided by it; HyperCLOVA X: multiplied).
+
+    Args:
+        config: a ``transformers`` config (a multimodal config is read through its text config).
+
+    Returns:
+        HeadScaling(softcap, logit_scale).
+    """
+    text = _text_config(config)
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(text, name, None)
+        if scale is not None:
+            break
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        divisor = text.logits_scaling
+        scale = divisor if getattr(text, "model_type", None) == "hyperclovax" else 1.0 / divisor
+    return HeadScaling(
+        softcap=None if softcap is None else float(softcap),
+        logit_scale=1.0 if scale is None else float(scale),
+    )
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a ``peft.PeftModel`` (checked without importing peft when it was never imported)."""
+    return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (adapters stay injected), else ``model``."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def find_backbone(model: nn.Module) -> nn.Module:
+    """The module of a causal LM that returns the final hidden states (``last_hidden_state``).
+
+    Looked up the way transformers families expose it: the ``base_model_prefix`` attribute (``model``
+    for Llama, ``transformer`` for GPT-2, the multimodal backbone for vision-language models), else
+    ``get_decoder()``, else ``.model``.
+
+    Args:
+        model: a causal LM (``...ForCausalLM``), possibly wrapped by PEFT.
+
+    Returns:
+        The backbone module.
+    """
+    model = unwrap_peft(model)
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    if isinstance(backbone, nn.Module) and backbone is not model:
+        return backbone
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        decoder = get_decoder()
+        if isinstance(decoder, nn.Module) and decoder is not model:
+            return decoder
+    backbone = getattr(model, "model", None)
+    if isinstance(backbone, nn.Module):
+        return backbone
+    raise TypeError(
+        f"model: expected a causal LM exposing its backbone through base_model_prefix, get_decoder() or "
+        f".model, got {type(model).__name__} with none of them"
+    )
+
+
+def _full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # FSDP2 shards parameters as DTensors; the ops need the whole head. `full_tensor` is differentiable,
+    # so the gradient flows back to the shards.
+    if t is not None and hasattr(t, "full_tensor") and callable(t.full_tensor):
+        return t.full_tensor()
+    return t
+
+
+def lm_head_tensors(model: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Weight and bias of the LM head, from ``get_output_embeddings()``.
+
+    With tied embeddings this is the input embedding matrix itself. A DTensor (FSDP2) is gathered with
+    ``full_tensor()``. Under DeepSpeed ZeRO-3 the parameters come back partitioned: read them inside
+    `gathered_params` or pass them to `apply_gathered`.
+
+    Args:
+        model: a causal LM, possibly wrapped by PEFT.
+
+    Returns:
+        (weight [V, H], bias [V] or None).
+    """
+    head = unwrap_peft(model).get_output_embeddings()
+    if head is None:
+        raise TypeError(f"model: expected a causal LM with an output embedding, got {type(model).__name__} without one")
+    # A PEFT tuner layer on the head keeps the original Linear as `base_layer`; its adapter would be
+    # ignored by reading the weight directly, so refuse rather than train it silently wrong.
+    if hasattr(head, "base_layer"):
+        raise ValueError(
+            "model: expected an LM head without a PEFT adapter (the fused head reads the weight directly), "
+            f"got {type(head).__name__}; remove the head from the adapter's target_modules"
+        )
+    return _full(head.weight), _full(getattr(head, "bias", None))
+
+
+def is_zero3_param(t: Optional[torch.Tensor]) -> bool:
+    """True for a DeepSpeed ZeRO-3 partitioned parameter (it carries ``ds_id``)."""
+    return t is not None and hasattr(t, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered_params(*params: Optional[torch.Tensor]) -> Iterator[None]:
+    """Gather DeepSpeed ZeRO-3 partitioned parameters for the duration of the block.
+
+    Parameters that are not ZeRO-3 parameters (and None) are left alone; with none to gather this is
+    a no-op and deepspeed is not imported.
+
+    Args:
+        params: tensors, some of which may be ZeRO-3 parameters.
+    """
+    unique = {id(p): p for p in params if is_zero3_param(p)}
+    if not unique:
+        yield
+        return
+    try:
+        import deepspeed
+    except ImportError as err:  # pragma: no cover - only reachable with ds_id set by deepspeed itself
+        raise ImportError("ZeRO-3 partitioned LM head found but deepspeed cannot be imported") from err
+    with deepspeed.zero.GatheredParameters(list(unique.values()), modifier_rank=None):
+        yield
+
+
+class _GatheredCall(torch.autograd.Function):
+    """Runs ``fn`` with ZeRO-3 parameters gathered in forward, and again in backward to recompute.
+
+    Partitioned parameters are emptied when the gather ends, so nothing computed from them may be
+    kept for backward: forward runs without a graph and backward re-gathers, rebuilds it and
+    differentiates it. ``apply`` itself must run inside the gather, so that autograd records the
+    parameters' full shapes (it checks the returned gradients against them), and the backward gather
+    lasts until the parameters' gradients are accumulated, which happens after ``backward`` returns.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, num_params, *tensors):
+        ctx.fn, ctx.num_params = fn, num_params
+        ctx.save_for_backward(*tensors[num_params:])
+        ctx.params = tensors[:num_params]
+        with torch.no_grad():
+            outputs = tuple(fn(*tensors))
+        # Gradient-free outputs (metrics) must not ask for a gradient.
+        ctx.float_outputs = tuple(o.is_floating_point() for o in outputs)
+        return tuple(o.detach() for o in outputs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        params, others = ctx.params, ctx.saved_tensors
+        gather = gathered_params(*params)
+        gather.__enter__()
+        try:
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_(t.requires_grad) for t in (*params, *others)]
+                outputs = ctx.fn(*leaves)
+                pairs = [
+                    (o, g) for o, g, is_float in zip(outputs, grad_outputs, ctx.float_outputs)
+                    if is_float and g is not None and o.requires_grad
+                ]
+                wanted = [leaf for leaf in leaves if leaf.requires_grad]
+                grads = list(torch.autograd.grad(
+                    [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True,
+                )) if pairs and wanted else [None] * len(wanted)
+        except BaseException:
+            gather.__exit__(None, None, None)
+            raise
+        grads = iter(grads)
+        result = [next(grads) if leaf.requires_grad else None for leaf in leaves]
+        accumulating = [
+            p for p, g in zip(params, result) if is_zero3_param(p) and g is not None and p.requires_grad
+        ]
+        _release_after_accumulation(accumulating, gather)
+        return (None, None, *result)
+
+
+def _release_after_accumulation(params: Sequence[torch.Tensor], gather: contextlib.AbstractContextManager) -> None:
+    """Ends ``gather`` once every parameter in ``params`` has accumulated its gradient."""
+    if not params:
+        gather.__exit__(None, None, None)
+        return
+    remaining = {id(p) for p in params}
+    handles = []
+
+    def on_accumulated(param: torch.Tensor) -> None:
+        remaining.discard(id(param))
+        if not remaining:
+            for handle in handles:
+                handle.remove()
+            gather.__exit__(None, None, None)
+
+    for p in {id(p): p for p in params}.values():
+        handles.append(p.register_post_accumulate_grad_hook(on_accumulated))
+
+
+def apply_gathered(
+    fn: Callable[..., Sequence[torch.Tensor]],
+    params: Sequence[torch.Tensor],
+    *tensors: torch.Tensor,
+) -> Tuple[torch.Tensor, ...]:
+    """``fn(*params, *tensors)`` with ZeRO-3 ``params`` gathered for forward and for backward.
+
+    Without ZeRO-3 parameters this is a plain call. Otherwise ``fn`` runs twice (forward, and once
+    more inside backward, the price of never holding the gathered head between the two).
+
+    Args:
+        fn: function of tensors returning a sequence of tensors.
+        params: tensors that may be ZeRO-3 parameters (e.g. the LM-head weight and bias); None not allowed.
+        tensors: the other inputs (e.g. hidden states, labels).
+
+    Returns:
+        The outputs of ``fn`` as a tuple; gradients flow to every input that requires one.
+    """
+    if not any(is_zero3_param(p) for p in params):
+        return tuple(fn(*params, *tensors))
+    with gathered_params(*params):
+        return _GatheredCall.apply(fn, len(params), *params, *tensors)
+
+
+def hidden_and_head(model: nn.Module, *args: Any, **kwargs: Any) -> HeadInputs:
+    """Run the backbone of a causal LM and return its hidden states and LM head, without logits.
+
+    Args:
+        model: a transformers causal LM, possibly wrapped by PEFT (the active adapters apply).
+        args, kwargs: what the model's forward takes (``input_ids`` [B, T], ``attention_mask`` [B, T],
+            ...); arguments that only concern logits or the loss (``labels``, ``logits_to_keep``) are dropped.
+
+    Returns:
+        HeadInputs(hidden [B, T, H], weight [V, H], bias [V] or None, softcap, logit_scale).
+    """
+    for name in _HEAD_ONLY_KWARGS:
+        kwargs.pop(name, None)
+    kwargs["use_cache"] = False
+    outputs = find_backbone(model)(*args, **kwargs)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    weight, bias = lm_head_tensors(model)
+    scaling = head_scaling(unwrap_peft(model).config)
+    # With the model split over devices (device_map) the backbone may end elsewhere than the head.
+    return HeadInputs(hidden.to(weight.device), weight, bias, scaling.softcap, scaling.logit_scale)
+
+
+def add_head_outputs(model: nn.Module) -> nn.Module:
+    """Let ``model(..., return_head_inputs=True)`` return `HeadInputs` instead of logits.
+
+    Going through the model's own ``__call__`` keeps the hooks of DDP, FSDP and DeepSpeed that wrap
+    it. Without the keyword the forward is the original one (generation is unchanged). The patch is
+    applied to the transformers model inside a PEFT wrapper and is idempotent.
+
+    Args:
+        model: a transformers causal LM, possibly wrapped by PEFT.
+
+    Returns:
+        ``model`` (patched in place).
+    """
+    target = unwrap_peft(model)
+    if getattr(target, "_fpo_head_outputs", False):
+        return model
+    original_forward = target.forward
+
+    def forward(self, *args, **kwargs):
+        if not kwargs.pop(HEAD_INPUTS_KWARG, False):
+            return original_forward(*args, **kwargs)
+        return hidden_and_head(self, *args, **kwargs)
+
+    target.forward = types.MethodType(forward, target)
+    target._fpo_head_outputs = True
+    return model
+
+
+def reference_context(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Context in which a PEFT model acts as its own frozen reference: its adapters disabled.
+
+    Args:
+        model: the policy, possibly a PEFT model.
+
+    Returns:
+        ``model.disable_adapter()`` for a PEFT model, else a null context.
+    """
+    return model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
