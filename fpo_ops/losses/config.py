@@ -34,7 +34,7 @@ NO_WEIGHTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
 MEAN_LOGP_LOSS_TYPES = frozenset({"simpo", "orpo"})
 
 
-def _finite(name: str, value, low: Optional[float] = None, high: Optional[float] = None,
+def check_number(name: str, value, low: Optional[float] = None, high: Optional[float] = None,
             low_open: bool = False, high_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
@@ -62,7 +62,7 @@ def normalize_loss_types(loss_type, loss_weights) -> Tuple[Tuple[str, ...], Tupl
             f"loss_weights: expected {len(types)} weights (one per loss_type {list(types)}), got {len(weights)}"
         )
     for i, w in enumerate(weights):
-        _finite(f"loss_weights[{i}]", w)
+        check_number(f"loss_weights[{i}]", w)
     return types, tuple(float(w) for w in weights)
 
 
@@ -72,10 +72,10 @@ def validate_options(
 ) -> None:
     """Scalar options of `preference_loss` and their compatibility with the loss types."""
     chosen = set(types)
-    _finite("beta", beta, low=0.0, low_open=True)
-    _finite("label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
+    check_number("beta", beta, low=0.0, low_open=True)
+    check_number("label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
     if "robust" in chosen:
-        _finite("label_smoothing (robust)", label_smoothing, low=0.0, high=0.5, high_open=True)
+        check_number("label_smoothing (robust)", label_smoothing, low=0.0, high=0.5, high_open=True)
     if "exo_pair" in chosen and label_smoothing <= 0.0:
         raise ValueError(
             f"label_smoothing: expected a value in (0, 1) for 'exo_pair' (the EXO paper uses 1e-3), got {label_smoothing}"
@@ -87,9 +87,9 @@ def validate_options(
             f"f_divergence_type: {f_divergence_type!r} expects loss types among {sorted(F_DIVERGENCE_LOSS_TYPES)}, "
             f"got {list(types)}"
         )
-    _finite("f_alpha_divergence_coef", f_alpha_divergence_coef, low=0.0, high=1.0)
+    check_number("f_alpha_divergence_coef", f_alpha_divergence_coef, low=0.0, high=1.0)
     if ld_alpha is not None:
-        _finite("ld_alpha", ld_alpha, low=0.0, high=1.0)
+        check_number("ld_alpha", ld_alpha, low=0.0, high=1.0)
     if not isinstance(use_weighting, bool):
         raise TypeError(f"use_weighting: expected a bool, got {type(use_weighting).__name__}")
     if use_weighting and chosen & NO_WEIGHTING_LOSS_TYPES:
@@ -97,11 +97,11 @@ def validate_options(
             f"use_weighting: expected False with {sorted(chosen & NO_WEIGHTING_LOSS_TYPES)} (sorting the batch "
             "misaligns the per-pair weights), got True"
         )
-    _finite("discopop_tau", discopop_tau, low=0.0, low_open=True)
-    _finite("tdpo_alpha", tdpo_alpha, low=0.0)
-    _finite("spo_alpha", spo_alpha, low=0.0, low_open=True)
-    _finite("simpo_gamma", simpo_gamma)
-    _finite("cpo_alpha", cpo_alpha, low=0.0)
+    check_number("discopop_tau", discopop_tau, low=0.0, low_open=True)
+    check_number("tdpo_alpha", tdpo_alpha, low=0.0)
+    check_number("spo_alpha", spo_alpha, low=0.0, low_open=True)
+    check_number("simpo_gamma", simpo_gamma)
+    check_number("cpo_alpha", cpo_alpha, low=0.0)
 
 
 def validate_pair_tensor(name: str, value: Optional[torch.Tensor], n_pairs: int, device: torch.device) -> None:

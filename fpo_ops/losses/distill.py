@@ -1,0 +1,70 @@
+"""`distill_loss`: generalized Jensen-Shannon distillation of TRL's ``GKDTrainer``, without logits."""
+from typing import Optional, Union
+
+import torch
+
+from ..token_stats import token_stats
+from .config import check_number
+from .sequence import completion_mask
+
+
+def distill_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: Optional[torch.Tensor] = None,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    teacher_softcap: Optional[float] = None,
+    teacher_logit_scale: float = 1.0,
+    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+    impl: str = "auto",
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """Generalized JSD between student p and teacher q per completion token, averaged over tokens.
+
+    ``JSD_β = β KL(q ‖ m) + (1-β) KL(p ‖ m)`` with ``m = β q + (1-β) p``, both distributions at
+    ``temperature``. β = 0 is the forward KL(q ‖ p) (the ``kl`` statistic) and β = 1 the reverse
+    KL(p ‖ q) (``reverse_kl``), as TRL special-cases them; the ``jsd`` statistic is used in between.
+    Source: Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated
+    Mistakes" (GKD, 2024), Eq. 1; reduction as ``GKDTrainer.generalized_jsd_loss(reduction="batchmean")``.
+
+    Args:
+        hidden: [..., H] student hidden states. weight: [V, H] student head.
+        labels: [...] token ids aligned with ``hidden``; ``ignore_index`` marks non-completion positions.
+        teacher_hidden: [..., H'] teacher hidden states. teacher_weight: [V, H'] teacher head (None
+            shares the student's).
+        bias, teacher_bias: [V] biases or None.
+        beta: β in [0, 1].
+        temperature: divides both models' logits.
+        ignore_index, softcap, logit_scale, teacher_softcap, teacher_logit_scale: head options.
+        num_items_in_batch: divide the token sum by this instead of the local completion-token count
+            (gradient accumulation across micro-batches, as TRL).
+        impl: `token_stats` implementation. check_inputs: check label ranges (host sync).
+
+    Returns:
+        [] scalar: sum of the per-token divergences / max(number of completion tokens, 1).
+    """
+    check_number("beta", beta, low=0.0, high=1.0)
+    if teacher_hidden is None:
+        raise ValueError("teacher_hidden: expected the teacher's hidden states, got None")
+    stat = "kl" if beta == 0 else "reverse_kl" if beta == 1 else "jsd"
+    stats = token_stats(
+        hidden, weight, labels, teacher_hidden, teacher_weight, bias=bias, ref_bias=teacher_bias,
+        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        ref_softcap=teacher_softcap, ref_logit_scale=teacher_logit_scale, outputs=(stat,),
+        jsd_beta=float(beta), impl=impl, check_labels=check_inputs,
+    )
+    total = getattr(stats, stat).sum()  # 0 at ignored positions
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+    return total / completion_mask(labels, ignore_index).sum().clamp(min=1)
