@@ -1,4 +1,5 @@
 """`token_stats`: the public op. Validates, resolves autocast, flattens and dispatches on `impl`."""
+import functools
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -6,7 +7,7 @@ import torch
 from .chunked import chunked_token_stats
 from .options import HeadOptions
 from .stats import TokenStats
-from .validation import normalize_outputs, validate_token_stats_args
+from .validation import normalize_outputs, validate_process_group, validate_token_stats_args
 
 StatsFn = Callable[..., Dict[str, torch.Tensor]]
 
@@ -21,9 +22,14 @@ def _triton_available(device: torch.device) -> bool:
     return True
 
 
-def _resolve_impl(impl: str, device: torch.device) -> StatsFn:
+def _resolve_impl_name(impl: str, device: torch.device) -> str:
     if impl == "auto":
-        impl = "triton" if _triton_available(device) else "torch"
+        return "triton" if _triton_available(device) else "torch"
+    return impl
+
+
+def _resolve_impl(impl: str, device: torch.device) -> StatsFn:
+    impl = _resolve_impl_name(impl, device)
     if impl == "torch":
         return chunked_token_stats
     if impl == "reference":
@@ -53,6 +59,7 @@ def token_stats(
     impl: str = "auto",
     check_labels: bool = True,
     check_finite: bool = False,
+    process_group=None,
 ) -> TokenStats:
     """Per-token statistics of the policy (and reference) LM head without materialising logits.
 
@@ -82,6 +89,11 @@ def token_stats(
             PyTorch) or ``"reference"`` (materialises logits; the test oracle).
         check_labels: check that labels lie in [0, V) (one host sync).
         check_finite: check that the hidden states are finite (one host sync).
+        process_group: a ``torch.distributed`` group over which the vocabulary is split: each
+            process passes the same ``hidden``/``labels`` (global ids) and its own contiguous slice
+            of the rows of ``weight``/``bias`` (and ``ref_weight``/``ref_bias``), slices in rank
+            order. Statistics come out identical on every process; backward gives each its slice's
+            weight gradient and the full hidden gradient (see `fpo_ops.distributed`).
 
     Returns:
         TokenStats with the requested fields set, each shaped like ``labels``: float32 (float64 for
@@ -93,8 +105,10 @@ def token_stats(
         hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias, outputs=outputs,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
         ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, jsd_beta=jsd_beta, impl=impl,
-        check_labels=check_labels, check_finite=check_finite,
+        check_labels=check_labels and process_group is None, check_finite=check_finite,
     )
+    if process_group is not None:
+        validate_process_group(process_group, impl)
     if ref_hidden is not None and ref_weight is None:
         ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
 
@@ -115,7 +129,12 @@ def token_stats(
     def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if t is None else t.to(compute_dtype)
 
-    fn = _resolve_impl(impl, hidden.device)
+    if process_group is None:
+        fn = _resolve_impl(impl, hidden.device)
+    else:
+        from .distributed.vocab_parallel import vocab_parallel_token_stats
+        fn = functools.partial(vocab_parallel_token_stats, group=process_group, check_labels=check_labels,
+                               impl=_resolve_impl_name(impl, hidden.device))
     # The GEMMs run in compute_dtype with every sum in fp32: autocast must not recast inside.
     with torch.autocast(device_type, enabled=False):
         stats = fn(

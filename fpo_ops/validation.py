@@ -123,6 +123,22 @@ def validate_token_stats_args(
                 raise ValueError(f"{name}: expected finite values, got NaN or inf")
 
 
+def validate_process_group(process_group, impl: str) -> None:
+    """A vocabulary-parallel call needs an initialised torch.distributed group and a streaming impl."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise ValueError("process_group: expected a torch build with torch.distributed, got none")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group: expected a torch.distributed.ProcessGroup or None, "
+                        f"got {type(process_group).__name__}")
+    if not dist.is_initialized():
+        raise ValueError("process_group: expected an initialised torch.distributed default group, "
+                         "got torch.distributed not initialised")
+    if impl == "reference":
+        raise ValueError("impl: expected 'auto', 'torch' or 'triton' with a process_group, got 'reference'")
+
+
 def shared_reference_head(weight, bias, ref_weight, ref_bias) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The reference head: its own, or (when ``ref_weight`` is None) the policy's."""
     if ref_weight is None:

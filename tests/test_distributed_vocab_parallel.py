@@ -1,0 +1,160 @@
+"""Vocabulary-parallel token_stats on 2 and 4 gloo processes equals the single-process op.
+
+Every process builds the same float64 inputs (seeded), computes the single-process statistics and
+gradients itself (impl="torch" and the float64 oracle), then the vocabulary-parallel ones from its
+own slice of the head, and compares: statistics, the full dhidden, and its slice of dweight/dbias.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+import fpo_ops
+import fpo_ops.chunked as chunked
+from fpo_ops.distributed import vocab_range
+from distributed_launch import launch
+from stats_cases import ALL_STATS, Case, make_case, max_rel_err, run
+
+TOL = 1e-9
+
+CASES = {
+    "all_options": dict(bias=True, ref_bias=True, softcap=2.5, ref_softcap=4.0, temperature=0.7,
+                        logit_scale=1.3, ref_logit_scale=0.8, jsd_beta=0.3),
+    "shared_weight": dict(shared_weight=True, bias=True),
+    "three_dims_odd_sizes": dict(shape=(2, 3, 5), hidden_size=7, vocab=53, ref_hidden_size=11),
+    "extreme_logits": dict(logit_std=1e4, softcap=50.0, seed=11),
+    "jsd_beta_0": dict(jsd_beta=0.0, seed=4),
+    "jsd_beta_1": dict(jsd_beta=1.0, seed=5),
+    "single_token": dict(shape=(1,), ignore_fraction=0.0, seed=6),
+    "all_ignored": dict(ignore_fraction=1.0, bias=True),
+}
+SUBSETS = [("logp",), ("kl", "ref_logp"), ("reverse_kl", "entropy"), ("jsd", "mean_logit")]
+
+
+def _uneven_split(vocab: int, world: int, rank: int):
+    """A lopsided contiguous split: rank 0 holds one row, the rest share the remainder unevenly."""
+    sizes = [1] + [(vocab - 1) // (world - 1) + (1 if r == 1 else 0) for r in range(1, world)]
+    sizes[-1] = vocab - sum(sizes[:-1])
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+def _slice_case(case: Case, start: int, stop: int) -> Case:
+    """This process's view: the same hidden states and labels, rows [start, stop) of each head."""
+    def rows(t, grad):
+        return None if t is None else t.detach()[start:stop].clone().requires_grad_(grad)
+    return Case(case.hidden.detach().clone().requires_grad_(), rows(case.weight, True), case.labels,
+                case.ref_hidden, rows(case.ref_weight, False), rows(case.bias, True),
+                rows(case.ref_bias, False), dict(case.kwargs))
+
+
+def _labels_on_every_slice(case: Case, bounds) -> None:
+    """Point some tokens at the first and last row of every slice, so every rank owns a label."""
+    flat = case.labels.view(-1)
+    targets = [row for start, stop in bounds for row in (start, stop - 1)]
+    for i, row in enumerate(targets[: flat.numel()]):
+        flat[i] = row
+
+
+def _check(name: str, case: Case, outputs, group, start: int, stop: int) -> None:
+    single_stats, single_grads = run(case, "torch", outputs)
+    oracle_stats, oracle_grads = run(case, "reference", outputs)
+    local = _slice_case(case, start, stop)
+    stats, grads = run(local, "torch", outputs, process_group=group)
+    for stat in outputs:
+        got = getattr(stats, stat)
+        assert got.dtype == torch.float64 and got.shape == case.labels.shape, (name, stat)
+        for want in (getattr(single_stats, stat), getattr(oracle_stats, stat)):
+            assert max_rel_err(got, want) < TOL, (name, stat, max_rel_err(got, want))
+    for other in set(ALL_STATS) - set(outputs):
+        assert getattr(stats, other) is None
+    # Leaves are (hidden, weight[, bias]): full dhidden, then this slice's rows of the rest.
+    assert len(grads) == len(single_grads)
+    for i, (got, full, oracle) in enumerate(zip(grads, single_grads, oracle_grads)):
+        want = full if i == 0 else full[start:stop]
+        want_oracle = oracle if i == 0 else oracle[start:stop]
+        assert got.shape == want.shape, (name, i)
+        assert max_rel_err(got, want) < TOL, (name, i, max_rel_err(got, want))
+        assert max_rel_err(got, want_oracle) < TOL, (name, i, max_rel_err(got, want_oracle))
+
+
+def _bounds(vocab: int, world: int, split: str):
+    if split == "even":
+        return [_even(vocab, world, r) for r in range(world)]
+    return [_uneven_split(vocab, world, r) for r in range(world)]
+
+
+def _even(vocab: int, world: int, rank: int):
+    base, extra = divmod(vocab, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def _all_cases_worker(rank: int, world: int) -> None:
+    # Blocks that divide nothing, so each slice spans several partial tiles.
+    chunked.TOKEN_BLOCK, chunked.VOCAB_BLOCK = 5, 4
+    group = dist.group.WORLD
+    assert vocab_range(37, group) == _even(37, world, rank)
+    for split in ("even", "uneven"):
+        for name, kwargs in CASES.items():
+            case = make_case(**kwargs)
+            vocab = case.weight.shape[0]
+            assert vocab % world != 0
+            bounds = _bounds(vocab, world, split)
+            if kwargs.get("ignore_fraction", 0.25) < 1.0 and case.labels.numel() >= 2 * world:
+                _labels_on_every_slice(case, bounds)
+                owners = {next(r for r, (a, b) in enumerate(bounds) if a <= y < b)
+                          for y in case.labels.view(-1).tolist() if y != -100}
+                assert owners == set(range(world))
+            _check(f"{name}/{split}", case, ALL_STATS, group, *bounds[rank])
+        for outputs in SUBSETS:
+            case = make_case(bias=True, softcap=5.0, seed=3)
+            _check(f"{outputs}/{split}", case, outputs, group, *_bounds(37, world, split)[rank])
+    _check_subgroups(rank, world)
+    _check_bad_input(rank, world, group)
+
+
+def _check_subgroups(rank: int, world: int) -> None:
+    """Two independent groups at once: ranks are group ranks, and each group sums only its own."""
+    if world < 4:
+        return
+    halves = [list(range(0, world // 2)), list(range(world // 2, world))]
+    groups = [dist.new_group(ranks) for ranks in halves]
+    mine = 0 if rank in halves[0] else 1
+    group, group_rank = groups[mine], halves[mine].index(rank)
+    case = make_case(vocab=41, bias=True, softcap=3.0, seed=20 + mine)
+    bounds = _bounds(41, len(halves[mine]), "even")
+    _check(f"subgroup{mine}", case, ALL_STATS, group, *bounds[group_rank])
+
+
+def _check_bad_input(rank: int, world: int, group) -> None:
+    case = make_case(shape=(2, 5), bias=True)
+    start, stop = _even(37, world, rank)
+    local = _slice_case(case, start, stop)
+    base = dict(hidden=local.hidden, weight=local.weight, labels=case.labels, ref_hidden=case.ref_hidden,
+                ref_weight=local.ref_weight, bias=local.bias, outputs=("logp", "kl"), process_group=group)
+    # A label beyond this rank's rows but inside the whole vocabulary is fine ...
+    fpo_ops.token_stats(**dict(base, labels=torch.full_like(case.labels, 36)))
+    # ... one beyond the whole vocabulary is not, and every rank says so.
+    with pytest.raises(ValueError, match=r"^labels: expected values in \[0, 37\)"):
+        fpo_ops.token_stats(**dict(base, labels=case.labels.index_fill(1, torch.tensor([0]), 37)))
+    with pytest.raises(ValueError, match=r"^impl: expected .* with a process_group, got 'reference'"):
+        fpo_ops.token_stats(**dict(base, impl="reference"))
+    with pytest.raises(TypeError, match=r"^process_group: expected a torch.distributed.ProcessGroup"):
+        fpo_ops.token_stats(**dict(base, process_group="world"))
+    if rank == 0:
+        empty = dict(weight=local.weight[:0], bias=local.bias[:0], ref_weight=local.ref_weight[:0])
+    else:
+        empty = {}
+    with pytest.raises(ValueError, match=r"^weight: expected at least one vocabulary row on every process"):
+        fpo_ops.token_stats(**dict(base, **empty))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_vocab_parallel_matches_single_process(world_size):
+    launch(_all_cases_worker, world_size)
+
+
+def test_process_group_of_wrong_type_is_rejected():
+    case = make_case(shape=(2, 3))
+    with pytest.raises(TypeError, match=r"^process_group: expected a torch.distributed.ProcessGroup"):
+        fpo_ops.token_stats(case.hidden, case.weight, case.labels, process_group=object())
