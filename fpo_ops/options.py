@@ -23,6 +23,8 @@ class HeadOptions:
     jsd_beta: float = 0.5
     # dtype the GEMMs run in (the autocast dtype, else the inputs' dtype).
     compute_dtype: torch.dtype = torch.float32
+    # Backward of impl="triton" only: > 0 drops logit-gradient tiles whose p and q are all below it.
+    grad_filter_eps: float = 0.0
 
     @property
     def accum_dtype(self) -> torch.dtype:

@@ -1,0 +1,249 @@
+"""Backward kernels of `token_stats`, run per vocabulary chunk of C columns.
+
+1. `token_stats_bwd_kernel` recomputes the policy (and reference) logit tiles and writes the
+   gradient with respect to the pre-activations, dz [n_valid, C], in the GEMM dtype; also the
+   per-token-block column sums of dz in fp32 (for dbias) and, with gradient filtering, a flag per
+   tile whose p and q are all negligible.
+2. `token_stats_bwd_dh_kernel`: dhidden[N, H] (fp32) += dz @ W[chunk]; each program owns a
+   [BN, BH] slice of dhidden and reduces over the chunk's columns in registers.
+3. `token_stats_bwd_dw_kernel`: dweight[chunk] = dz^T @ hidden; each program owns a [BV, BH] block
+   of dweight and loops over every token, so dweight is summed in fp32 in registers and rounded
+   once, with no [V, H] fp32 buffer.
+No atomics anywhere: results are bitwise reproducible.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import (
+    dot_acc, dot_precision, head_logits, log_mixture, preactivation_grad, triton_dtype,
+    upcast_dot_operands,
+)
+
+# Rows of the upstream-gradient buffer [GRAD_KEYS, N] and of the saved-statistics buffer [SAVED_KEYS, N].
+GRAD_KEYS = ("logp", "entropy", "kl", "reverse_kl", "jsd")
+SAVED_KEYS = ("lse", "lse_ref", "entropy", "reverse_kl", "kl_p_m")
+
+
+@triton.jit
+def token_stats_bwd_kernel(
+    h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, labels_ptr, order_ptr, n_valid_ptr,
+    coef_ptr, saved_ptr, dz_ptr, db_part_ptr, skip_ptr,
+    N, H, HR, C, label_offset,
+    stride_h, stride_w, stride_rh, stride_rw, stride_coef, stride_saved, stride_dz,
+    stride_db_part, stride_skip,
+    logit_scale, softcap, ref_logit_scale, ref_softcap, temperature, jsd_beta, log_beta, log1m_beta,
+    filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, CAPPED: tl.constexpr, REF_CAPPED: tl.constexpr,
+    G_LOGP: tl.constexpr, G_ENT: tl.constexpr, G_KL: tl.constexpr, G_RKL: tl.constexpr,
+    G_JSD: tl.constexpr, WANT_DB: tl.constexpr, FILTER: tl.constexpr,
+    ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # w [C, H] and rw [C, HR] are the chunk's rows; coef [5, N], saved [5, N]
+    # dz [N, C] indexed by position in order; db_part [N / BN, C]; skip [N / BN, C / BV]
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    idx = pid_n * BN + tl.arange(0, BN)
+    cols = pid_v * BV + tl.arange(0, BV)
+    col_mask = cols < C
+    n_valid = tl.load(n_valid_ptr)
+    row_mask = idx < n_valid
+    if pid_n * BN < n_valid:
+        rows = tl.load(order_ptr + idx, mask=row_mask, other=0)
+        labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1) - label_offset
+        lse = tl.load(saved_ptr + rows, mask=row_mask, other=0.0)
+        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                        logit_scale, softcap, temperature, HAS_BIAS, CAPPED, ACC, BN, BV, BH,
+                        UPCAST, PRECISION)
+        logp = z - lse[:, None]
+        p = tl.exp(logp)
+        tile = row_mask[:, None] & col_mask[None, :]
+        is_label = (cols[None, :] == labels[:, None]) & tile
+        dz = tl.zeros([BN, BV], dtype=ACC)
+        if G_LOGP:
+            g = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
+            dz += tl.where(is_label, g[:, None], 0.0) - g[:, None] * p
+        if G_ENT:
+            g = tl.load(coef_ptr + stride_coef + rows, mask=row_mask, other=0.0)
+            entropy = tl.load(saved_ptr + 2 * stride_saved + rows, mask=row_mask, other=0.0)
+            dz -= g[:, None] * p * (logp + entropy[:, None])
+        if FILTER:
+            negligible = tl.max(tl.where(tile, p, 0.0)) < filter_eps
+        if G_KL or G_RKL or G_JSD:
+            lse_ref = tl.load(saved_ptr + stride_saved + rows, mask=row_mask, other=0.0)
+            zr = head_logits(rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, HR, stride_rh,
+                             stride_rw, ref_logit_scale, ref_softcap, temperature, HAS_REF_BIAS,
+                             REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION)
+            logq = zr - lse_ref[:, None]
+            if G_KL:
+                g = tl.load(coef_ptr + 2 * stride_coef + rows, mask=row_mask, other=0.0)
+                dz += g[:, None] * (p - tl.exp(logq))
+            if G_RKL:
+                g = tl.load(coef_ptr + 3 * stride_coef + rows, mask=row_mask, other=0.0)
+                rkl = tl.load(saved_ptr + 3 * stride_saved + rows, mask=row_mask, other=0.0)
+                dz += g[:, None] * p * (logp - logq - rkl[:, None])
+            if G_JSD:
+                g = tl.load(coef_ptr + 4 * stride_coef + rows, mask=row_mask, other=0.0)
+                kl_p_m = tl.load(saved_ptr + 4 * stride_saved + rows, mask=row_mask, other=0.0)
+                logm = log_mixture(logp, logq, log_beta, log1m_beta)
+                dz += (g - g * jsd_beta)[:, None] * p * (logp - logm - kl_p_m[:, None])
+            if FILTER:
+                negligible = negligible & (tl.max(tl.where(tile, tl.exp(logq), 0.0)) < filter_eps)
+        dz = preactivation_grad(dz, z, logit_scale, softcap, temperature, CAPPED)
+        dz = tl.where(tile, dz, 0.0)
+        if FILTER:
+            # the label column carries the one-hot term, which is never negligible
+            negligible = negligible & (tl.sum(is_label.to(tl.int32)) == 0)
+            dz = tl.where(negligible, 0.0, dz)
+            tl.store(skip_ptr + pid_n * stride_skip + pid_v, negligible.to(tl.int8))
+        tl.store(dz_ptr + idx[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+                 mask=tile)
+        if WANT_DB:
+            tl.store(db_part_ptr + pid_n * stride_db_part + cols, tl.sum(dz, 0), mask=col_mask)
+    elif WANT_DB:
+        tl.store(db_part_ptr + pid_n * stride_db_part + cols, tl.zeros([BV], dtype=ACC), mask=col_mask)
+
+
+@triton.jit
+def token_stats_bwd_dh_kernel(
+    dz_ptr, w_ptr, dh_ptr, order_ptr, n_valid_ptr, skip_ptr,
+    N, H, C, stride_dz, stride_w, stride_dh, stride_skip,
+    ACCUMULATE: tl.constexpr, FILTER: tl.constexpr, ACC: tl.constexpr,
+    BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # dz [N, C], w [C, H] -> dh [N, H] (fp32, rows by token)
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_h = tl.program_id(1).to(tl.int64)
+    idx = pid_n * BN + tl.arange(0, BN)
+    hs = pid_h * BH + tl.arange(0, BH)
+    h_mask = hs < H
+    n_valid = tl.load(n_valid_ptr)
+    in_range = idx < N
+    row_mask = idx < n_valid
+    rows = tl.load(order_ptr + idx, mask=in_range, other=0)
+    acc = tl.zeros([BN, BH], dtype=ACC)
+    # ignored tokens get no column: their dhidden stays 0
+    c_end = tl.where(pid_n * BN < n_valid, C, 0)
+    for v0 in range(0, c_end, BV):
+        cols = v0 + tl.arange(0, BV)
+        col_mask = cols < C
+        skip = 0
+        if FILTER:
+            skip = tl.load(skip_ptr + pid_n * stride_skip + v0 // BV)
+        if skip == 0:
+            dz = tl.load(dz_ptr + idx[:, None] * stride_dz + cols[None, :],
+                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[:, None] * stride_w + hs[None, :],
+                        mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+            acc = dot_acc(dz, w, acc, UPCAST, PRECISION)
+    out = dh_ptr + rows[:, None] * stride_dh + hs[None, :]
+    if ACCUMULATE:
+        # later chunks only add to the tokens that have a gradient
+        mask = row_mask[:, None] & h_mask[None, :]
+        acc += tl.load(out, mask=mask, other=0.0)
+        tl.store(out, acc, mask=mask)
+    else:
+        tl.store(out, acc, mask=in_range[:, None] & h_mask[None, :])
+
+
+@triton.jit
+def token_stats_bwd_dw_kernel(
+    dz_ptr, h_ptr, dw_ptr, order_ptr, n_valid_ptr, skip_ptr,
+    N, H, C, stride_dz, stride_h, stride_dw, stride_skip,
+    FILTER: tl.constexpr, ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # dz [N, C], h [N, H] -> dw [C, H]
+    pid_v = tl.program_id(0).to(tl.int64)
+    pid_h = tl.program_id(1).to(tl.int64)
+    cols = pid_v * BV + tl.arange(0, BV)
+    col_mask = cols < C
+    hs = pid_h * BH + tl.arange(0, BH)
+    h_mask = hs < H
+    n_valid = tl.load(n_valid_ptr)
+    acc = tl.zeros([BV, BH], dtype=ACC)
+    for n0 in range(0, n_valid, BN):
+        skip = 0
+        if FILTER:
+            skip = tl.load(skip_ptr + (n0 // BN) * stride_skip + pid_v)
+        if skip == 0:
+            idx = n0 + tl.arange(0, BN)
+            row_mask = idx < n_valid
+            rows = tl.load(order_ptr + idx, mask=row_mask, other=0)
+            dz = tl.load(dz_ptr + idx[:, None] * stride_dz + cols[None, :],
+                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            h = tl.load(h_ptr + rows[:, None] * stride_h + hs[None, :],
+                        mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+            acc = dot_acc(tl.trans(dz), h, acc, UPCAST, PRECISION)
+    tl.store(dw_ptr + cols[:, None] * stride_dw + hs[None, :], acc.to(dw_ptr.dtype.element_ty),
+             mask=col_mask[:, None] & h_mask[None, :])
+
+
+def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
+                          label_offset: int, order, n_valid, coef, saved, grad_flags, opts, cfg,
+                          grad_h, grad_w, grad_b, first_chunk: bool, dz, db_part, skip):
+    """Gradients of one vocabulary chunk: adds into ``grad_h``, writes ``grad_w``/``grad_b``.
+
+    Args:
+        hidden: [N, H]; weight: [C, H] the chunk's rows; bias: [C] or None; ref_*: the same for
+            the reference, or None when no requested gradient reads it.
+        labels: [N]; ``labels - label_offset`` is the label's row in ``weight``.
+        order: [N] int64 token rows, tokens with a gradient first; n_valid: 0-d int32 count.
+        coef: [5, N] upstream gradients in GRAD_KEYS order (0 at ignored tokens);
+            saved: [5, N] forward values in SAVED_KEYS order; grad_flags: GRAD_KEYS present.
+        grad_h: [N, H] fp32 (fp64) dhidden, written (first chunk) or added to; grad_w: [C, H] or
+            None; grad_b: [C] or None.
+        dz: [N, >= C] scratch in the GEMM dtype; db_part: [N / BN, >= C] fp32 scratch or None;
+            skip: [N / BN, >= C / BV] int8 scratch (gradient filtering) or None.
+    """
+    n, chunk = hidden.shape[0], weight.shape[0]
+    acc = opts.accum_dtype
+    upcast, precision = upcast_dot_operands(hidden.dtype), dot_precision(hidden.dtype)
+    filtering = skip is not None
+    has_ref = ref_hidden is not None
+    rh, rw = (ref_hidden, ref_weight) if has_ref else (hidden, weight)
+    rb = ref_bias if has_ref and ref_bias is not None else weight
+    beta = float(opts.jsd_beta)
+    token_blocks = triton.cdiv(n, cfg.BN)
+    token_stats_bwd_kernel[(token_blocks, triton.cdiv(chunk, cfg.BV))](
+        hidden, weight, weight if bias is None else bias, rh, rw, rb, labels, order, n_valid,
+        coef, saved, dz, dz if db_part is None else db_part, dz if skip is None else skip,
+        n, hidden.shape[1], rh.shape[1], chunk, label_offset,
+        hidden.stride(0), weight.stride(0), rh.stride(0), rw.stride(0), coef.stride(0),
+        saved.stride(0), dz.stride(0), 0 if db_part is None else db_part.stride(0),
+        0 if skip is None else skip.stride(0),
+        float(opts.logit_scale), 1.0 if opts.softcap is None else float(opts.softcap),
+        float(opts.ref_logit_scale), 1.0 if opts.ref_softcap is None else float(opts.ref_softcap),
+        float(opts.temperature), beta, math.log(beta) if beta > 0.0 else float("-inf"),
+        math.log1p(-beta) if beta < 1.0 else float("-inf"), float(opts.grad_filter_eps),
+        HAS_BIAS=bias is not None, HAS_REF_BIAS=has_ref and ref_bias is not None,
+        CAPPED=opts.softcap is not None, REF_CAPPED=opts.ref_softcap is not None,
+        G_LOGP="logp" in grad_flags, G_ENT="entropy" in grad_flags,
+        G_KL=has_ref and "kl" in grad_flags, G_RKL=has_ref and "reverse_kl" in grad_flags,
+        G_JSD=has_ref and "jsd" in grad_flags, WANT_DB=db_part is not None, FILTER=filtering,
+        ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
+        UPCAST=upcast, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if grad_h is not None:
+        token_stats_bwd_dh_kernel[(token_blocks, triton.cdiv(hidden.shape[1], cfg.BH_grad))](
+            dz, weight, grad_h, order, n_valid, dz if skip is None else skip,
+            n, hidden.shape[1], chunk, dz.stride(0), weight.stride(0), grad_h.stride(0),
+            0 if skip is None else skip.stride(0),
+            ACCUMULATE=not first_chunk, FILTER=filtering, ACC=triton_dtype(acc),
+            BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_grad, UPCAST=upcast, PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    if grad_w is not None:
+        token_stats_bwd_dw_kernel[(triton.cdiv(chunk, cfg.BV), triton.cdiv(hidden.shape[1], cfg.BH_grad))](
+            dz, hidden, grad_w, order, n_valid, dz if skip is None else skip,
+            n, hidden.shape[1], chunk, dz.stride(0), hidden.stride(0), grad_w.stride(0),
+            0 if skip is None else skip.stride(0),
+            FILTER=filtering, ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_grad,
+            UPCAST=upcast, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    if grad_b is not None:
+        grad_b.copy_(db_part[:, :chunk].sum(0))

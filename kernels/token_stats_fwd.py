@@ -1,0 +1,267 @@
+"""Forward kernels of `token_stats`: online partial sums over a vocabulary slice, and the JSD pass.
+
+A program owns BN tokens (taken through ``order``, which lists the non-ignored tokens first, so
+blocks of ignored tokens do no work) and one split of the vocabulary. It streams over the split in
+BV-column tiles, computing the policy and reference logit tiles with tl.dot over the hidden size,
+and folds each tile into max-shifted running sums (the math of ``fpo_ops.online``). Each split
+writes its own partials; the host merges splits exactly.
+"""
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import dot_precision, head_logits, log_mixture, triton_dtype, upcast_dot_operands
+
+# Rows of the partials buffer [splits, PARTIAL_KEYS, N]; names as in fpo_ops.online.tile_partials.
+PARTIAL_KEYS = ("m", "s", "z_label", "ent", "s2", "sum_z", "m_ref", "s_ref", "z_ref_label", "rkl", "kl")
+M_ROW = tl.constexpr(0)
+S_ROW = tl.constexpr(1)
+Z_LABEL_ROW = tl.constexpr(2)
+ENT_ROW = tl.constexpr(3)
+S2_ROW = tl.constexpr(4)
+SUM_Z_ROW = tl.constexpr(5)
+M_REF_ROW = tl.constexpr(6)
+S_REF_ROW = tl.constexpr(7)
+Z_REF_LABEL_ROW = tl.constexpr(8)
+RKL_ROW = tl.constexpr(9)
+KL_ROW = tl.constexpr(10)
+
+
+@triton.jit
+def token_stats_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, labels_ptr, order_ptr, n_valid_ptr, part_ptr,
+    N, H, HR, V, label_offset, v_per_split,
+    stride_h, stride_w, stride_rh, stride_rw, stride_part_split, stride_part_key,
+    logit_scale, softcap, ref_logit_scale, ref_softcap, temperature,
+    HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
+    CAPPED: tl.constexpr, REF_CAPPED: tl.constexpr,
+    WANT_ENT: tl.constexpr, WANT_S2: tl.constexpr, WANT_SUM_Z: tl.constexpr,
+    WANT_RKL: tl.constexpr, WANT_KL: tl.constexpr,
+    ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # h [N, H], w [V, H], rh [N, HR], rw [V, HR], labels [N], order [N], part [S, 11, N]
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    idx = pid_n * BN + tl.arange(0, BN)
+    n_valid = tl.load(n_valid_ptr)
+    in_range = idx < N
+    row_mask = idx < n_valid
+    rows = tl.load(order_ptr + idx, mask=in_range, other=0)
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1) - label_offset
+
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    # a block holding only ignored tokens runs no tile
+    v_end = tl.where(pid_n * BN < n_valid, v_hi, v_lo)
+
+    m = tl.full([BN], float("-inf"), dtype=ACC)
+    s = tl.zeros([BN], dtype=ACC)
+    z_label = tl.zeros([BN], dtype=ACC)
+    ent = tl.zeros([BN], dtype=ACC)
+    s2 = tl.zeros([BN], dtype=ACC)
+    sum_z = tl.zeros([BN], dtype=ACC)
+    m_ref = tl.full([BN], float("-inf"), dtype=ACC)
+    s_ref = tl.zeros([BN], dtype=ACC)
+    z_ref_label = tl.zeros([BN], dtype=ACC)
+    rkl = tl.zeros([BN], dtype=ACC)
+    kl = tl.zeros([BN], dtype=ACC)
+
+    for v0 in range(v_lo, v_end, BV):
+        cols = v0 + tl.arange(0, BV)
+        col_mask = cols < v_hi
+        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                        logit_scale, softcap, temperature, HAS_BIAS, CAPPED, ACC, BN, BV, BH,
+                        UPCAST, PRECISION)
+        is_label = (cols[None, :] == labels[:, None]) & col_mask[None, :]
+        m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], z, float("-inf")), 1))
+        # before the first tile s is 0 and every sum is 0: any finite shift keeps them 0
+        d = tl.where(s > 0, m - m_new, 0.0)
+        alpha = tl.exp(d)
+        shifted = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
+        e = tl.where(col_mask[None, :], tl.exp(shifted), 0.0)
+        if HAS_REF:
+            zr = head_logits(rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, HR, stride_rh,
+                             stride_rw, ref_logit_scale, ref_softcap, temperature, HAS_REF_BIAS,
+                             REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION)
+            m_ref_new = tl.maximum(m_ref, tl.max(tl.where(col_mask[None, :], zr, float("-inf")), 1))
+            d_ref = tl.where(s_ref > 0, m_ref - m_ref_new, 0.0)
+            alpha_ref = tl.exp(d_ref)
+            shifted_ref = tl.where(col_mask[None, :], zr - m_ref_new[:, None], 0.0)
+            e_ref = tl.where(col_mask[None, :], tl.exp(shifted_ref), 0.0)
+            if WANT_RKL:
+                rkl = alpha * (rkl + (d - d_ref) * s) + tl.sum(e * (shifted - shifted_ref), 1)
+            if WANT_KL:
+                kl = alpha_ref * (kl + (d_ref - d) * s_ref) + tl.sum(e_ref * (shifted_ref - shifted), 1)
+            z_ref_label += tl.sum(tl.where(is_label, zr, 0.0), 1)
+            s_ref = alpha_ref * s_ref + tl.sum(e_ref, 1)
+            m_ref = m_ref_new
+        if WANT_ENT:
+            ent = alpha * (ent + d * s) + tl.sum(e * shifted, 1)
+        if WANT_S2:
+            s2 = alpha * alpha * s2 + tl.sum(e * e, 1)
+        if WANT_SUM_Z:
+            sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+        z_label += tl.sum(tl.where(is_label, z, 0.0), 1)
+        s = alpha * s + tl.sum(e, 1)
+        m = m_new
+
+    # skipped blocks hold ignored tokens only: finite placeholders (one logit 0) that merge cleanly
+    m = tl.where(s > 0, m, 0.0)
+    s = tl.where(s > 0, s, 1.0)
+    out = part_ptr + pid_s * stride_part_split + rows
+    tl.store(out + M_ROW * stride_part_key, m, mask=in_range)
+    tl.store(out + S_ROW * stride_part_key, s, mask=in_range)
+    tl.store(out + Z_LABEL_ROW * stride_part_key, z_label, mask=in_range)
+    if WANT_ENT:
+        tl.store(out + ENT_ROW * stride_part_key, ent, mask=in_range)
+    if WANT_S2:
+        tl.store(out + S2_ROW * stride_part_key, s2, mask=in_range)
+    if WANT_SUM_Z:
+        tl.store(out + SUM_Z_ROW * stride_part_key, sum_z, mask=in_range)
+    if HAS_REF:
+        m_ref = tl.where(s_ref > 0, m_ref, 0.0)
+        s_ref = tl.where(s_ref > 0, s_ref, 1.0)
+        tl.store(out + M_REF_ROW * stride_part_key, m_ref, mask=in_range)
+        tl.store(out + S_REF_ROW * stride_part_key, s_ref, mask=in_range)
+        tl.store(out + Z_REF_LABEL_ROW * stride_part_key, z_ref_label, mask=in_range)
+        if WANT_RKL:
+            tl.store(out + RKL_ROW * stride_part_key, rkl, mask=in_range)
+        if WANT_KL:
+            tl.store(out + KL_ROW * stride_part_key, kl, mask=in_range)
+
+
+@triton.jit
+def token_stats_jsd_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_ptr, lse_ref_ptr, order_ptr, n_valid_ptr,
+    sums_ptr, N, H, HR, V, v_per_split,
+    stride_h, stride_w, stride_rh, stride_rw, stride_sums_split, stride_sums_key,
+    logit_scale, softcap, ref_logit_scale, ref_softcap, temperature, log_beta, log1m_beta,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, CAPPED: tl.constexpr, REF_CAPPED: tl.constexpr,
+    ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # lse, lse_ref [N] (over the whole vocabulary), sums [S, 2, N]: sum q (log q - log m), sum p (...)
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    idx = pid_n * BN + tl.arange(0, BN)
+    n_valid = tl.load(n_valid_ptr)
+    in_range = idx < N
+    row_mask = idx < n_valid
+    rows = tl.load(order_ptr + idx, mask=in_range, other=0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+    lse_ref = tl.load(lse_ref_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    v_end = tl.where(pid_n * BN < n_valid, v_hi, v_lo)
+    sum_q = tl.zeros([BN], dtype=ACC)
+    sum_p = tl.zeros([BN], dtype=ACC)
+    for v0 in range(v_lo, v_end, BV):
+        cols = v0 + tl.arange(0, BV)
+        col_mask = cols < v_hi
+        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                        logit_scale, softcap, temperature, HAS_BIAS, CAPPED, ACC, BN, BV, BH,
+                        UPCAST, PRECISION)
+        zr = head_logits(rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, HR, stride_rh,
+                         stride_rw, ref_logit_scale, ref_softcap, temperature, HAS_REF_BIAS,
+                         REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION)
+        logp = z - lse[:, None]
+        logq = zr - lse_ref[:, None]
+        logm = log_mixture(logp, logq, log_beta, log1m_beta)
+        sum_q += tl.sum(tl.where(col_mask[None, :], tl.exp(logq) * (logq - logm), 0.0), 1)
+        sum_p += tl.sum(tl.where(col_mask[None, :], tl.exp(logp) * (logp - logm), 0.0), 1)
+    out = sums_ptr + pid_s * stride_sums_split + rows
+    tl.store(out, sum_q, mask=in_range)
+    tl.store(out + stride_sums_key, sum_p, mask=in_range)
+
+
+def _head_args(hidden, weight, bias):
+    """Pointers of one head; a missing bias is replaced by the weight (never read)."""
+    return hidden, weight, weight if bias is None else bias
+
+
+def _floats(softcap: Optional[float], logit_scale: float):
+    return float(logit_scale), 1.0 if softcap is None else float(softcap)
+
+
+def token_stats_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, label_offset: int,
+                    order, n_valid, opts, keys, cfg) -> torch.Tensor:
+    """Launch the partial-sum pass over all rows of ``weight``.
+
+    Args:
+        hidden: [N, H]; weight: [V, H]; bias: [V] or None; ref_*: the same for the reference
+            (hidden size HR) or None.
+        labels: [N] int ids; ``labels - label_offset`` is the label's row in ``weight``.
+        order: [N] int64 token rows, non-ignored first; n_valid: 0-d int32 count of them.
+        opts: HeadOptions; keys: optional partial names (fpo_ops.online.needed_partials).
+        cfg: TileConfig.
+
+    Returns:
+        [splits, len(PARTIAL_KEYS), N] partials in the accumulation dtype; rows of keys not asked
+        for are left unwritten.
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    acc = opts.accum_dtype
+    splits, v_per_split = cfg.vocab_splits(n, vocab)
+    part = torch.empty((splits, len(PARTIAL_KEYS), n), dtype=acc, device=hidden.device)
+    has_ref = ref_hidden is not None
+    rh, rw, rb = _head_args(ref_hidden, ref_weight, ref_bias) if has_ref else (hidden, weight, weight)
+    scale, cap = _floats(opts.softcap, opts.logit_scale)
+    ref_scale, ref_cap = _floats(opts.ref_softcap, opts.ref_logit_scale)
+    grid = (triton.cdiv(n, cfg.BN), splits)
+    token_stats_fwd_kernel[grid](
+        hidden, weight, weight if bias is None else bias, rh, rw, rb, labels, order, n_valid, part,
+        n, hidden.shape[1], rh.shape[1], vocab, label_offset, v_per_split,
+        hidden.stride(0), weight.stride(0), rh.stride(0), rw.stride(0), part.stride(0), part.stride(1),
+        scale, cap, ref_scale, ref_cap, float(opts.temperature),
+        HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=has_ref and ref_bias is not None,
+        CAPPED=opts.softcap is not None, REF_CAPPED=opts.ref_softcap is not None,
+        WANT_ENT="ent" in keys, WANT_S2="s2" in keys, WANT_SUM_Z="sum_z" in keys,
+        WANT_RKL=has_ref and "rkl" in keys, WANT_KL=has_ref and "kl" in keys,
+        ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
+        UPCAST=upcast_dot_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return part
+
+
+def token_stats_jsd_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, lse_ref,
+                        order, n_valid, opts, cfg) -> torch.Tensor:
+    """Launch the JSD pass over all rows of ``weight``.
+
+    Args:
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias: as in `token_stats_fwd` (the
+            reference is required).
+        lse, lse_ref: [N] log-normalisers of both models over the whole vocabulary.
+        order, n_valid, opts, cfg: as in `token_stats_fwd`.
+
+    Returns:
+        [splits, 2, N]: per split, sum_v q (log q - log m) and sum_v p (log p - log m).
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    splits, v_per_split = cfg.vocab_splits(n, vocab)
+    sums = torch.empty((splits, 2, n), dtype=opts.accum_dtype, device=hidden.device)
+    scale, cap = _floats(opts.softcap, opts.logit_scale)
+    ref_scale, ref_cap = _floats(opts.ref_softcap, opts.ref_logit_scale)
+    beta = float(opts.jsd_beta)
+    log_beta = math.log(beta) if beta > 0.0 else float("-inf")
+    log1m_beta = math.log1p(-beta) if beta < 1.0 else float("-inf")
+    grid = (triton.cdiv(n, cfg.BN), splits)
+    token_stats_jsd_fwd_kernel[grid](
+        hidden, weight, weight if bias is None else bias, ref_hidden, ref_weight,
+        ref_weight if ref_bias is None else ref_bias, lse, lse_ref, order, n_valid, sums,
+        n, hidden.shape[1], ref_hidden.shape[1], vocab, v_per_split,
+        hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
+        sums.stride(0), sums.stride(1),
+        scale, cap, ref_scale, ref_cap, float(opts.temperature), log_beta, log1m_beta,
+        HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
+        CAPPED=opts.softcap is not None, REF_CAPPED=opts.ref_softcap is not None,
+        ACC=triton_dtype(opts.accum_dtype), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
+        UPCAST=upcast_dot_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return sums

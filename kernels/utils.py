@@ -1,0 +1,139 @@
+"""Device helpers shared by the token-statistics kernels: the logit tile and its transforms."""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreted() -> bool:
+    """True when kernels run through the Triton interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def upcast_dot_operands(dtype: torch.dtype) -> bool:
+    # The interpreter multiplies the raw uint16 storage of bf16 operands in tl.dot; fp32 operands
+    # give the same products (bf16 x bf16 is exact in fp32) and the same fp32 accumulation.
+    return interpreted() and dtype == torch.bfloat16
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 GEMMs follow PyTorch's TF32 switch, so fp32 results are comparable to plain PyTorch."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def triton_dtype(dtype: torch.dtype):
+    return {torch.float64: tl.float64, torch.float32: tl.float32,
+            torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+@triton.jit
+def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # a [M, K], b [K, L], acc [M, L]
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def stable_tanh(x):
+    # exp of a non-positive argument never overflows, at +-1e4 as at 0
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_h, stride_w,
+                logit_scale, softcap, temperature,
+                HAS_BIAS: tl.constexpr, CAPPED: tl.constexpr, ACC: tl.constexpr,
+                BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # rows [BN] int64 token rows, cols [BV] int64 weight rows -> z [BN, BV]
+    acc = tl.zeros([BN, BV], dtype=ACC)
+    for k0 in range(0, K, BH):
+        ks = k0 + tl.arange(0, BH)
+        k_mask = ks < K
+        h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
+                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = dot_acc(h, tl.trans(w), acc, UPCAST, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    acc = acc * logit_scale
+    if CAPPED:
+        acc = softcap * stable_tanh(acc / softcap)
+    return acc / temperature
+
+
+@triton.jit
+def preactivation_grad(dz, z, logit_scale, softcap, temperature, CAPPED: tl.constexpr):
+    # d/dz -> d/d(h W^T + b) through /T, the cap and the scale; tanh(u / c) is z T / c.
+    # Scalars only ever meet tensors: scalar-scalar arithmetic would round to fp32.
+    dz = dz * logit_scale / temperature
+    if CAPPED:
+        t = z * temperature / softcap
+        dz = dz * (1.0 - t * t)
+    return dz
+
+
+@triton.jit
+def log_mixture(logp, logq, log_beta, log1m_beta):
+    # log(beta q + (1 - beta) p); log_beta or log1m_beta is -inf at the endpoints
+    a = logq + log_beta
+    b = logp + log1m_beta
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    return hi + tl.log(1.0 + tl.exp(lo - hi))
+
+
+class TileConfig:
+    """Block sizes and launch shape of the token-statistics kernels.
+
+    BN tokens x BV vocabulary columns per logit tile, reduced over the hidden size in BH_reduce
+    steps; the gradient GEMMs write BH_grad-wide slices of dhidden/dweight. The backward pass
+    handles the vocabulary in chunks of ``vocab_chunk`` columns, whose logit gradient [N, chunk]
+    is the only buffer that grows with N beyond a few floats per token.
+    """
+
+    def __init__(self, BN: int, BV: int, BH_reduce: int, BH_grad: int, num_warps: int,
+                 num_stages: int, target_programs: int, dz_buffer_bytes: int, min_vocab_chunk: int):
+        for name, block in (("BN", BN), ("BV", BV), ("BH_reduce", BH_reduce), ("BH_grad", BH_grad)):
+            # tl.dot needs every dimension >= 16
+            if block < 16 or block & (block - 1):
+                raise ValueError(f"{name}: expected a power of two >= 16, got {block}")
+        self.BN, self.BV, self.BH_reduce, self.BH_grad = BN, BV, BH_reduce, BH_grad
+        self.num_warps, self.num_stages = num_warps, num_stages
+        self.target_programs = target_programs
+        self.dz_buffer_bytes = dz_buffer_bytes
+        self.min_vocab_chunk = min_vocab_chunk
+
+    def vocab_splits(self, n_tokens: int, vocab: int):
+        """(splits, columns per split): enough programs to fill the device when N is small."""
+        vocab_blocks = triton.cdiv(vocab, self.BV)
+        wanted = max(1, triton.cdiv(self.target_programs, triton.cdiv(n_tokens, self.BN)))
+        blocks_per_split = triton.cdiv(vocab_blocks, min(wanted, vocab_blocks))
+        # recomputing the count leaves no split empty
+        return triton.cdiv(vocab_blocks, blocks_per_split), blocks_per_split * self.BV
+
+    def vocab_chunk(self, n_tokens: int, vocab: int, element_size: int) -> int:
+        """Columns of the backward's logit-gradient buffer, a multiple of BV."""
+        fit = self.dz_buffer_bytes // max(1, n_tokens * element_size)
+        chunk = max(self.min_vocab_chunk, fit // self.BV * self.BV)
+        return min(chunk, triton.cdiv(vocab, self.BV) * self.BV)
+
+
+def tile_config(device: torch.device) -> TileConfig:
+    """Heuristic launch shape; the CUDA values are chosen for H100-class GPUs (not autotuned)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return TileConfig(BN=64, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3,
+                          target_programs=2 * sms, dz_buffer_bytes=128 << 20, min_vocab_chunk=1024)
+    # interpreter: the smallest legal tiles keep CPU runs short and still exercise vocabulary
+    # splits and several backward chunks at test sizes
+    return TileConfig(BN=16, BV=16, BH_reduce=16, BH_grad=16, num_warps=1, num_stages=1,
+                      target_programs=4, dz_buffer_bytes=1 << 10, min_vocab_chunk=32)
