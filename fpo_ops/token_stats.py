@@ -7,7 +7,9 @@ import torch
 from .chunked import chunked_token_stats
 from .options import HeadOptions
 from .stats import TokenStats
-from .validation import normalize_outputs, validate_process_group, validate_token_stats_args
+from .validation import (
+    normalize_outputs, validate_grad_filter_eps, validate_process_group, validate_token_stats_args,
+)
 
 StatsFn = Callable[..., Dict[str, torch.Tensor]]
 
@@ -60,6 +62,7 @@ def token_stats(
     check_labels: bool = True,
     check_finite: bool = False,
     process_group=None,
+    grad_filter_eps: float = 0.0,
 ) -> TokenStats:
     """Per-token statistics of the policy (and reference) LM head without materialising logits.
 
@@ -94,6 +97,10 @@ def token_stats(
             of the rows of ``weight``/``bias`` (and ``ref_weight``/``ref_bias``), slices in rank
             order. Statistics come out identical on every process; backward gives each its slice's
             weight gradient and the full hidden gradient (see `fpo_ops.distributed`).
+        grad_filter_eps: ``impl="triton"`` only (the other implementations ignore it): when > 0,
+            backward drops every logit-gradient tile (a block of tokens x vocabulary columns
+            without a label) whose p and q are all below it, skipping its two gradient GEMMs.
+            An approximation; 0 (default) computes the exact gradient.
 
     Returns:
         TokenStats with the requested fields set, each shaped like ``labels``: float32 (float64 for
@@ -107,6 +114,7 @@ def token_stats(
         ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, jsd_beta=jsd_beta, impl=impl,
         check_labels=check_labels and process_group is None, check_finite=check_finite,
     )
+    validate_grad_filter_eps(grad_filter_eps)
     if process_group is not None:
         validate_process_group(process_group, impl)
     if ref_hidden is not None and ref_weight is None:
@@ -121,6 +129,7 @@ def token_stats(
         softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale),
         ref_softcap=None if ref_softcap is None else float(ref_softcap),
         ref_logit_scale=float(ref_logit_scale), jsd_beta=float(jsd_beta), compute_dtype=compute_dtype,
+        grad_filter_eps=float(grad_filter_eps),
     )
 
     def flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -144,3 +144,11 @@ def shared_reference_head(weight, bias, ref_weight, ref_bias) -> Tuple[torch.Ten
     if ref_weight is None:
         return weight, bias if ref_bias is None else ref_bias
     return ref_weight, ref_bias
+
+
+def validate_grad_filter_eps(value) -> None:
+    """``grad_filter_eps``: a finite float in [0, 1) (a probability threshold)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"grad_filter_eps: expected a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise ValueError(f"grad_filter_eps: expected a float in [0, 1), got {value}")
