@@ -30,6 +30,8 @@ MARGIN_LOSS_TYPES = frozenset(
 F_DIVERGENCE_LOSS_TYPES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
 # TRL: sorting the batch would misalign WPO's per-pair weights.
 NO_WEIGHTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
+# Losses of the CPO/ORPO trainers, which log rewards on the policy log-probs even with a reference at hand.
+REFERENCE_FREE_LOSS_TYPES = frozenset({"simpo", "cpo", "orpo"})
 # Losses whose policy log-prob is the per-token mean (SimPO, ORPO) rather than the sum.
 MEAN_LOGP_LOSS_TYPES = frozenset({"simpo", "orpo"})
 

@@ -5,7 +5,7 @@ import torch
 
 from ..token_stats import token_stats
 from .config import (
-    MARGIN_LOSS_TYPES, MEAN_LOGP_LOSS_TYPES, NEEDS_REFERENCE_LOGPS, NEEDS_REFERENCE_MODEL,
+    MARGIN_LOSS_TYPES, MEAN_LOGP_LOSS_TYPES, NEEDS_REFERENCE_LOGPS, REFERENCE_FREE_LOSS_TYPES,
     normalize_loss_types, validate_options, validate_pair_labels, validate_pair_tensor,
 )
 from .fdivergence import f_divergence_score
@@ -158,9 +158,9 @@ def preference_loss(
     _check_win_probs(chosen_set, chosen_win_prob, rejected_win_prob, check_inputs)
 
     spo_on_pair = "spo" in chosen_set and sample_hidden is None
-    needs_ref_logps = bool(chosen_set & NEEDS_REFERENCE_LOGPS)
     outputs = ["logp"]
-    if ref_hidden is not None and not precomputed_ref and (needs_ref_logps or chosen_set & NEEDS_REFERENCE_MODEL):
+    # TRL logs rewards as β·log-ratio whenever a reference is at hand, even for "sft" alone
+    if ref_hidden is not None and not precomputed_ref and not chosen_set <= REFERENCE_FREE_LOSS_TYPES:
         outputs.append("ref_logp")
     if chosen_set & {"tdpo1", "tdpo2"}:
         outputs.append("kl")
