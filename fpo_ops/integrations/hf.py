@@ -214,13 +214,14 @@ class _GatheredCall(torch.autograd.Function):
         gather.__enter__()
         try:
             with torch.enable_grad():
-                leaves = [t.detach().requires_grad_(t.requires_grad) for t in (*params, *others)]
+                leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad)
+                          for t in (*params, *others)]
                 outputs = ctx.fn(*leaves)
                 pairs = [
                     (o, g) for o, g, is_float in zip(outputs, grad_outputs, ctx.float_outputs)
                     if is_float and g is not None and o.requires_grad
                 ]
-                wanted = [leaf for leaf in leaves if leaf.requires_grad]
+                wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
                 grads = list(torch.autograd.grad(
                     [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True,
                 )) if pairs and wanted else [None] * len(wanted)
@@ -228,7 +229,7 @@ class _GatheredCall(torch.autograd.Function):
             gather.__exit__(None, None, None)
             raise
         grads = iter(grads)
-        result = [next(grads) if leaf.requires_grad else None for leaf in leaves]
+        result = [next(grads) if leaf is not None and leaf.requires_grad else None for leaf in leaves]
         accumulating = [
             p for p, g in zip(params, result) if is_zero3_param(p) and g is not None and p.requires_grad
         ]
@@ -268,7 +269,7 @@ def apply_gathered(
     Args:
         fn: function of tensors returning a sequence of tensors.
         params: tensors that may be ZeRO-3 parameters (e.g. the LM-head weight and bias); None not allowed.
-        tensors: the other inputs (e.g. hidden states, labels).
+        tensors: the other inputs (e.g. hidden states, labels; None allowed).
 
     Returns:
         The outputs of ``fn`` as a tuple; gradients flow to every input that requires one.

@@ -1,0 +1,267 @@
+"""TRL's DPOTrainer with every loss computed by `fpo_ops.preference_loss` on the fused LM head.
+
+Switching an existing TRL script is one import::
+
+    from fpo_ops.integrations.trl import FusedDPOConfig as DPOConfig, FusedDPOTrainer as DPOTrainer
+
+Only the step that runs the models and computes the loss (``_compute_loss``) and the reference
+log-prob precomputation (``compute_ref_log_probs``) are replaced; data processing, PEFT, reference
+handling, ``precompute_ref_log_probs``, gradient accumulation, metrics and logging are TRL's own.
+"""
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from trl import DPOConfig, DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from ..losses import PreferenceOutput, preference_loss
+from ..losses.config import LOSS_TYPES, NEEDS_REFERENCE_LOGPS, NEEDS_REFERENCE_MODEL
+from ..losses.sequence import ld_token_weights
+from ..token_stats import token_stats
+from .hf import HEAD_INPUTS_KWARG, HeadInputs, add_head_outputs, apply_gathered, is_peft_model, is_zero3_param
+
+# Inputs the collator adds that the model's forward does not take.
+_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+# Loss types that need per-pair inputs the preference collator does not produce.
+_UNSUPPORTED_LOSS_TYPES = frozenset({"sppo"})
+TRAINER_LOSS_TYPES = tuple(name for name in LOSS_TYPES if name not in _UNSUPPORTED_LOSS_TYPES)
+
+
+@dataclass
+class FusedDPOConfig(DPOConfig):
+    r"""`trl.DPOConfig` plus the parameters of the extra loss types of `fpo_ops.preference_loss`.
+
+    ``loss_type`` accepts every TRL name and ``"tdpo1"``, ``"tdpo2"``, ``"spo"``, ``"simpo"``,
+    ``"cpo"``, ``"orpo"`` (a list combines them with ``loss_weights``, as in TRL).
+
+    Parameters:
+        tdpo_alpha (`float`, defaults to `0.5`): α of TDPO2, weight of the rejected response's
+            token-level KL (Zeng et al. 2024, "Token-level Direct Preference Optimization").
+        spo_alpha (`float`, defaults to `1.0`): softmax exponent α of SPO's preference term.
+        simpo_gamma (`float`, defaults to `0.5`): target reward margin γ of SimPO.
+        cpo_alpha (`float`, defaults to `1.0`): weight of the NLL term of CPO.
+        fused_impl (`str`, defaults to `"auto"`): `fpo_ops.token_stats` implementation: ``"auto"``
+            (Triton on CUDA, streaming PyTorch elsewhere), ``"triton"``, ``"torch"`` or ``"reference"``.
+    """
+
+    tdpo_alpha: float = field(default=0.5, metadata={"help": "α of TDPO2 (weight of the rejected token-level KL)."})
+    spo_alpha: float = field(default=1.0, metadata={"help": "Softmax exponent α of SPO's preference term."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "Target reward margin γ of SimPO."})
+    cpo_alpha: float = field(default=1.0, metadata={"help": "Weight of the NLL term of CPO."})
+    fused_impl: str = field(
+        default="auto",
+        metadata={"help": "fpo_ops.token_stats implementation: 'auto', 'triton', 'torch' or 'reference'."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in self.loss_type:
+            if name not in TRAINER_LOSS_TYPES:
+                raise ValueError(f"loss_type: expected names among {list(TRAINER_LOSS_TYPES)}, got {name!r}")
+        if self.fused_impl not in ("auto", "triton", "torch", "reference"):
+            raise ValueError(
+                f"fused_impl: expected 'auto', 'triton', 'torch' or 'reference', got {self.fused_impl!r}"
+            )
+        token_level = sorted(set(self.loss_type) & NEEDS_REFERENCE_MODEL)
+        if token_level and self.precompute_ref_log_probs:
+            raise ValueError(
+                f"precompute_ref_log_probs: loss types {token_level} need the reference model's token "
+                "distributions at every step, which precomputed log-probs cannot give: expected False, got True"
+            )
+
+
+class FusedDPOTrainer(DPOTrainer):
+    """`trl.DPOTrainer` whose losses and metrics come from `fpo_ops.preference_loss`.
+
+    Neither the policy nor the reference ever builds ``[tokens, vocab]`` logits: both models run their
+    backbone only, and the LM-head statistics (log-probs, token KL, entropy, mean logit, top-1) are
+    streamed over the vocabulary. Takes the same arguments as `trl.DPOTrainer`; ``args`` should be a
+    `FusedDPOConfig` (a plain `DPOConfig` works for TRL's own loss types).
+
+    Not supported: Mixture-of-Experts router auxiliary losses (``router_aux_loss_coef``), the ``sppo``
+    loss (needs win probabilities per pair), and on-policy samples for SPO (the pair is used).
+    """
+
+    _tag_names = ["trl", "dpo", "fpo-ops"]
+
+    def __init__(self, model, ref_model=None, args: Optional[DPOConfig] = None, *rest, **kwargs):
+        if args is not None and not isinstance(args, FusedDPOConfig):
+            for name in args.loss_type:
+                if name not in TRAINER_LOSS_TYPES:
+                    raise ValueError(f"loss_type: expected names among {list(TRAINER_LOSS_TYPES)}, got {name!r}")
+        super().__init__(model, ref_model, args, *rest, **kwargs)
+        if self.aux_loss_enabled:
+            raise NotImplementedError(
+                "router_aux_loss_coef: the fused head runs the backbone only and does not compute the "
+                "Mixture-of-Experts auxiliary loss; expected 0.0 or a dense model"
+            )
+        self._loss_kwargs = self._preference_kwargs(self.args)
+        self._needs_reference = bool(set(self.loss_types) & (NEEDS_REFERENCE_LOGPS | NEEDS_REFERENCE_MODEL))
+        add_head_outputs(self.model)
+        if self.ref_model is not None:
+            add_head_outputs(self.accelerator.unwrap_model(self.ref_model))
+
+    @staticmethod
+    def _preference_kwargs(args: DPOConfig) -> Dict[str, Any]:
+        extra = {}
+        for name in ("tdpo_alpha", "spo_alpha", "simpo_gamma", "cpo_alpha"):
+            if hasattr(args, name):
+                extra[name] = getattr(args, name)
+        return dict(
+            loss_type=list(args.loss_type), loss_weights=args.loss_weights, beta=args.beta,
+            label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
+            f_alpha_divergence_coef=args.f_alpha_divergence_coef, ld_alpha=args.ld_alpha,
+            use_weighting=args.use_weighting, discopop_tau=args.discopop_tau,
+            impl=getattr(args, "fused_impl", "auto"), **extra,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # Model calls
+    # ----------------------------------------------------------------------------------------------
+    def _model_kwargs(self, inputs: Dict[str, Any]) -> Dict[str, Any]:
+        kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        kwargs["use_cache"] = False
+        kwargs[HEAD_INPUTS_KWARG] = True
+        return kwargs
+
+    @staticmethod
+    def _aligned(parts: HeadInputs, length: int) -> torch.Tensor:
+        # Prompt-learning PEFT prepends virtual tokens: keep the last `length` (real) positions, then
+        # drop the last one, which predicts nothing.
+        return parts.hidden[:, -length:][:, :-1]
+
+    def _reference_parts(self, model_kwargs: Dict[str, Any]) -> HeadInputs:
+        """Reference hidden states and head, with no graph: a separate model or the PEFT base."""
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model)):
+                # A fresh adapter: disabling it gives the base model. A re-trained one: TRL keeps a frozen
+                # copy named "ref".
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    parts = self.model(**model_kwargs)
+            elif self.ref_model is not None:
+                parts = self.ref_model(**model_kwargs)
+            else:
+                # Full fine-tuning with precomputed log-probs keeps no reference; reached only by mistake.
+                raise ValueError(
+                    "ref_model: the loss needs a reference forward but no reference model is available: "
+                    "expected a ref_model, a PEFT model, or precomputed reference log-probs"
+                )
+        weight = parts.weight.detach() if not is_zero3_param(parts.weight) else parts.weight
+        bias = parts.bias
+        if bias is not None and not is_zero3_param(bias):
+            bias = bias.detach()
+        return HeadInputs(parts.hidden.detach(), weight, bias, parts.softcap, parts.logit_scale)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of one padded batch through the fused head ([B] chosen, [B] rejected)."""
+        model_kwargs = self._model_kwargs(inputs)
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+        adapter_context = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapter_context,
+            self.accelerator.autocast(),
+        ):
+            add_head_outputs(self.accelerator.unwrap_model(model))
+            parts = model(**model_kwargs)
+            hidden = self._aligned(parts, inputs["input_ids"].shape[1])
+
+            def logp(weight, *rest):
+                bias = rest[0] if parts.bias is not None else None
+                return (token_stats(
+                    hidden, weight, labels, bias=bias, softcap=parts.softcap, logit_scale=parts.logit_scale,
+                    impl=getattr(self.args, "fused_impl", "auto"),
+                ).logp,)
+
+            params = [parts.weight] + ([parts.bias] if parts.bias is not None else [])
+            (per_token,) = apply_gathered(logp, params)
+        weights = ld_token_weights(labels != -100, self.ld_alpha, per_token.dtype)
+        return (per_token * weights).sum(dim=1).chunk(2, dim=0)
+
+    # ----------------------------------------------------------------------------------------------
+    # Loss and metrics
+    # ----------------------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = self._model_kwargs(inputs)
+        input_length = inputs["input_ids"].shape[1]
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+
+        policy = model(**model_kwargs)
+        hidden = self._aligned(policy, input_length)
+        reference: Optional[HeadInputs] = None
+        ref_logps: Dict[str, torch.Tensor] = {}
+        if self.precompute_ref_logps:
+            ref_logps = dict(ref_chosen_logps=inputs["ref_chosen_logps"], ref_rejected_logps=inputs["ref_rejected_logps"])
+        elif self._needs_reference:
+            reference = self._reference_parts(model_kwargs)
+
+        ref_hidden = None if reference is None else self._aligned(reference, input_length)
+        output = self._fused_preference_loss(policy, hidden, labels, reference, ref_hidden, ref_logps)
+        self._log_metrics(mode, inputs, output)
+
+        loss = output.loss
+        if return_outputs:
+            # Deprecated in TRL as well: logits for `compute_metrics` need an extra, unfused forward.
+            with torch.no_grad():
+                plain_kwargs = {k: v for k, v in model_kwargs.items() if k != HEAD_INPUTS_KWARG}
+                outputs = model(**plain_kwargs)
+            return loss, outputs
+        return loss
+
+    def _fused_preference_loss(
+        self, policy: HeadInputs, hidden: torch.Tensor, labels: torch.Tensor,
+        reference: Optional[HeadInputs], ref_hidden: Optional[torch.Tensor], ref_logps: Dict[str, torch.Tensor],
+    ) -> PreferenceOutput:
+        kwargs = dict(self._loss_kwargs, softcap=policy.softcap, logit_scale=policy.logit_scale, **ref_logps)
+        if reference is not None:
+            kwargs.update(ref_softcap=reference.softcap, ref_logit_scale=reference.logit_scale)
+        heads = [policy.weight, policy.bias] + ([reference.weight, reference.bias] if reference else [None, None])
+        if not any(is_zero3_param(t) for t in heads):
+            return preference_loss(
+                hidden, policy.weight, labels, ref_hidden, None if reference is None else reference.weight,
+                bias=policy.bias, ref_bias=None if reference is None else reference.bias, **kwargs,
+            )
+        return _zero3_preference_loss(heads, hidden, labels, ref_hidden, kwargs)
+
+    def _log_metrics(self, mode: str, inputs: Dict[str, Any], output: PreferenceOutput) -> None:
+        gather = self.accelerator.gather_for_metrics
+        for name, value in output.metrics.items():
+            # Per-rank means: exact on one process; across ranks each rank weighs equally.
+            self._metrics[mode][name].append(gather(value.detach().float().reshape(1)).mean().item())
+        if mode == "train":
+            num_tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+
+def _zero3_preference_loss(heads, hidden, labels, ref_hidden, kwargs) -> PreferenceOutput:
+    """`preference_loss` with ZeRO-3 partitioned heads gathered for forward and recompute."""
+    present = [i for i, t in enumerate(heads) if t is not None]
+    names: Tuple[str, ...] = ()
+
+    def run(*tensors):
+        nonlocal names
+        full = [None] * len(heads)
+        for i, t in zip(present, tensors[:len(present)]):
+            full[i] = t
+        h, y, rh = tensors[len(present):]
+        out = preference_loss(h, full[0], y, rh, full[2], bias=full[1], ref_bias=full[3], **kwargs)
+        names = tuple(out.metrics)
+        return (out.loss, out.chosen_logps, out.rejected_logps, out.chosen_rewards, out.rejected_rewards,
+                out.per_sequence_loss, *(out.metrics[n] for n in names))
+
+    values = apply_gathered(run, [heads[i] for i in present], hidden, labels, ref_hidden)
+    loss, chosen, rejected, chosen_rewards, rejected_rewards, per_sequence = values[:6]
+    return PreferenceOutput(
+        loss=loss, metrics=dict(zip(names, values[6:])), chosen_logps=chosen, rejected_logps=rejected,
+        chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, per_sequence_loss=per_sequence,
+    )
