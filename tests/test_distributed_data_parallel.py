@@ -1,0 +1,141 @@
+"""A tiny policy trained with token_stats under DDP and FSDP2 equals the same step on one process.
+
+The global batch of preference pairs is split raggedly over the ranks (1, 2, 3, ... pairs), so
+a per-rank mean would weight ranks wrongly: the loss is reduced with `data_parallel_mean`. Checked
+in float64 to 1e-9: the logged global loss, every parameter's gradient and the parameters after an
+optimizer step. The same processes check the reduction helpers on their own.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+import fpo_ops
+from fpo_ops.distributed import data_parallel_mean, mean_over_ranks
+from distributed_launch import launch
+from stats_cases import max_rel_err
+
+VOCAB, HIDDEN, REF_HIDDEN, SEQ = 29, 12, 10, 7
+BETA, KL_COEF = 0.1, 0.3
+TOL = 1e-9
+
+
+class TinyPolicy(nn.Module):
+    """Embedding, one mixing layer and a biased LM head whose statistics come from token_stats.
+
+    The statistics are computed inside ``forward`` so that FSDP2 has the head's parameters
+    unsharded while the op reads them (and again for its backward).
+    """
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(VOCAB, HIDDEN, dtype=torch.float64)
+        self.mix = nn.Linear(HIDDEN, HIDDEN, dtype=torch.float64)
+        self.head = nn.Linear(HIDDEN, VOCAB, dtype=torch.float64)
+
+    def forward(self, input_ids, labels, ref_hidden, ref_weight):
+        hidden = torch.tanh(self.mix(self.embed(input_ids)))
+        return fpo_ops.token_stats(hidden, self.head.weight, labels, ref_hidden, ref_weight,
+                                   bias=self.head.bias, outputs=("logp", "ref_logp", "kl"), impl="torch")
+
+
+def _global_batch(n_pairs: int):
+    """TRL layout: rows [0, P) are the chosen completions, rows [P, 2P) the rejected ones."""
+    g = torch.Generator().manual_seed(123)
+    input_ids = torch.randint(0, VOCAB, (2 * n_pairs, SEQ), generator=g)
+    labels = torch.randint(0, VOCAB, (2 * n_pairs, SEQ), generator=g)
+    labels[:, :2] = -100  # the prompt
+    labels[torch.rand(labels.shape, generator=g) < 0.2] = -100  # ragged completion lengths
+    ref_hidden = torch.randn(2 * n_pairs, SEQ, REF_HIDDEN, generator=g, dtype=torch.float64)
+    ref_weight = torch.randn(VOCAB, REF_HIDDEN, generator=g, dtype=torch.float64) / REF_HIDDEN ** 0.5
+    return input_ids, labels, ref_hidden, ref_weight
+
+
+def _pair_losses(stats, labels) -> torch.Tensor:
+    """TDPO-style sigmoid loss per pair: DPO log-ratio margin minus a token-KL margin."""
+    mask = labels != -100
+    logratio = ((stats.logp - stats.ref_logp) * mask).sum(-1)
+    kl = (stats.kl * mask).sum(-1)
+    n = labels.shape[0] // 2
+    margin = (logratio[:n] - logratio[n:]) - KL_COEF * (kl[n:] - kl[:n])
+    return -F.logsigmoid(BETA * margin)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def _train_step(model: nn.Module, batch, wrap: str):
+    """One SGD step; returns (global loss, {name: grad}, {name: parameter after the step})."""
+    input_ids, labels, ref_hidden, ref_weight = batch
+    if wrap == "ddp":
+        module = DistributedDataParallel(model)
+    elif wrap == "fsdp2":
+        fully_shard(model.mix)
+        fully_shard(model)
+        module = model
+    else:
+        module = model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    per_pair = _pair_losses(module(input_ids, labels, ref_hidden, ref_weight), labels)
+    if wrap == "single":
+        loss = logged = per_pair.mean()
+    else:
+        loss = data_parallel_mean(per_pair.sum(), per_pair.numel())
+        logged = mean_over_ranks(loss)
+    loss.backward()
+    grads = {name: _full(p.grad) for name, p in model.named_parameters()}
+    optimizer.step()
+    params = {name: _full(p) for name, p in model.named_parameters()}
+    return logged.detach(), grads, params
+
+
+def _rank_rows(pairs_per_rank, rank: int) -> torch.Tensor:
+    """This rank's chosen rows, then its rejected rows, of the global batch."""
+    n_pairs = sum(pairs_per_rank)
+    first = sum(pairs_per_rank[:rank])
+    chosen = torch.arange(first, first + pairs_per_rank[rank])
+    return torch.cat([chosen, chosen + n_pairs])
+
+
+def _data_parallel_worker(rank: int, world: int) -> None:
+    pairs_per_rank = [1 + r % 3 for r in range(world)]
+    batch = _global_batch(sum(pairs_per_rank))
+    rows = _rank_rows(pairs_per_rank, rank)
+    local_batch = tuple(t[rows] for t in batch[:3]) + (batch[3],)
+    want_loss, want_grads, want_params = _train_step(TinyPolicy(seed=0), batch, "single")
+    assert all(g.abs().max() > 0 for g in want_grads.values())
+    for wrap in ("ddp", "fsdp2"):
+        loss, grads, params = _train_step(TinyPolicy(seed=0), local_batch, wrap)
+        assert max_rel_err(loss, want_loss) < TOL, (wrap, loss.item(), want_loss.item())
+        assert grads.keys() == want_grads.keys()
+        for name in want_grads:
+            assert max_rel_err(grads[name], want_grads[name]) < TOL, (wrap, name)
+            assert max_rel_err(params[name], want_params[name]) < TOL, (wrap, name)
+    _check_mean_helpers(rank, world)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ddp_and_fsdp2_match_single_process(world_size):
+    launch(_data_parallel_worker, world_size)
+
+
+def _check_mean_helpers(rank: int, world: int) -> None:
+    """Ranks with different counts (one with none) get gradient world / global count each."""
+    counts = [3, 0, 5, 2][:world]
+    local_sum = torch.tensor(float(10 * rank + 1), dtype=torch.float64, requires_grad=True)
+    loss = data_parallel_mean(local_sum, counts[rank])
+    loss.backward()
+    assert local_sum.grad.item() == pytest.approx(world / sum(counts), rel=1e-15)
+    want = sum(10 * r + 1 for r in range(world)) / sum(counts)
+    assert mean_over_ranks(loss).item() == pytest.approx(want, rel=1e-15)
+    empty = data_parallel_mean(torch.tensor(0.0, dtype=torch.float64), torch.tensor(0))
+    assert empty.item() == 0.0
+    with pytest.raises(ValueError, match=r"^local_sum: expected a scalar tensor"):
+        data_parallel_mean(torch.zeros(2), 1)
+
