@@ -7,7 +7,11 @@ belongs to another PyPI project that transformers imports.
 from setuptools import find_packages, setup
 
 kernel_packages = ["fpo_ops.kernels." + name for name in find_packages(where="kernels")]
+# The benchmark suite (top-level ``benchmarks/``) ships the same way, as ``fpo_ops.benchmarks``.
+benchmark_packages = ["fpo_ops.benchmarks." + name for name in find_packages(where="benchmarks")]
 setup(
-    packages=find_packages(include=["fpo_ops", "fpo_ops.*"]) + ["fpo_ops.kernels"] + kernel_packages,
-    package_dir={"fpo_ops.kernels": "kernels"},
+    packages=find_packages(include=["fpo_ops", "fpo_ops.*"]) + ["fpo_ops.kernels"] + kernel_packages
+    + ["fpo_ops.benchmarks"] + benchmark_packages,
+    package_dir={"fpo_ops.kernels": "kernels", "fpo_ops.benchmarks": "benchmarks"},
+    package_data={"fpo_ops.benchmarks": ["results/*.json", "results/*.png"]},
 )

@@ -1,0 +1,210 @@
+"""``fpo-bench``: speed and memory of fpo-ops against the alternatives, in one command.
+
+With no arguments it picks the device (CUDA when present), runs the default comparison for that
+device, prints a table and writes ``benchmarks/results/<device>-<date>.json`` and a PNG beside it.
+"""
+import argparse
+import datetime
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .check import check_provider
+from .heads import get_head
+from .measure import DTYPES, CaseSpec, gemm_tflops, run_case, run_case_isolated
+from .providers import CHECK_BASELINE, get_provider, provider_names
+from .report import device_info, format_table, results_path, versions, write_results
+from .workloads import WORKLOADS, get_workload
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Per device: a comparison that finishes in a few minutes on a 2-core CPU, and the issue's
+# Llama-3-8B sweep on a GPU (up to 64k tokens or out of memory).
+DEFAULTS = {
+    "cpu": dict(heads=["cpu-small"], workloads=["dpo", "tdpo"], sizes=[256, 512, 1024, 2048],
+                providers=["naive", "trl", "liger", "cce", "fpo-torch"], dtype="float32"),
+    "cuda": dict(heads=["llama3-8b"], workloads=list(WORKLOADS), sizes=[4096, 8192, 16384, 32768, 65536],
+                 providers=["naive", "naive-compile", "trl", "liger", "cce", "fpo-torch", "fpo-triton"],
+                 dtype="bfloat16"),
+}
+
+
+def _csv(text: str) -> List[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _sizes(text: str) -> List[int]:
+    sizes = []
+    for item in _csv(text):
+        scale = 1024 if item.lower().endswith("k") else 1
+        sizes.append(int(item[:-1] if scale > 1 else item) * scale)
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fpo-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:<i>")
+    parser.add_argument("--heads", type=_csv, help="comma list of heads: llama3-8b, qwen2.5-7b, gemma2-2b, "
+                        "cpu-small, cpu-medium, tiny, or h<H>v<V>[cap<C>]")
+    parser.add_argument("--workloads", type=_csv, help=f"comma list from {', '.join(WORKLOADS)}")
+    parser.add_argument("--providers", type=_csv, help=f"comma list from {', '.join(provider_names())}")
+    parser.add_argument("--sizes", type=_sizes, help="comma list of token counts N (even; '16k' allowed)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of hidden states and weights")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing (default 1)")
+    parser.add_argument("--min-repeats", type=int, default=3, help="least timed steps per case (default 3)")
+    parser.add_argument("--max-repeats", type=int, default=20, help="most timed steps per case (default 20)")
+    parser.add_argument("--time-budget", type=float, default=5.0,
+                        help="seconds of timed steps after which a case stops repeating (default 5)")
+    parser.add_argument("--isolate", choices=("auto", "process", "none"), default="auto",
+                        help="each case in its own process (auto: on CPU, where peak RSS needs it)")
+    parser.add_argument("--check-tokens", type=int, default=None,
+                        help="N of the check against fpo-torch before timing (default: smallest size, <= 1024)")
+    parser.add_argument("--no-check", action="store_true", help="skip the check against fpo-torch")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the JSON and PNG results")
+    parser.add_argument("--name", help="file stem of the results (default <device>-<date>)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per case (default: torch's own choice)")
+    parser.add_argument("--no-save", action="store_true", help="print the table only")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per isolated case")
+    return parser
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fpo-bench: --device cuda requested but CUDA is not available")
+    return device
+
+
+def _validate(args, device: torch.device) -> None:
+    defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    for key in ("heads", "workloads", "providers", "sizes", "dtype"):
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
+    try:
+        for name in args.heads:
+            get_head(name)
+        for name in args.workloads:
+            get_workload(name)
+        for name in args.providers:
+            get_provider(name)
+    except ValueError as exc:
+        raise SystemExit(f"fpo-bench: {exc}")
+    bad = [n for n in args.sizes if n < 2 or n % 2]
+    if bad:
+        raise SystemExit(f"fpo-bench: --sizes: expected even token counts >= 2, got {bad}")
+
+
+def _check_all(args, device, dtype) -> List[dict]:
+    """Check every runnable (head, workload, provider) against fpo-torch; stop on any mismatch."""
+    n_check = args.check_tokens or min(min(args.sizes), 1024)
+    checks = []
+    for head_name in args.heads:
+        head = get_head(head_name)
+        for workload_name in args.workloads:
+            workload = get_workload(workload_name)
+            for provider_name in args.providers:
+                if provider_name == CHECK_BASELINE or get_provider(provider_name).unsupported(workload, head, device):
+                    continue
+                print(f"check {provider_name:>13} vs {CHECK_BASELINE} on {head_name}/{workload_name} N={n_check} ... ",
+                      end="", flush=True)
+                result = check_provider(provider_name, workload, head, n_check, dtype, device)
+                print("ok  " + ", ".join(f"{k} {v:.1e}" for k, v in result.errors.items()), flush=True)
+                checks.append(dict(head=head_name, workload=workload_name, provider=provider_name,
+                                   n_tokens=n_check, tolerance=result.tolerance, relative_errors=result.errors))
+    return checks
+
+
+def _add_flops(record: dict, rate_tflops: Optional[float]) -> None:
+    if record.get("status") != "ok":
+        return
+    record["tflops"] = record["flops"]["fwd_bwd"] / (record["fwd_bwd_ms"] * 1e-3) / 1e12
+    if rate_tflops:
+        floor_ms = record["flops"]["fwd_bwd"] / (rate_tflops * 1e12) * 1e3
+        record["floor_ms"] = floor_ms
+        record["floor_ratio"] = record["fwd_bwd_ms"] / floor_ms
+
+
+def _progress_line(index: int, total: int, record: dict) -> str:
+    name = f"[{index}/{total}] {record['head']}/{record['workload']} N={record['n_tokens']} {record['provider']}"
+    if record["status"] != "ok":
+        return f"{name}: {record['status']} ({record.get('reason', '')})"
+    mem = record.get("mem_fwd_bwd_mib")
+    return (f"{name}: fwd {record['fwd_ms']:.1f} ms, bwd {record['bwd_ms']:.1f} ms, "
+            f"fwd+bwd {record['fwd_bwd_ms']:.1f} ms, peak {'-' if mem is None else f'{mem:.0f}'} MiB")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the benchmark described by the command line (see ``fpo-bench --help``); returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    device = _resolve_device(args.device)
+    _validate(args, device)
+    dtype = DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    isolate = args.isolate == "process" or (args.isolate == "auto" and device.type != "cuda")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    print(f"fpo-bench on {device_info(device)['name']} ({device}), {args.dtype}; heads {args.heads}, "
+          f"workloads {args.workloads}, providers {args.providers}, N {args.sizes}", flush=True)
+
+    checks = [] if args.no_check else _check_all(args, device, dtype)
+    rate = gemm_tflops(device, dtype) if device.type == "cuda" else None
+    if rate:
+        print(f"GEMM floor rate: {rate:.0f} TFLOP/s ({args.dtype} [4096, 4096] x [4096, 16384])", flush=True)
+
+    specs = [CaseSpec(head=h, workload=w, provider=p, n_tokens=n, dtype=args.dtype, device=str(device),
+                      warmup=args.warmup, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
+                      time_budget_s=args.time_budget, threads=args.threads)
+             for h in args.heads for w in args.workloads for n in args.sizes for p in args.providers]
+    records = []
+    for index, spec in enumerate(specs, 1):
+        reason = get_provider(spec.provider).unsupported(get_workload(spec.workload), get_head(spec.head), device)
+        if reason:
+            record = {**vars(spec), "status": "unsupported", "reason": reason}
+        elif isolate:
+            record = run_case_isolated(spec, timeout_s=args.timeout)
+        else:
+            try:
+                record = run_case(spec)
+            except Exception as exc:  # one broken provider must not lose the other results
+                record = {**vars(spec), "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:500]}
+        _add_flops(record, rate)
+        records.append(record)
+        if record["status"] != "unsupported":
+            print(_progress_line(index, len(specs), record), flush=True)
+
+    print()
+    print(format_table(records, with_flops=device.type == "cuda"))
+    skipped = sorted({(r["provider"], r["workload"], r["reason"]) for r in records if r["status"] == "unsupported"})
+    for provider, workload, reason in skipped:
+        print(f"  not run: {provider} on {workload}: {reason}")
+
+    if not args.no_save:
+        path = results_path(args.out, device, started, args.name)
+        payload = dict(
+            device=device_info(device), versions=versions(), date=started.isoformat(timespec="seconds"),
+            command=shlex.join(["fpo-bench", *argv]), dtype=args.dtype, gemm_floor_tflops=rate,
+            duration_s=round(time.time() - started.timestamp(), 1), checks=checks, results=records,
+        )
+        write_results(path, payload)
+        print(f"\nwrote {path}")
+        try:
+            from .plot import plot_results
+        except ImportError:
+            plot_results = None
+        if plot_results is not None:
+            png = plot_results(records, path.with_suffix(".png"),
+                               f"fpo-bench on {device_info(device)['name']} ({args.dtype}), {started:%Y-%m-%d}")
+            print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
