@@ -2,6 +2,7 @@
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from ..token_stats import token_stats
 from .config import (
@@ -14,8 +15,6 @@ from .metrics import optional_mean, reward_metrics, token_metrics
 from .output import PreferenceOutput
 from .reference_free import orpo_log_odds, sft_loss
 from .sequence import completion_mask, ld_token_weights, sequence_mean, sequence_sum, split_pairs
-
-import torch.nn.functional as F
 
 
 def preference_loss(
