@@ -68,7 +68,7 @@ def test_matches_trl_formula(loss_type, options):
     _check(out, loss, metrics, batch, fresh, (chosen, rejected))
 
 
-@pytest.mark.parametrize("loss_type", MARGIN_TYPES)
+@pytest.mark.parametrize("loss_type", MARGIN_TYPES + [("sigmoid", "sft")])
 def test_margin_is_subtracted_in_reward_units(loss_type):
     options = {"label_smoothing": 0.1} if loss_type in ("exo_pair", "robust") else {}
     batch = make_batch(rows=2 * N_PAIRS, seed=2)
@@ -76,8 +76,8 @@ def test_margin_is_subtracted_in_reward_units(loss_type):
     margin = torch.tensor([0.3, -1.2, 2.0, 0.0], dtype=torch.float64)
     out = fpo_ops.preference_loss(fresh.hidden, fresh.weight, fresh.labels, fresh.ref_hidden, fresh.ref_weight,
                                   loss_type=loss_type, margin=margin, beta=0.3, impl="torch", **options)
-    loss, metrics, chosen, rejected = dpo_oracle(token_quantities(batch), [loss_type], margin=margin, beta=0.3,
-                                                 **options)
+    loss, metrics, chosen, rejected = dpo_oracle(token_quantities(batch), _types(loss_type), margin=margin,
+                                                 beta=0.3, **options)
     _check(out, loss, metrics, batch, fresh, (chosen, rejected))
     no_margin = fpo_ops.preference_loss(fresh.hidden, fresh.weight, fresh.labels, fresh.ref_hidden,
                                         fresh.ref_weight, loss_type=loss_type, beta=0.3, impl="torch", **options)

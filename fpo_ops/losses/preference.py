@@ -149,10 +149,12 @@ def preference_loss(
     precomputed_ref = _check_reference(
         chosen_set, ref_hidden, ref_chosen_logps, ref_rejected_logps, sample_hidden, sample_ref_hidden, sample_labels,
     )
-    if margin is not None and not chosen_set <= MARGIN_LOSS_TYPES:
+    # the SFT term has no pair to offset and simply ignores the margin in a combination
+    without_margin = chosen_set - MARGIN_LOSS_TYPES - {"sft"}
+    if margin is not None and without_margin:
         raise ValueError(
             f"margin: expected None with loss types outside {sorted(MARGIN_LOSS_TYPES)}, got a tensor with "
-            f"{sorted(chosen_set - MARGIN_LOSS_TYPES)}"
+            f"{sorted(without_margin)}"
         )
     _check_win_probs(chosen_set, chosen_win_prob, rejected_win_prob, check_inputs)
 
