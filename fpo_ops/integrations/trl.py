@@ -100,6 +100,9 @@ class FusedDPOTrainer(DPOTrainer):
             )
         self._loss_kwargs = self._preference_kwargs(self.args)
         self._needs_reference = bool(set(self.loss_types) & (NEEDS_REFERENCE_LOGPS | NEEDS_REFERENCE_MODEL))
+        if not self._needs_reference:
+            # Reference-free losses (SimPO, CPO, ORPO, SFT) never run it: free its memory.
+            self.ref_model = None
         add_head_outputs(self.model)
         if self.ref_model is not None:
             add_head_outputs(self.accelerator.unwrap_model(self.ref_model))
