@@ -1,0 +1,373 @@
+"""impl="triton" (fused kernels; the Triton interpreter without CUDA) against the float64 oracle.
+
+Every buffer the implementation allocates uninitialised is poisoned first (NaN for floats, -1 for
+ints), so an element a kernel fails to write shows up as a wrong value.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fpo_ops
+from fpo_ops import chunked, online
+from fpo_ops.kernels.utils import tile_config
+from fpo_ops.options import HeadOptions
+from fpo_ops.reference import reference_logits
+from fpo_ops.stats import DIFFERENTIABLE_STATS
+from fpo_ops.triton_stats import triton_backward_tiles, triton_jsd_pass, triton_vocab_partials
+from stats_cases import ALL_STATS, make_case, max_abs_err, max_rel_err, run
+
+GRAD_STATS = tuple(sorted(DIFFERENTIABLE_STATS))
+CUDA = torch.cuda.is_available()
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    if t.dtype != torch.bool:
+        return t.fill_(-1)
+    return t
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations(monkeypatch):
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: _poison(new_empty(self, *a, **k)))
+
+
+def test_interpreter_tiles_exercise_splits_and_chunks():
+    """The CPU launch shape splits the vocabulary and chunks the backward at the test sizes."""
+    if CUDA:
+        pytest.skip("checks the interpreter's launch shape")
+    cfg = tile_config(torch.device("cpu"))
+    assert cfg.vocab_splits(1, 100) == (4, 32)
+    assert cfg.vocab_splits(37, 100) == (2, 64)
+    assert cfg.vocab_splits(4000, 100) == (1, 112)
+    assert cfg.vocab_chunk(37, 100, 8) == 32
+
+
+CASES = {
+    "plain": dict(),
+    "bias": dict(bias=True, ref_bias=True),
+    "softcap_temperature_scale": dict(softcap=2.5, ref_softcap=4.0, temperature=0.7, logit_scale=1.3,
+                                      ref_logit_scale=0.8, bias=True),
+    "shared_weight": dict(shared_weight=True, bias=True),
+    "single_token": dict(shape=(1,), ignore_fraction=0.0, hidden_size=16, vocab=100),
+    "sizes_37_48_100": dict(shape=(37,), hidden_size=48, vocab=100, ref_hidden_size=16),
+    "three_dims": dict(shape=(2, 3, 5), hidden_size=7, vocab=53, ref_hidden_size=11),
+    "custom_ignore_index": dict(ignore_index=3, ignore_fraction=0.4),
+    "jsd_beta_0": dict(jsd_beta=0.0),
+    "jsd_beta_1": dict(jsd_beta=1.0),
+    "jsd_beta_0.2_softcap": dict(jsd_beta=0.2, softcap=3.0),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_float64(name):
+    case = make_case(**CASES[name])
+    ref_stats, ref_grads = run(case, "reference", ALL_STATS)
+    stats, grads = run(case, "triton", ALL_STATS)
+    for stat in ALL_STATS:
+        got, want = getattr(stats, stat), getattr(ref_stats, stat)
+        assert got.dtype == torch.float64 and got.shape == case.labels.shape
+        assert max_rel_err(got, want) < 1e-9, stat
+    assert len(grads) == len(ref_grads) == len(case.leaves())
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype
+        assert max_rel_err(got, want) < 1e-9
+
+
+@pytest.mark.parametrize("outputs", [("logp",), ("kl",), ("reverse_kl", "entropy"), ("jsd",),
+                                     ("entropy", "log_sum_p2", "mean_logit", "top1_correct"),
+                                     ("ref_logp", "logp")])
+def test_each_statistic_alone(outputs):
+    """Each gradient formula on its own, and the kernels' subsets of accumulators."""
+    case = make_case(shape=(37,), hidden_size=16, vocab=37, bias=True, softcap=5.0, seed=3)
+    ref_stats, ref_grads = run(case, "reference", outputs)
+    stats, grads = run(case, "triton", outputs)
+    for stat in outputs:
+        assert max_rel_err(getattr(stats, stat), getattr(ref_stats, stat)) < 1e-9, stat
+    for stat in set(fpo_ops.STAT_NAMES) - set(outputs):
+        assert getattr(stats, stat) is None
+    for got, want in zip(grads, ref_grads):
+        assert max_rel_err(got, want) < 1e-9
+
+
+def test_ignored_positions_are_zero_and_get_zero_gradient():
+    case = make_case(shape=(37,), ignore_fraction=0.5, seed=7)
+    ignored = case.labels == -100
+    assert ignored.any() and (~ignored).any()
+    stats, (grad_h, _) = run(case, "triton", ALL_STATS)
+    for stat in ALL_STATS:
+        assert torch.all(getattr(stats, stat)[ignored] == 0), stat
+    assert torch.all(grad_h[ignored] == 0)
+    assert torch.all(grad_h[~ignored].abs().sum(-1) > 0)
+
+
+def test_all_ignored_gives_zeros_not_nan():
+    case = make_case(shape=(37,), ignore_fraction=1.0, bias=True)
+    stats, grads = run(case, "triton", ALL_STATS)
+    for stat in ALL_STATS:
+        assert torch.all(getattr(stats, stat) == 0), stat
+    assert len(grads) == 3
+    for grad in grads:
+        assert torch.all(grad == 0)
+
+
+def test_reference_gets_no_gradient_through_shared_weight():
+    case = make_case(shape=(37,), shared_weight=True, bias=True, seed=2)
+    case.ref_hidden.requires_grad_()
+    stats = fpo_ops.token_stats(case.hidden, case.weight, case.labels, case.ref_hidden, bias=case.bias,
+                                outputs=("kl", "ref_logp"), impl="triton")
+    assert not stats.ref_logp.requires_grad
+    grad_ref_hidden, grad_weight = torch.autograd.grad(stats.kl.sum(), (case.ref_hidden, case.weight),
+                                                       allow_unused=True)
+    assert grad_ref_hidden is None
+    ref_stats = fpo_ops.token_stats(case.hidden, case.weight, case.labels, case.ref_hidden,
+                                    bias=case.bias, outputs=("kl",), impl="reference")
+    (want,) = torch.autograd.grad(ref_stats.kl.sum(), (case.weight,))
+    assert max_rel_err(grad_weight, want) < 1e-9
+
+
+@pytest.mark.parametrize("softcap", [None, 50.0])
+def test_extreme_logits(softcap):
+    """Logits of magnitude ~1e4: finite, and equal to the oracle."""
+    case = make_case(shape=(37,), logit_std=1e4, softcap=softcap, seed=11, bias=True)
+    ref_stats, ref_grads = run(case, "reference", ALL_STATS)
+    stats, grads = run(case, "triton", ALL_STATS)
+    for stat in ALL_STATS:
+        got, want = getattr(stats, stat), getattr(ref_stats, stat)
+        assert torch.isfinite(got).all(), stat
+        assert max_abs_err(got, want) <= 1e-9 * max(1.0, want.abs().max().item()), stat
+    for got, want in zip(grads, ref_grads):
+        assert torch.isfinite(got).all()
+        assert max_rel_err(got, want) < 1e-9
+
+
+def test_extreme_logits_float32_finite():
+    case = make_case(shape=(37,), logit_std=1e4, seed=12, bias=True).cast(torch.float32)
+    stats, grads = run(case, "triton", ALL_STATS)
+    for stat in ALL_STATS:
+        assert torch.isfinite(getattr(stats, stat)).all(), stat
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("dtype,floor", [(torch.float32, 1e-6), (torch.bfloat16, 1e-3),
+                                         (torch.float16, 1e-3)])
+def test_error_budget_low_precision(dtype, floor):
+    """Error against float64 <= 2x that of plain same-dtype PyTorch (the oracle run in dtype) + floor."""
+    case64 = make_case(shape=(37,), hidden_size=48, vocab=100, ref_hidden_size=16, bias=True,
+                       softcap=20.0, seed=13)
+    low = case64.cast(dtype)
+    exact = low.cast(torch.float64)  # the same rounded inputs, computed exactly
+    exact_stats, exact_grads = run(exact, "reference", ALL_STATS)
+    plain_stats, plain_grads = run(low, "reference", ALL_STATS)
+    stats, grads = run(low, "triton", ALL_STATS)
+    for stat in ALL_STATS:
+        want = getattr(exact_stats, stat)
+        ours, plain = max_abs_err(getattr(stats, stat), want), max_abs_err(getattr(plain_stats, stat), want)
+        assert getattr(stats, stat).dtype == torch.float32
+        assert ours <= 2 * plain + floor * max(1.0, want.abs().max().item()), (stat, ours, plain)
+    for got, plain, want in zip(grads, plain_grads, exact_grads):
+        assert got.dtype == dtype
+        ours, base = max_abs_err(got, want), max_abs_err(plain, want)
+        assert ours <= 2 * base + floor * want.abs().max().item(), (ours, base)
+
+
+def test_backward_is_deterministic():
+    case = make_case(shape=(37,), hidden_size=16, vocab=100, bias=True, seed=19)
+    _, first = run(case, "triton", GRAD_STATS)
+    _, second = run(case, "triton", GRAD_STATS)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def _filtered_reference_grads(case, eps, block_n, block_v, outputs):
+    """Oracle gradients with the logit gradient zeroed on every tile the filter may drop."""
+    hidden, weight, labels = case.hidden.detach(), case.weight.detach(), case.labels
+    opts = HeadOptions(outputs=outputs, compute_dtype=torch.float64)
+    z = reference_logits(hidden, weight, case.bias.detach(), None, 1.0, opts).requires_grad_()
+    z_ref = reference_logits(case.ref_hidden, case.ref_weight, case.ref_bias, None, 1.0, opts)
+    logp, logq = torch.log_softmax(z, -1), torch.log_softmax(z_ref, -1)
+    p, q = logp.exp().detach(), logq.exp()
+    g = torch.Generator().manual_seed(1)  # the upstream gradients `run` draws
+    upstream = {name: torch.randn(labels.shape, generator=g, dtype=torch.float64) for name in outputs}
+    loss = (logp.gather(1, labels[:, None])[:, 0] * upstream["logp"]).sum()
+    loss = loss + ((q * (logq - logp)).sum(-1) * upstream["kl"]).sum()
+    (dz,) = torch.autograd.grad(loss, z)
+    keep = torch.ones_like(dz, dtype=torch.bool)
+    for n0 in range(0, z.shape[0], block_n):
+        for v0 in range(0, z.shape[1], block_v):
+            tile = (slice(n0, n0 + block_n), slice(v0, v0 + block_v))
+            has_label = ((labels[tile[0]] >= v0) & (labels[tile[0]] < v0 + block_v)).any()
+            if p[tile].max() < eps and q[tile].max() < eps and not has_label:
+                keep[tile] = False
+    dz = torch.where(keep, dz, torch.zeros_like(dz))
+    return (dz @ weight, dz.T @ hidden, dz.sum(0)), (~keep).float().mean().item()
+
+
+def test_gradient_filter_drops_exactly_the_negligible_tiles():
+    """With filtering the gradients equal the oracle's with those tiles' gradient zeroed."""
+    if CUDA:
+        pytest.skip("uses the interpreter's tile shape")
+    cfg = tile_config(torch.device("cpu"))
+    outputs = ("logp", "kl")
+    case = make_case(shape=(37,), hidden_size=16, vocab=100, ignore_fraction=0.0, seed=23,
+                     ref_hidden_size=16, bias=True, ref_bias=True)
+    # A head like a language model's: most of the vocabulary is rare, labels are frequent tokens;
+    # the rare columns sit near eps, so some of their tiles are dropped and some are kept.
+    with torch.no_grad():
+        case.bias[32:] -= 12.0
+        case.ref_bias[32:] -= 12.0
+    case.labels = case.labels % 32
+    eps = 1e-4
+    want, dropped = _filtered_reference_grads(case, eps, cfg.BN, cfg.BV, outputs)
+    assert 0.2 < dropped < 0.6, dropped  # real work to skip and real rare tiles to keep
+    _, grads = run(case, "triton", outputs, grad_filter_eps=eps)
+    for got, expected in zip(grads, want):
+        assert max_rel_err(got, expected) < 1e-9
+    # what it costs: every dropped entry of p and q is below eps
+    _, exact = run(case, "reference", outputs)
+    for got, expected in zip(grads, exact):
+        assert 0 < max_rel_err(got, expected) < 1e-3
+
+
+def test_gradient_filter_off_by_default_and_validated():
+    case = make_case(shape=(37,), hidden_size=16, vocab=37, seed=29)
+    _, exact = run(case, "triton", GRAD_STATS)
+    _, zero_eps = run(case, "triton", GRAD_STATS, grad_filter_eps=0.0)
+    for a, b in zip(exact, zero_eps):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="grad_filter_eps"):
+        run(case, "triton", GRAD_STATS, grad_filter_eps=1.5)
+    with pytest.raises(TypeError, match="grad_filter_eps"):
+        run(case, "triton", GRAD_STATS, grad_filter_eps="small")
+
+
+def _slice_args(case, v0, v1):
+    labels = torch.where(case.labels == -100, torch.full_like(case.labels, -1), case.labels - v0)
+    rows = (lambda t: None if t is None else t.detach()[v0:v1])
+    return labels, rows(case.weight), rows(case.bias), rows(case.ref_weight), rows(case.ref_bias)
+
+
+def test_vocabulary_slices_merge_to_the_full_result():
+    """The slice entry points: partials and JSD sums of two slices combine into the oracle's values,
+    and the backward of each slice matches the streaming PyTorch pass with the same inputs."""
+    case = make_case(shape=(37,), hidden_size=16, vocab=100, bias=True, ref_bias=True, seed=31)
+    outputs = ALL_STATS
+    opts = HeadOptions(outputs=outputs, jsd_beta=0.3, compute_dtype=torch.float64)
+    keys = online.needed_partials(opts)
+    h, rh = case.hidden.detach(), case.ref_hidden
+    slices = [(0, 45), (45, 100)]
+    parts = []
+    for v0, v1 in slices:
+        labels, w, b, rw, rb = _slice_args(case, v0, v1)
+        parts.append(triton_vocab_partials(h, rh, labels, w, b, rw, rb, keys, opts))
+        want = chunked.vocab_partials(h, rh, labels, w, b, rw, rb, keys, opts)
+        assert set(parts[-1]) == set(want)
+        for key in want:
+            assert max_rel_err(parts[-1][key], want[key]) < 1e-12, key
+    stats = online.finalize(online.merge_partials(*parts), 100)
+    jsd = sum(triton_jsd_pass(h, rh, *_slice_args(case, v0, v1)[1:], stats, opts)["jsd"] for v0, v1 in slices)
+    ref = fpo_ops.token_stats(h, case.weight, case.labels, rh, case.ref_weight, bias=case.bias,
+                              ref_bias=case.ref_bias, outputs=outputs, jsd_beta=0.3, impl="reference")
+    valid = case.labels != -100
+    for name in outputs:
+        got = jsd if name == "jsd" else stats[name]
+        assert max_rel_err(got[valid], getattr(ref, name)[valid]) < 1e-9, name
+
+    g = torch.Generator().manual_seed(3)
+    coef = {name: torch.randn(37, generator=g, dtype=torch.float64) * valid for name in GRAD_STATS}
+    saved = {"lse": stats["lse"], "lse_ref": stats["lse_ref"], "entropy": stats["entropy"],
+             "reverse_kl": stats["reverse_kl"], "kl_p_m": torch.rand(37, generator=g, dtype=torch.float64)}
+    for v0, v1 in slices:
+        labels, w, b, rw, rb = _slice_args(case, v0, v1)
+        got = triton_backward_tiles(h, w, b, labels, rh, rw, rb, coef, saved, opts, True, True, True)
+        want = chunked.backward_tiles(h, w, b, labels, rh, rw, rb, coef, saved, opts, True, True, True)
+        assert got[0].dtype == torch.float64
+        for a, e in zip(got, want):
+            assert max_rel_err(a, e) < 1e-12
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in bytes: the interpreter copies buffers as bytes) any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def test_never_materialises_logits():
+    """The largest buffer is an input or a gradient, far below N x V."""
+    n_tokens, hidden_size, vocab = 48, 16, 200
+    case = make_case(shape=(n_tokens,), hidden_size=hidden_size, vocab=vocab, ref_hidden_size=16,
+                     dtype=torch.float32, bias=True)
+    with _LargestTensor() as mode:
+        run(case, "triton", ALL_STATS)
+    fp32 = 4
+    assert mode.largest <= fp32 * max(vocab * hidden_size, n_tokens * 4 * tile_config(case.hidden.device).BV)
+    assert mode.largest < fp32 * n_tokens * vocab / 2
+
+
+# ---- GPU: realistic shapes, compiled kernels -------------------------------------------------
+
+def _gpu_case(n_tokens, hidden_size, vocab, dtype, seed=0, **kwargs):
+    case = make_case(shape=(n_tokens,), hidden_size=hidden_size, vocab=vocab,
+                     ref_hidden_size=hidden_size, seed=seed, logit_std=4.0, **kwargs)
+    low = case.cast(dtype)
+
+    def to_cuda(t):
+        return None if t is None else t.detach().cuda().requires_grad_(t.requires_grad)
+    low.hidden, low.weight, low.bias = to_cuda(low.hidden), to_cuda(low.weight), to_cuda(low.bias)
+    low.ref_hidden, low.ref_weight = to_cuda(low.ref_hidden), to_cuda(low.ref_weight)
+    low.labels = low.labels.cuda()
+    return low
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,floor", [(torch.bfloat16, 1e-3), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("n_tokens", [8, 1031])
+def test_gpu_error_budget(dtype, floor, n_tokens):
+    """Error against the float64 oracle <= 2x plain same-dtype PyTorch + floor at a real head size."""
+    low = _gpu_case(n_tokens, 2048, 32003, dtype, bias=True, softcap=30.0)
+    exact = low.cast(torch.float64)
+    outputs = ("logp", "ref_logp", "kl", "reverse_kl", "entropy", "jsd")
+    exact_stats, exact_grads = run(exact, "reference", outputs)
+    plain_stats, plain_grads = run(low, "reference", outputs)
+    stats, grads = run(low, "triton", outputs)
+    for stat in outputs:
+        want = getattr(exact_stats, stat)
+        ours, plain = max_abs_err(getattr(stats, stat), want), max_abs_err(getattr(plain_stats, stat), want)
+        assert ours <= 2 * plain + floor * max(1.0, want.abs().max().item()), (stat, ours, plain)
+    for got, plain, want in zip(grads, plain_grads, exact_grads):
+        ours, base = max_abs_err(got, want), max_abs_err(plain, want)
+        assert ours <= 2 * base + floor * want.abs().max().item(), (ours, base)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_bitwise_deterministic():
+    low = _gpu_case(2048, 1024, 16001, torch.bfloat16, bias=True)
+    _, first = run(low, "triton", ("logp", "kl"))
+    _, second = run(low, "triton", ("logp", "kl"))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_gradient_filter_error_is_small():
+    low = _gpu_case(1024, 1024, 32000, torch.bfloat16)
+    exact = low.cast(torch.float64)
+    _, exact_grads = run(exact, "reference", ("logp", "kl"))
+    _, plain_grads = run(low, "reference", ("logp", "kl"))
+    _, grads = run(low, "triton", ("logp", "kl"), grad_filter_eps=1e-6)
+    for got, plain, want in zip(grads, plain_grads, exact_grads):
+        ours, base = max_abs_err(got, want), max_abs_err(plain, want)
+        assert ours <= 2 * base + 1e-3 * want.abs().max().item(), (ours, base)
