@@ -44,8 +44,9 @@ def token_stats_bwd_kernel(
 ):
     # w [C, H] and rw [C, HR] are the chunk's rows; coef [5, N], saved [5, N]
     # dz [N, C] indexed by position in order; db_part [N / BN, C]; skip [N / BN, C / BV]
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_v = tl.program_id(1).to(tl.int64)
+    # vocabulary blocks vary fastest: programs running together share hidden rows in L2
+    pid_v = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
     idx = pid_n * BN + tl.arange(0, BN)
     cols = pid_v * BV + tl.arange(0, BV)
     col_mask = cols < C
@@ -116,8 +117,9 @@ def token_stats_bwd_dh_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # dz [N, C], w [C, H] -> dh [N, H] (fp32, rows by token)
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1).to(tl.int64)
+    # hidden blocks vary fastest: programs running together share dz rows in L2
+    pid_h = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
     idx = pid_n * BN + tl.arange(0, BN)
     hs = pid_h * BH + tl.arange(0, BH)
     h_mask = hs < H
@@ -158,6 +160,7 @@ def token_stats_bwd_dw_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # dz [N, C], h [N, H] -> dw [C, H]
+    # vocabulary blocks vary fastest: programs running together share hidden rows in L2
     pid_v = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1).to(tl.int64)
     cols = pid_v * BV + tl.arange(0, BV)
@@ -209,7 +212,7 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
     rb = ref_bias if has_ref and ref_bias is not None else weight
     beta = float(opts.jsd_beta)
     token_blocks = triton.cdiv(n, cfg.BN)
-    token_stats_bwd_kernel[(token_blocks, triton.cdiv(chunk, cfg.BV))](
+    token_stats_bwd_kernel[(triton.cdiv(chunk, cfg.BV), token_blocks)](
         hidden, weight, weight if bias is None else bias, rh, rw, rb, labels, order, n_valid,
         coef, saved, dz, dz if db_part is None else db_part, dz if skip is None else skip,
         n, hidden.shape[1], rh.shape[1], chunk, label_offset,
@@ -229,7 +232,7 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
         UPCAST=upcast, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if grad_h is not None:
-        token_stats_bwd_dh_kernel[(token_blocks, triton.cdiv(hidden.shape[1], cfg.BH_grad))](
+        token_stats_bwd_dh_kernel[(triton.cdiv(hidden.shape[1], cfg.BH_grad), token_blocks)](
             dz, weight, grad_h, order, n_valid, dz if skip is None else skip,
             n, hidden.shape[1], chunk, dz.stride(0), weight.stride(0), grad_h.stride(0),
             0 if skip is None else skip.stride(0),

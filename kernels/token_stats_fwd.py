@@ -44,8 +44,9 @@ def token_stats_fwd_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # h [N, H], w [V, H], rh [N, HR], rw [V, HR], labels [N], order [N], part [S, 11, N]
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
+    # splits vary fastest: programs running together share the token block's hidden states in L2
+    pid_s = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
     idx = pid_n * BN + tl.arange(0, BN)
     n_valid = tl.load(n_valid_ptr)
     in_range = idx < N
@@ -145,8 +146,9 @@ def token_stats_jsd_fwd_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # lse, lse_ref [N] (over the whole vocabulary), sums [S, 2, N]: sum q (log q - log m), sum p (...)
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
+    # splits vary fastest: programs running together share the token block's hidden states in L2
+    pid_s = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
     idx = pid_n * BN + tl.arange(0, BN)
     n_valid = tl.load(n_valid_ptr)
     in_range = idx < N
@@ -212,7 +214,7 @@ def token_stats_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labe
     rh, rw, rb = _head_args(ref_hidden, ref_weight, ref_bias) if has_ref else (hidden, weight, weight)
     scale, cap = _floats(opts.softcap, opts.logit_scale)
     ref_scale, ref_cap = _floats(opts.ref_softcap, opts.ref_logit_scale)
-    grid = (triton.cdiv(n, cfg.BN), splits)
+    grid = (splits, triton.cdiv(n, cfg.BN))
     token_stats_fwd_kernel[grid](
         hidden, weight, weight if bias is None else bias, rh, rw, rb, labels, order, n_valid, part,
         n, hidden.shape[1], rh.shape[1], vocab, label_offset, v_per_split,
@@ -250,7 +252,7 @@ def token_stats_jsd_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
     beta = float(opts.jsd_beta)
     log_beta = math.log(beta) if beta > 0.0 else float("-inf")
     log1m_beta = math.log1p(-beta) if beta < 1.0 else float("-inf")
-    grid = (triton.cdiv(n, cfg.BN), splits)
+    grid = (splits, triton.cdiv(n, cfg.BN))
     token_stats_jsd_fwd_kernel[grid](
         hidden, weight, weight if bias is None else bias, ref_hidden, ref_weight,
         ref_weight if ref_bias is None else ref_bias, lse, lse_ref, order, n_valid, sums,

@@ -101,7 +101,8 @@ class TileConfig:
     """
 
     def __init__(self, BN: int, BV: int, BH_reduce: int, BH_grad: int, num_warps: int,
-                 num_stages: int, target_programs: int, dz_buffer_bytes: int, min_vocab_chunk: int):
+                 num_stages: int, target_programs: int, min_splits: int, dz_buffer_bytes: int,
+                 min_vocab_chunk: int):
         for name, block in (("BN", BN), ("BV", BV), ("BH_reduce", BH_reduce), ("BH_grad", BH_grad)):
             # tl.dot needs every dimension >= 16
             if block < 16 or block & (block - 1):
@@ -109,13 +110,18 @@ class TileConfig:
         self.BN, self.BV, self.BH_reduce, self.BH_grad = BN, BV, BH_reduce, BH_grad
         self.num_warps, self.num_stages = num_warps, num_stages
         self.target_programs = target_programs
+        self.min_splits = min_splits
         self.dz_buffer_bytes = dz_buffer_bytes
         self.min_vocab_chunk = min_vocab_chunk
 
     def vocab_splits(self, n_tokens: int, vocab: int):
-        """(splits, columns per split): enough programs to fill the device when N is small."""
+        """(splits, columns per split): enough programs to fill the device when N is small.
+
+        At least ``min_splits``: the programs running at one time then cover few token blocks
+        (whose hidden states stay in L2 for their whole walk) and several weight tiles.
+        """
         vocab_blocks = triton.cdiv(vocab, self.BV)
-        wanted = max(1, triton.cdiv(self.target_programs, triton.cdiv(n_tokens, self.BN)))
+        wanted = max(self.min_splits, triton.cdiv(self.target_programs, triton.cdiv(n_tokens, self.BN)))
         blocks_per_split = triton.cdiv(vocab_blocks, min(wanted, vocab_blocks))
         # recomputing the count leaves no split empty
         return triton.cdiv(vocab_blocks, blocks_per_split), blocks_per_split * self.BV
@@ -128,12 +134,18 @@ class TileConfig:
 
 
 def tile_config(device: torch.device) -> TileConfig:
-    """Heuristic launch shape; the CUDA values are chosen for H100-class GPUs (not autotuned)."""
+    """Heuristic launch shape; the CUDA values are chosen for H100-class GPUs (not autotuned).
+
+    Forward, per wave of ~2 programs per SM and BN=64, BV=128: with S splits running together the
+    hidden states of 2*SMs/S token blocks stay in L2 while S weight tiles stream per step, which
+    balances at S ~ sqrt(2*SMs*BN/BV) ~ 11 on an H100; 8 keeps the partials at 8 sets per token.
+    """
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         return TileConfig(BN=64, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3,
-                          target_programs=2 * sms, dz_buffer_bytes=128 << 20, min_vocab_chunk=1024)
+                          target_programs=2 * sms, min_splits=8, dz_buffer_bytes=128 << 20,
+                          min_vocab_chunk=1024)
     # interpreter: the smallest legal tiles keep CPU runs short and still exercise vocabulary
     # splits and several backward chunks at test sizes
     return TileConfig(BN=16, BV=16, BH_reduce=16, BH_grad=16, num_warps=1, num_stages=1,
-                      target_programs=4, dz_buffer_bytes=1 << 10, min_vocab_chunk=32)
+                      target_programs=4, min_splits=1, dz_buffer_bytes=1 << 10, min_vocab_chunk=32)
