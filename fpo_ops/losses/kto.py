@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from ..token_stats import token_stats
 from .config import check_number
-from .metrics import _masked_mean
+from .metrics import masked_mean
 from .output import PreferenceOutput
 from .sequence import completion_mask, sequence_sum
 
@@ -144,9 +144,9 @@ def kto_loss(
     metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     if compute_metrics:
         mean_logit = stats.mean_logit.detach()
-        metrics["entropy"] = _masked_mean(stats.entropy.detach(), mask)
-        metrics["logits/chosen"] = _masked_mean(mean_logit, mask & desirable.unsqueeze(1))
-        metrics["logits/rejected"] = _masked_mean(mean_logit, mask & ~desirable.unsqueeze(1))
+        metrics["entropy"] = masked_mean(stats.entropy.detach(), mask)
+        metrics["logits/chosen"] = masked_mean(mean_logit, mask & desirable.unsqueeze(1))
+        metrics["logits/rejected"] = masked_mean(mean_logit, mask & ~desirable.unsqueeze(1))
     return PreferenceOutput(
         loss=loss, metrics=metrics, chosen_logps=logps * is_chosen, rejected_logps=logps * is_rejected,
         ref_chosen_logps=ref.detach() * is_chosen, ref_rejected_logps=ref.detach() * is_rejected,

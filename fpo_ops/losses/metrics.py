@@ -10,7 +10,7 @@ from ..stats import TokenStats
 from .sequence import split_pairs
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # 0 when nothing is masked in, as TRL logs 0.0 for an empty batch
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
@@ -53,10 +53,10 @@ def token_metrics(stats: TokenStats, mask: torch.Tensor) -> Dict[str, torch.Tens
     chosen_logit, rejected_logit = split_pairs(stats.mean_logit.detach())
     chosen_top1, _ = split_pairs(stats.top1_correct.detach())
     return {
-        "entropy": _masked_mean(stats.entropy.detach(), mask),
-        "logits/chosen": _masked_mean(chosen_logit, chosen_mask),
-        "logits/rejected": _masked_mean(rejected_logit, rejected_mask),
-        "mean_token_accuracy": _masked_mean(chosen_top1, chosen_mask),
+        "entropy": masked_mean(stats.entropy.detach(), mask),
+        "logits/chosen": masked_mean(chosen_logit, chosen_mask),
+        "logits/rejected": masked_mean(rejected_logit, rejected_mask),
+        "mean_token_accuracy": masked_mean(chosen_top1, chosen_mask),
     }
 
 
