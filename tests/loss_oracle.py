@@ -5,7 +5,7 @@ trainer it mirrors (TRL's DPOTrainer, KTOTrainer, CPOTrainer, ORPOTrainer; TDPO'
 official code); nothing imports fpo_ops. Gradients flow by autograd to the batch's leaves.
 """
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F

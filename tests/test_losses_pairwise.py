@@ -129,8 +129,10 @@ def test_reference_sharing_the_policy_head_with_other_hidden_size():
     _check(out, loss, metrics, other, fresh, (chosen, rejected))
 
 
-@pytest.mark.parametrize("loss_type,options", [("sigmoid", {"use_weighting": True}), ("exo_pair", {"label_smoothing": 0.01}),
-                                               ("aot_unpaired", {}), (["ipo", "sft"], {"ld_alpha": 0.5})])
+@pytest.mark.parametrize("loss_type,options", [
+    ("sigmoid", {"use_weighting": True}), ("exo_pair", {"label_smoothing": 0.01}), ("aot_unpaired", {}),
+    (["ipo", "sft"], {"ld_alpha": 0.5}),
+])
 def test_gradients_equal_the_reference_impl(loss_type, options):
     """The same loss through impl="reference" (materialised float64 logits) and impl="torch"."""
     batch = make_batch(rows=2 * N_PAIRS, seed=8, bias=True)

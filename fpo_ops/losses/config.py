@@ -27,7 +27,9 @@ MARGIN_LOSS_TYPES = frozenset(
      "spo", "simpo", "cpo"}
 )
 # TRL: the f-DPO reparameterisation only cancels log Z(x) in the reward difference of these.
-F_DIVERGENCE_LOSS_TYPES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
+F_DIVERGENCE_LOSS_TYPES = frozenset(
+    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+)
 # TRL: sorting the batch would misalign WPO's per-pair weights.
 NO_WEIGHTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
 # Losses of the CPO/ORPO trainers, which log rewards on the policy log-probs even with a reference at hand.
@@ -80,7 +82,8 @@ def validate_options(
         check_number("label_smoothing (robust)", label_smoothing, low=0.0, high=0.5, high_open=True)
     if "exo_pair" in chosen and label_smoothing <= 0.0:
         raise ValueError(
-            f"label_smoothing: expected a value in (0, 1) for 'exo_pair' (the EXO paper uses 1e-3), got {label_smoothing}"
+            "label_smoothing: expected a value in (0, 1) for 'exo_pair' (the EXO paper uses 1e-3), "
+            f"got {label_smoothing}"
         )
     if f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(f"f_divergence_type: expected one of {list(F_DIVERGENCE_TYPES)}, got {f_divergence_type!r}")

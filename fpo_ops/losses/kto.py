@@ -2,7 +2,6 @@
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..token_stats import token_stats
 from .config import check_number
@@ -88,7 +87,8 @@ def kto_loss(
         raise ValueError(f"labels: expected a tensor of shape [B, T], got {getattr(labels, 'shape', type(labels))}")
     n = labels.shape[0]
     if not isinstance(desirable, torch.Tensor) or desirable.dtype != torch.bool:
-        raise TypeError(f"desirable: expected a bool tensor of shape [{n}], got {getattr(desirable, 'dtype', type(desirable))}")
+        got = getattr(desirable, "dtype", type(desirable).__name__)
+        raise TypeError(f"desirable: expected a bool tensor of shape [{n}], got {got}")
     if tuple(desirable.shape) != (n,):
         raise ValueError(f"desirable: expected shape ({n},), got {tuple(desirable.shape)}")
     if ref_hidden is None and ref_logps is None:

@@ -259,7 +259,9 @@ def _check_reference(chosen_set, ref_hidden, ref_chosen_logps, ref_rejected_logp
     sample_args = (sample_hidden, sample_ref_hidden, sample_labels)
     if any(a is not None for a in sample_args):
         if "spo" not in chosen_set:
-            raise ValueError(f"sample_hidden: on-policy samples are only used by 'spo', got loss types {sorted(chosen_set)}")
+            raise ValueError(
+                f"sample_hidden: on-policy samples are only used by 'spo', got loss types {sorted(chosen_set)}"
+            )
         if any(a is None for a in sample_args):
             raise ValueError(
                 "sample_hidden, sample_ref_hidden, sample_labels: expected all three tensors for SPO's on-policy "
@@ -281,7 +283,9 @@ def _check_win_probs(chosen_set, chosen_win_prob, rejected_win_prob, check_input
             f"{['tensor' if g else 'None' for g in given]}"
         )
     if any(given) and "sppo" not in chosen_set:
-        raise ValueError(f"chosen_win_prob: win probabilities are only used by 'sppo', got loss types {sorted(chosen_set)}")
+        raise ValueError(
+            f"chosen_win_prob: win probabilities are only used by 'sppo', got loss types {sorted(chosen_set)}"
+        )
     if any(given) and check_inputs:
         for name, value in (("chosen_win_prob", chosen_win_prob), ("rejected_win_prob", rejected_win_prob)):
             if not bool(((value >= 0) & (value <= 1)).all()):
