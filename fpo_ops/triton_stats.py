@@ -89,7 +89,7 @@ def triton_vocab_partials(h, rh, labels, weight, bias, ref_weight, ref_bias, key
     has_ref = rh is not None
     h, weight, bias, labels = _contiguous(h), _contiguous(weight), _contiguous(bias), _contiguous(labels)
     rh, ref_weight, ref_bias = _contiguous(rh), _contiguous(ref_weight), _contiguous(ref_bias)
-    cfg = config or tile_config(h.device)
+    cfg = config or tile_config(h.device, h.dtype)
     order, n_valid = _token_order(valid, h.shape[0], h.device)
     with _on_device(h):
         part = token_stats_fwd(h, weight, bias, rh, ref_weight, ref_bias, labels, 0, order, n_valid,
@@ -113,7 +113,7 @@ def triton_jsd_pass(h, rh, weight, bias, ref_weight, ref_bias, stats: Dict[str, 
     """
     h, weight, bias = _contiguous(h), _contiguous(weight), _contiguous(bias)
     rh, ref_weight, ref_bias = _contiguous(rh), _contiguous(ref_weight), _contiguous(ref_bias)
-    cfg = config or tile_config(h.device)
+    cfg = config or tile_config(h.device, h.dtype)
     order, n_valid = _token_order(valid, h.shape[0], h.device)
     lse = stats["lse"].to(opts.accum_dtype).contiguous()
     lse_ref = stats["lse_ref"].to(opts.accum_dtype).contiguous()
@@ -158,7 +158,7 @@ def triton_backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, 
         ref_hidden, ref_weight, ref_bias = _contiguous(ref_hidden), _contiguous(ref_weight), _contiguous(ref_bias)
     else:
         ref_hidden = ref_weight = ref_bias = None
-    cfg = config or tile_config(device)
+    cfg = config or tile_config(device, hidden.dtype)
     order, n_valid = _token_order(valid, n_tokens, device)
 
     coef_buf = torch.zeros((len(GRAD_KEYS), n_tokens), dtype=acc, device=device)

@@ -174,7 +174,7 @@ def token_stats_bwd_dw_kernel(
         if FILTER:
             skip = tl.load(skip_ptr + (n0 // BN) * stride_skip + pid_v)
         if skip == 0:
-            idx = n0 + tl.arange(0, BN)
+            idx = n0 + tl.arange(0, BN).to(tl.int64)
             row_mask = idx < n_valid
             rows = tl.load(order_ptr + idx, mask=row_mask, other=0)
             dz = tl.load(dz_ptr + idx[:, None] * stride_dz + cols[None, :],

@@ -133,18 +133,25 @@ class TileConfig:
         return min(chunk, triton.cdiv(vocab, self.BV) * self.BV)
 
 
-def tile_config(device: torch.device) -> TileConfig:
+def tile_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
     """Heuristic launch shape; the CUDA values are chosen for H100-class GPUs (not autotuned).
 
     Forward, per wave of ~2 programs per SM and BN=64, BV=128: with S splits running together the
     hidden states of 2*SMs/S token blocks stay in L2 while S weight tiles stream per step, which
     balances at S ~ sqrt(2*SMs*BN/BV) ~ 11 on an H100; 8 keeps the partials at 8 sets per token.
+    Wider dtypes get narrower hidden blocks and fewer stages to stay within shared memory.
     """
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return TileConfig(BN=64, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3,
-                          target_programs=2 * sms, min_splits=8, dz_buffer_bytes=128 << 20,
-                          min_vocab_chunk=1024)
+        common = dict(target_programs=2 * sms, min_splits=8, dz_buffer_bytes=128 << 20,
+                      min_vocab_chunk=1024)
+        if dtype in (torch.bfloat16, torch.float16):
+            return TileConfig(BN=64, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3,
+                              **common)
+        if dtype == torch.float32:
+            return TileConfig(BN=64, BV=128, BH_reduce=32, BH_grad=64, num_warps=8, num_stages=2,
+                              **common)
+        return TileConfig(BN=32, BV=64, BH_reduce=16, BH_grad=32, num_warps=4, num_stages=1, **common)
     # interpreter: the smallest legal tiles keep CPU runs short and still exercise vocabulary
     # splits and several backward chunks at test sizes
     return TileConfig(BN=16, BV=16, BH_reduce=16, BH_grad=16, num_warps=1, num_stages=1,
