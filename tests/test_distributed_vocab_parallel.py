@@ -1,8 +1,10 @@
 """Vocabulary-parallel token_stats on 2 and 4 gloo processes equals the single-process op.
 
 Every process builds the same float64 inputs (seeded), computes the single-process statistics and
-gradients itself (impl="torch" and the float64 oracle), then the vocabulary-parallel ones from its
+gradients itself (the same impl, and the float64 oracle), then the vocabulary-parallel ones from its
 own slice of the head, and compares: statistics, the full dhidden, and its slice of dweight/dbias.
+impl="torch" runs every case on an even and an uneven split, impl="triton" (the Triton interpreter
+without CUDA) a subset on the uneven split.
 """
 import pytest
 import torch
@@ -12,7 +14,7 @@ import fpo_ops
 import fpo_ops.chunked as chunked
 from fpo_ops.distributed import vocab_range
 from distributed_launch import launch
-from stats_cases import ALL_STATS, Case, make_case, max_rel_err, run
+from stats_cases import ALL_STATS, Case, make_case, max_abs_err, max_rel_err, run
 
 TOL = 1e-9
 
@@ -28,6 +30,9 @@ CASES = {
     "all_ignored": dict(ignore_fraction=1.0, bias=True),
 }
 SUBSETS = [("logp",), ("kl", "ref_logp"), ("reverse_kl", "entropy"), ("jsd", "mean_logit")]
+# The Triton interpreter is slow on CPU: its slices run the cases that differ in code path.
+TRITON_CASES = ("all_options", "shared_weight", "extreme_logits", "all_ignored")
+TRITON_SUBSETS = [("logp",), ("reverse_kl", "entropy")]
 
 
 def _uneven_split(vocab: int, world: int, rank: int):
@@ -55,11 +60,12 @@ def _labels_on_every_slice(case: Case, bounds) -> None:
         flat[i] = row
 
 
-def _check(name: str, case: Case, outputs, group, start: int, stop: int) -> None:
-    single_stats, single_grads = run(case, "torch", outputs)
+def _check(name: str, case: Case, outputs, group, start: int, stop: int, impl: str) -> None:
+    name = f"{impl}/{name}"
+    single_stats, single_grads = run(case, impl, outputs)
     oracle_stats, oracle_grads = run(case, "reference", outputs)
     local = _slice_case(case, start, stop)
-    stats, grads = run(local, "torch", outputs, process_group=group)
+    stats, grads = run(local, impl, outputs, process_group=group)
     for stat in outputs:
         got = getattr(stats, stat)
         assert got.dtype == torch.float64 and got.shape == case.labels.shape, (name, stat)
@@ -70,11 +76,13 @@ def _check(name: str, case: Case, outputs, group, start: int, stop: int) -> None
     # Leaves are (hidden, weight[, bias]): full dhidden, then this slice's rows of the rest.
     assert len(grads) == len(single_grads)
     for i, (got, full, oracle) in enumerate(zip(grads, single_grads, oracle_grads)):
-        want = full if i == 0 else full[start:stop]
-        want_oracle = oracle if i == 0 else oracle[start:stop]
-        assert got.shape == want.shape, (name, i)
-        assert max_rel_err(got, want) < TOL, (name, i, max_rel_err(got, want))
-        assert max_rel_err(got, want_oracle) < TOL, (name, i, max_rel_err(got, want_oracle))
+        rows = slice(None) if i == 0 else slice(start, stop)
+        assert got.shape == full[rows].shape, (name, i)
+        # Errors relative to the whole gradient's scale, as single-process tests measure them: a
+        # slice of a gradient may hold only entries many orders of magnitude below its maximum.
+        for want in (full, oracle):
+            err = max_abs_err(got, want[rows]) / want.abs().max().clamp_min(1e-30).item()
+            assert err < TOL, (name, i, err)
 
 
 def _bounds(vocab: int, world: int, split: str):
@@ -90,12 +98,22 @@ def _even(vocab: int, world: int, rank: int):
 
 
 def _all_cases_worker(rank: int, world: int) -> None:
+    for impl in ("torch", "triton"):
+        _check_cases(rank, world, impl)
+    _check_subgroups(rank, world)
+    _check_bad_input(rank, world, dist.group.WORLD)
+
+
+def _check_cases(rank: int, world: int, impl: str) -> None:
     # Blocks that divide nothing, so each slice spans several partial tiles.
     chunked.TOKEN_BLOCK, chunked.VOCAB_BLOCK = 5, 4
     group = dist.group.WORLD
     assert vocab_range(37, group) == _even(37, world, rank)
-    for split in ("even", "uneven"):
-        for name, kwargs in CASES.items():
+    splits = ("even", "uneven") if impl == "torch" else ("uneven",)
+    cases = CASES if impl == "torch" else {name: CASES[name] for name in TRITON_CASES}
+    subsets = SUBSETS if impl == "torch" else TRITON_SUBSETS
+    for split in splits:
+        for name, kwargs in cases.items():
             case = make_case(**kwargs)
             vocab = case.weight.shape[0]
             assert vocab % world != 0
@@ -105,12 +123,10 @@ def _all_cases_worker(rank: int, world: int) -> None:
                 owners = {next(r for r, (a, b) in enumerate(bounds) if a <= y < b)
                           for y in case.labels.view(-1).tolist() if y != -100}
                 assert owners == set(range(world))
-            _check(f"{name}/{split}", case, ALL_STATS, group, *bounds[rank])
-        for outputs in SUBSETS:
+            _check(f"{name}/{split}", case, ALL_STATS, group, *bounds[rank], impl)
+        for outputs in subsets:
             case = make_case(bias=True, softcap=5.0, seed=3)
-            _check(f"{outputs}/{split}", case, outputs, group, *_bounds(37, world, split)[rank])
-    _check_subgroups(rank, world)
-    _check_bad_input(rank, world, group)
+            _check(f"{outputs}/{split}", case, outputs, group, *_bounds(37, world, split)[rank], impl)
 
 
 def _check_subgroups(rank: int, world: int) -> None:
@@ -123,7 +139,7 @@ def _check_subgroups(rank: int, world: int) -> None:
     group, group_rank = groups[mine], halves[mine].index(rank)
     case = make_case(vocab=41, bias=True, softcap=3.0, seed=20 + mine)
     bounds = _bounds(41, len(halves[mine]), "even")
-    _check(f"subgroup{mine}", case, ALL_STATS, group, *bounds[group_rank])
+    _check(f"subgroup{mine}", case, ALL_STATS, group, *bounds[group_rank], "torch")
 
 
 def _check_bad_input(rank: int, world: int, group) -> None:

@@ -8,7 +8,9 @@ function of local tensors plus (after the all-reduces) global per-token scalars:
 - ``backward``: dhidden (this slice's share, accumulation dtype), dweight and dbias of the slice.
 
 Labels passed to a pass are relative to the slice: ``label - slice_start``, outside ``[0, V_local)``
-where another process owns the label or the token is ignored.
+where another process owns the label or the token is ignored. ``valid`` ([N] bool) marks the tokens
+whose results are used: the Triton passes skip the others, the PyTorch ones compute them anyway
+(their values are masked by the caller either way).
 """
 from typing import Callable, Dict, NamedTuple, Tuple
 
@@ -28,7 +30,7 @@ class SlicePasses(NamedTuple):
 
 
 def _torch_partials(hidden, ref_hidden, local_labels, weight, bias, ref_weight, ref_bias,
-                    keys: Tuple[str, ...], opts: HeadOptions) -> Partials:
+                    keys: Tuple[str, ...], opts: HeadOptions, valid=None) -> Partials:
     """Partials [N] of every token over the slice, streamed in token blocks."""
     blocks = []
     for n0 in range(0, hidden.shape[0], chunked.TOKEN_BLOCK):
@@ -41,7 +43,7 @@ def _torch_partials(hidden, ref_hidden, local_labels, weight, bias, ref_weight, 
 
 
 def _torch_jsd(hidden, ref_hidden, weight, bias, ref_weight, ref_bias, stats: Dict[str, torch.Tensor],
-               opts: HeadOptions) -> Dict[str, torch.Tensor]:
+               opts: HeadOptions, valid=None) -> Dict[str, torch.Tensor]:
     """This slice's terms of ``jsd`` and ``kl_p_m`` [N], given the global ``lse``/``lse_ref``."""
     parts = []
     for n0 in range(0, hidden.shape[0], chunked.TOKEN_BLOCK):
@@ -52,13 +54,21 @@ def _torch_jsd(hidden, ref_hidden, weight, bias, ref_weight, ref_bias, stats: Di
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
 
-TORCH_PASSES = SlicePasses(partials=_torch_partials, jsd=_torch_jsd, backward=chunked.backward_tiles)
+def _torch_backward(hidden, weight, bias, local_labels, ref_hidden, ref_weight, ref_bias, coef, saved,
+                    opts: HeadOptions, need_h: bool, need_w: bool, need_b: bool, valid=None):
+    """(dhidden share [N, H] in the accumulation dtype, dweight [V_r, H], dbias [V_r])."""
+    return chunked.backward_tiles(hidden, weight, bias, local_labels, ref_hidden, ref_weight, ref_bias,
+                                  coef, saved, opts, need_h, need_w, need_b)
+
+
+TORCH_PASSES = SlicePasses(partials=_torch_partials, jsd=_torch_jsd, backward=_torch_backward)
 
 
 def passes_for(impl: str) -> SlicePasses:
     """The per-slice passes of ``impl`` ("torch" or "triton")."""
     if impl == "torch":
         return TORCH_PASSES
-    from .triton_slice_passes import TRITON_PASSES  # needs Triton; only loaded on request
-    return TRITON_PASSES
+    # Needs Triton; only loaded on request.
+    from ..triton_stats import triton_backward_tiles, triton_jsd_pass, triton_vocab_partials
+    return SlicePasses(partials=triton_vocab_partials, jsd=triton_jsd_pass, backward=triton_backward_tiles)
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..online import MAXIMA, Partials, finalize, needed_partials, shift_partials
 from ..options import HeadOptions
-from ..stats import DIFFERENTIABLE_STATS
+from ..stats import DIFFERENTIABLE_STATS, REFERENCE_STATS
 from .slice_passes import SlicePasses, passes_for
 
 # Values, besides lse/lse_ref, that the gradient of each statistic reads (DESIGN section 2).
@@ -61,7 +61,8 @@ def slice_bounds(local_vocab: int, group, device: torch.device) -> Tuple[torch.T
 def combine_partials(local: Partials, group) -> Partials:
     """Exact group-wide partials from each process's partials of its own slice (two all-reduces)."""
     has_ref = "m_ref" in local
-    maxima = torch.stack([local["m"], local["m_ref"]]) if has_ref else local["m"][None]
+    # A copy: the all-reduce writes in place, and the local maxima are still needed to shift.
+    maxima = torch.stack([local["m"], local["m_ref"]] if has_ref else [local["m"]])
     dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
     shifted = shift_partials(local, maxima[0], maxima[1] if has_ref else None)
     names = [key for key in shifted if key not in MAXIMA]
@@ -95,6 +96,8 @@ class VocabParallelTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: HeadOptions,
                 group, passes: SlicePasses, check_labels: bool):
+        if not any(name in REFERENCE_STATS for name in opts.outputs):
+            ref_hidden = ref_weight = ref_bias = None  # read only for the statistics that need it
         valid = labels != opts.ignore_index
         sizes, start = slice_bounds(weight.shape[0], group, hidden.device)
         if check_labels:
@@ -103,10 +106,11 @@ class VocabParallelTokenStats(torch.autograd.Function):
         local_labels = torch.where(valid, labels - start, torch.full_like(labels, -1))
 
         local = passes.partials(hidden, ref_hidden, local_labels, weight, bias, ref_weight, ref_bias,
-                                needed_partials(opts), opts)
+                                needed_partials(opts), opts, valid=valid)
         stats = finalize(combine_partials(local, group), sizes.sum().to(opts.accum_dtype))
         if opts.wants("jsd"):
-            local_jsd = passes.jsd(hidden, ref_hidden, weight, bias, ref_weight, ref_bias, stats, opts)
+            local_jsd = passes.jsd(hidden, ref_hidden, weight, bias, ref_weight, ref_bias, stats, opts,
+                                   valid=valid)
             # Both are sums over the vocabulary, so the slices' values add up.
             jsd_terms = torch.stack([local_jsd["jsd"], local_jsd["kl_p_m"]])
             dist.all_reduce(jsd_terms, op=dist.ReduceOp.SUM, group=group)
@@ -117,6 +121,8 @@ class VocabParallelTokenStats(torch.autograd.Function):
         zero = hidden.new_zeros((), dtype=opts.accum_dtype)
         results = tuple(torch.where(valid, stats[name], zero) for name in opts.outputs)
         ctx.opts, ctx.group, ctx.passes, ctx.kept_names = opts, group, passes, tuple(kept_names)
+        # At ignored tokens these are real values (torch) or placeholders that backward skips
+        # (triton); zeros would not do for torch, whose backward computes exp(z - lse) everywhere.
         ctx.save_for_backward(hidden, weight, bias, local_labels, valid, ref_hidden, ref_weight, ref_bias,
                               *(stats[name] for name in kept_names))
         ctx.mark_non_differentiable(*(r for name, r in zip(opts.outputs, results)
@@ -137,7 +143,7 @@ class VocabParallelTokenStats(torch.autograd.Function):
             return (None, None, None) + none_for_rest
         grad_h, grad_w, grad_b = ctx.passes.backward(
             hidden, weight, bias, local_labels, ref_hidden, ref_weight, ref_bias, coef,
-            dict(zip(ctx.kept_names, kept)), opts, need_h, need_w, need_b,
+            dict(zip(ctx.kept_names, kept)), opts, need_h, need_w, need_b and bias is not None, valid=valid,
         )
         if need_h:
             # Summed in the accumulation dtype: rounding each slice's share first would bias it.
