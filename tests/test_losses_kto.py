@@ -25,7 +25,7 @@ def _kl_sequences(batch, seed):
 ])
 def test_matches_trl(loss_type, options):
     batch = make_batch(rows=ROWS, seed=41)
-    desirable = torch.tensor([True, False, True, True, False, False])
+    desirable = torch.tensor([True, False, True, True, False, True])  # 4 vs 2: unequal sides
     kl_hidden, kl_ref_hidden, kl_labels = _kl_sequences(batch, 42)
     fresh = batch.fresh_leaves()
     out = fpo_ops.kto_loss(fresh.hidden, fresh.weight, fresh.labels, fresh.ref_hidden, fresh.ref_weight,
@@ -49,7 +49,7 @@ def test_matches_trl(loss_type, options):
 
 def test_reference_point_is_clamped_at_zero_and_precomputed_logps():
     batch = make_batch(rows=ROWS, seed=43)
-    desirable = torch.tensor([False, True, True, False, True, False])
+    desirable = torch.tensor([False, True, False, False, True, False])
     kl_hidden, kl_ref_hidden, kl_labels = _kl_sequences(batch, 44)
     tok = token_quantities(batch)
     kl_tok = token_quantities(batch, hidden=kl_hidden, ref_hidden=kl_ref_hidden, labels=kl_labels)
