@@ -1,4 +1,5 @@
 """Hidden states and LM head taken from Hugging Face models reproduce the models' own logits."""
+import copy
 import os
 import subprocess
 import sys
@@ -145,6 +146,33 @@ def test_dtensor_head_is_gathered_and_gets_sharded_gradient(tmp_path):
         ((hidden @ weight.T) * upstream).sum().backward()
         ((hidden @ dense.T) * upstream).sum().backward()
         torch.testing.assert_close(model.lm_head.weight.grad.full_tensor(), dense.grad, rtol=1e-6, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_forward_returns_parts_and_gradients_match(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = tiny_model("llama")
+        plain = copy.deepcopy(model)
+        hf.add_head_outputs(model)
+        # find_unused_parameters makes DDP walk the outputs to find the tensors the loss uses.
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        input_ids, attention_mask = random_batch(seed=5)
+        labels = input_ids[:, 1:]
+        upstream = torch.randn(labels.shape)
+
+        def loss_of(parts):
+            stats = fpo_ops.token_stats(parts.hidden[:, :-1], parts.weight, labels, impl="torch")
+            return (stats.logp * upstream).sum()
+
+        parts = ddp(input_ids=input_ids, attention_mask=attention_mask, return_head_inputs=True)
+        assert isinstance(parts, hf.HeadInputs)
+        loss_of(parts).backward()
+        loss_of(hf.hidden_and_head(plain, input_ids=input_ids, attention_mask=attention_mask)).backward()
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     finally:
         dist.destroy_process_group()
 

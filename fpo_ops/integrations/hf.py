@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
+import torch.utils._pytree
 from torch import nn
 
 # Keyword a patched forward (`add_head_outputs`) answers to instead of computing logits.
@@ -47,6 +48,10 @@ class HeadInputs:
     bias: Optional[torch.Tensor]
     softcap: Optional[float]
     logit_scale: float
+
+
+# A pytree node, so that DDP (which flattens a forward's outputs to route gradients) sees the tensors.
+torch.utils._pytree.register_dataclass(HeadInputs)
 
 
 def _text_config(config: Any) -> Any:
@@ -323,7 +328,15 @@ def add_head_outputs(model: nn.Module) -> nn.Module:
     def forward(self, *args, **kwargs):
         if not kwargs.pop(HEAD_INPUTS_KWARG, False):
             return original_forward(*args, **kwargs)
-        return hidden_and_head(self, *args, **kwargs)
+        parts = hidden_and_head(self, *args, **kwargs)
+        # DDP with find_unused_parameters walks the graph back from the outputs and takes a parameter
+        # returned as is (a leaf) for unused; a view is a node leading to it. ZeRO-3 parameters stay
+        # as they are: a view would pin their empty partition, and apply_gathered needs the parameter.
+        if not is_zero3_param(parts.weight):
+            parts.weight = parts.weight.view_as(parts.weight)
+        if parts.bias is not None and not is_zero3_param(parts.bias):
+            parts.bias = parts.bias.view_as(parts.bias)
+        return parts
 
     target.forward = types.MethodType(forward, target)
     target._fpo_head_outputs = True

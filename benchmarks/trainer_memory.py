@@ -1,0 +1,141 @@
+"""Peak host memory of one training step: FusedDPOTrainer vs TRL's DPOTrainer, on CPU.
+
+Each trainer runs in its own process (peak RSS is per process and never goes down), on a tiny
+Llama backbone with a large vocabulary and one long preference pair, so the LM head dominates.
+
+    python benchmarks/trainer_memory.py                       # both trainers, defaults below
+    python benchmarks/trainer_memory.py --seq-len 2048 --vocab 128256 --hidden 256 --loss sigmoid
+    python benchmarks/trainer_memory.py --only fused --loss tdpo2
+
+Prints one JSON line per trainer: peak RSS of the process, RSS just before the step (models,
+reference, dataset and optimizer set up), their difference, and the step's wall time.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def build(args):
+    import torch
+    import transformers
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(args.vocab - 3)]
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<pad>", "<eos>", "<unk>"])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+    g = torch.Generator().manual_seed(0)
+
+    def text(n):
+        return " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=g))
+
+    prompt_len = 16
+    completion_len = args.seq_len - prompt_len - 1  # the trainer appends an EOS token
+    dataset = Dataset.from_list([
+        {"prompt": text(prompt_len), "chosen": " " + text(completion_len), "rejected": " " + text(completion_len)}
+    ])
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=args.seq_len, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).float()
+    ref_model = transformers.LlamaForCausalLM(config).float()
+    return model, ref_model, tokenizer, dataset
+
+
+def run_one(args) -> dict:
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    if args.trainer == "fused":
+        from fpo_ops.integrations.trl import FusedDPOConfig as Config, FusedDPOTrainer as Trainer
+    else:
+        from trl import DPOConfig as Config, DPOTrainer as Trainer
+    model, ref_model, tokenizer, dataset = build(args)
+    with tempfile.TemporaryDirectory() as out:
+        config = Config(
+            output_dir=out, per_device_train_batch_size=1, max_steps=1, learning_rate=1e-3, optim="sgd",
+            report_to="none", bf16=False, gradient_checkpointing=args.gradient_checkpointing,
+            save_strategy="no", max_length=None, use_cpu=True, disable_tqdm=True, logging_steps=1,
+            loss_type=args.loss, beta=0.1,
+        )
+        trainer = Trainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
+                          processing_class=tokenizer)
+        # Build the optimizer now so that its state is part of the baseline, not of the step.
+        trainer.create_optimizer_and_scheduler(num_training_steps=1)
+        before = current_rss_bytes()
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    tokens = 2 * args.seq_len
+    return {
+        "trainer": "FusedDPOTrainer" if args.trainer == "fused" else "trl.DPOTrainer",
+        "loss": args.loss, "seq_len": args.seq_len, "pairs": 1, "tokens": tokens, "vocab": args.vocab,
+        "hidden": args.hidden, "layers": args.layers, "gradient_checkpointing": args.gradient_checkpointing,
+        "rss_before_step_mib": round(before / 2**20, 1), "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
+        "step_peak_above_baseline_mib": round((peak_rss_bytes() - before) / 2**20, 1),
+        "train_seconds": round(seconds, 2),
+        "logits_fp32_mib_per_model": round(tokens * args.vocab * 4 / 2**20, 1),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trainer", choices=["fused", "trl"], help="run one trainer in this process")
+    parser.add_argument("--only", choices=["fused", "trl"], help="launch only this trainer")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--loss", default="sigmoid")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    args = parser.parse_args()
+    if args.trainer:
+        print(json.dumps(run_one(args)), flush=True)
+        return
+    import torch
+    import transformers
+    import trl
+
+    print(json.dumps({"device": platform.processor() or platform.machine(), "python": platform.python_version(),
+                      "torch": torch.__version__, "transformers": transformers.__version__,
+                      "trl": trl.__version__, "command": " ".join([sys.executable] + sys.argv)}), flush=True)
+    forwarded = [a for a in sys.argv[1:] if not a.startswith("--only")]
+    if "--only" in sys.argv:
+        i = sys.argv.index("--only")
+        forwarded = sys.argv[1:i] + sys.argv[i + 2:]
+    for trainer in ([args.only] if args.only else ["trl", "fused"]):
+        cmd = [sys.executable, os.path.abspath(__file__), "--trainer", trainer] + forwarded
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        if result.returncode != 0 or not lines:
+            print(json.dumps({"trainer": trainer, "error": result.stderr[-2000:]}), flush=True)
+        else:
+            print(lines[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
