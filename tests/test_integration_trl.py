@@ -211,3 +211,12 @@ def test_bad_config_names_the_argument(tmp_path):
         make_args(FusedDPOConfig, tmp_path, loss_type="tdpo2", precompute_ref_log_probs=True)
     with pytest.raises(ValueError, match="fused_impl"):
         make_args(FusedDPOConfig, tmp_path, fused_impl="cuda")
+
+
+def test_evaluate_logs_eval_metrics_equal_trl(tmp_path):
+    theirs = make_trainer(DPOTrainer, DPOConfig, tmp_path / "trl", per_device_eval_batch_size=2)
+    ours = make_trainer(FusedDPOTrainer, FusedDPOConfig, tmp_path / "fused", per_device_eval_batch_size=2)
+    expected = theirs.evaluate(preference_dataset(4, seed=1))
+    got = ours.evaluate(preference_dataset(4, seed=1))
+    for name in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen", "eval_entropy", "eval_mean_token_accuracy"):
+        assert got[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-5), name
