@@ -101,6 +101,7 @@ def _all_cases_worker(rank: int, world: int) -> None:
     for impl in ("torch", "triton"):
         _check_cases(rank, world, impl)
     _check_subgroups(rank, world)
+    _check_collectives(rank, world)
     _check_bad_input(rank, world, dist.group.WORLD)
 
 
@@ -140,6 +141,34 @@ def _check_subgroups(rank: int, world: int) -> None:
     case = make_case(vocab=41, bias=True, softcap=3.0, seed=20 + mine)
     bounds = _bounds(41, len(halves[mine]), "even")
     _check(f"subgroup{mine}", case, ALL_STATS, group, *bounds[group_rank], "torch")
+
+
+def _check_collectives(rank: int, world: int) -> None:
+    """The all-reduces issued are exactly the documented per-token scalars plus dhidden."""
+    issued = []
+    original = dist.all_reduce
+
+    def recording(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        issued.append((str(op).split(".")[-1], tuple(tensor.shape), tensor.dtype))
+        return original(tensor, op=op, group=group, async_op=async_op)
+
+    n_tokens, hidden_size, f64 = 6, 19, torch.float64
+    expected = {
+        # Without a reference statistic the reference head is not read at all.
+        ("logp",): [("MAX", (1, n_tokens)), ("SUM", (2, n_tokens))],
+        ("logp", "ref_logp", "kl"): [("MAX", (2, n_tokens)), ("SUM", (5, n_tokens))],
+        ALL_STATS: [("MAX", (2, n_tokens)), ("SUM", (9, n_tokens)), ("SUM", (2, n_tokens))],
+    }
+    dist.all_reduce = recording
+    try:
+        for outputs, forward in expected.items():
+            case = make_case(shape=(n_tokens,), hidden_size=hidden_size, bias=True)
+            issued.clear()
+            run(_slice_case(case, *_even(37, world, rank)), "torch", outputs, process_group=dist.group.WORLD)
+            assert issued == ([("SUM", (world,), torch.int64)] + [(op, shape, f64) for op, shape in forward]
+                              + [("SUM", (n_tokens, hidden_size), f64)]), (outputs, issued)
+    finally:
+        dist.all_reduce = original
 
 
 def _check_bad_input(rank: int, world: int, group) -> None:
