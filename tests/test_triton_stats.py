@@ -3,6 +3,11 @@
 Every buffer the implementation allocates uninitialised is poisoned first (NaN for floats, -1 for
 ints), so an element a kernel fails to write shows up as a wrong value.
 """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -318,6 +323,24 @@ def test_never_materialises_logits():
 
 
 # ---- GPU: realistic shapes, compiled kernels -------------------------------------------------
+
+H100_SHARED_MEMORY_PER_BLOCK = 232448
+
+
+def test_kernels_compile_for_hopper_within_shared_memory():
+    """Every kernel variant compiles for sm_90 at the CUDA launch shape (no GPU needed), so errors
+    the interpreter cannot see (layouts, pipelining, resources) show up on CPU-only CI too."""
+    pytest.importorskip("triton.backends.nvidia")
+    script = os.path.join(os.path.dirname(__file__), "kernel_compile_check.py")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, script, "bf16"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 10
+    for report in reports:
+        assert 0 < report["shared_bytes"] <= H100_SHARED_MEMORY_PER_BLOCK, report
+
 
 def _gpu_case(n_tokens, hidden_size, vocab, dtype, seed=0, **kwargs):
     case = make_case(shape=(n_tokens,), hidden_size=hidden_size, vocab=vocab,
