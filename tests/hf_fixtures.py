@@ -1,4 +1,6 @@
 """Tiny Hugging Face models, a tokenizer and a preference dataset built in code (no downloads)."""
+import types
+
 import torch
 
 WORDS = [f"w{i}" for i in range(89)]
@@ -73,3 +75,33 @@ def preference_dataset(num_pairs: int = 6, seed: int = 0):
         for _ in range(num_pairs)
     ]
     return Dataset.from_list(rows)
+
+
+class FakeZero3:
+    """Stands in for deepspeed: partitioned params hold an empty tensor outside a gather."""
+
+    def __init__(self):
+        self.gathers = 0
+
+    def partition(self, param):
+        param.ds_id = id(param)
+        param.ds_full = param.data
+        param.data = torch.empty(0, dtype=param.dtype)
+
+    def module(self):
+        fake = self
+
+        class GatheredParameters:
+            def __init__(self, params, modifier_rank=None):
+                self.params = params
+
+            def __enter__(self):
+                fake.gathers += 1
+                for p in self.params:
+                    p.data = p.ds_full
+
+            def __exit__(self, *exc):
+                for p in self.params:
+                    p.data = torch.empty(0, dtype=p.dtype)
+
+        return types.SimpleNamespace(zero=types.SimpleNamespace(GatheredParameters=GatheredParameters))

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 
 import fpo_ops  # noqa: E402
 from fpo_ops.integrations import hf  # noqa: E402
-from hf_fixtures import VOCAB_SIZE, tiny_model  # noqa: E402
+from hf_fixtures import VOCAB_SIZE, FakeZero3, tiny_model  # noqa: E402
 
 FAMILIES = ["llama", "llama_tied", "gemma2", "cohere", "granite"]
 
@@ -140,8 +140,8 @@ def test_dtensor_head_is_gathered_and_gets_sharded_gradient(tmp_path):
         mesh = DeviceMesh("cpu", [0])
         model.lm_head.weight = torch.nn.Parameter(distribute_tensor(dense.detach().clone(), mesh, [Shard(0)]))
         weight, _ = hf.lm_head_tensors(model)
-        assert not hasattr(weight, "full_tensor") or type(weight) is torch.Tensor
-        hidden = torch.randn(5, dense.shape[1], dtype=torch.float64).float()
+        assert type(weight) is torch.Tensor
+        hidden = torch.randn(5, dense.shape[1])
         upstream = torch.randn(5, dense.shape[0])
         ((hidden @ weight.T) * upstream).sum().backward()
         ((hidden @ dense.T) * upstream).sum().backward()
@@ -177,38 +177,8 @@ def test_ddp_forward_returns_parts_and_gradients_match(tmp_path):
         dist.destroy_process_group()
 
 
-class _FakeZero3:
-    """Stands in for deepspeed: partitioned params hold an empty tensor outside a gather."""
-
-    def __init__(self):
-        self.gathers = 0
-
-    def partition(self, param):
-        param.ds_id = id(param)
-        param.ds_full = param.data
-        param.data = torch.empty(0, dtype=param.dtype)
-
-    def module(self):
-        fake = self
-
-        class GatheredParameters:
-            def __init__(self, params, modifier_rank=None):
-                self.params = params
-
-            def __enter__(self):
-                fake.gathers += 1
-                for p in self.params:
-                    p.data = p.ds_full
-
-            def __exit__(self, *exc):
-                for p in self.params:
-                    p.data = torch.empty(0, dtype=p.dtype)
-
-        return types.SimpleNamespace(zero=types.SimpleNamespace(GatheredParameters=GatheredParameters))
-
-
 def test_zero3_head_is_gathered_in_forward_and_backward(monkeypatch):
-    fake = _FakeZero3()
+    fake = FakeZero3()
     monkeypatch.setitem(sys.modules, "deepspeed", fake.module())
     torch.manual_seed(0)
     V, H, N = 37, 12, 7
