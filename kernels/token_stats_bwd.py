@@ -212,6 +212,12 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
     rb = ref_bias if has_ref and ref_bias is not None else weight
     beta = float(opts.jsd_beta)
     token_blocks = triton.cdiv(n, cfg.BN)
+    if token_blocks == 0:  # no token: dweight and dbias are 0, dhidden is empty
+        if grad_w is not None:
+            grad_w.zero_()
+        if grad_b is not None:
+            grad_b.zero_()
+        return
     token_stats_bwd_kernel[(triton.cdiv(chunk, cfg.BV), token_blocks)](
         hidden, weight, weight if bias is None else bias, rh, rw, rb, labels, order, n_valid,
         coef, saved, dz, dz if db_part is None else db_part, dz if skip is None else skip,

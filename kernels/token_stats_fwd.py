@@ -210,6 +210,8 @@ def token_stats_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labe
     acc = opts.accum_dtype
     splits, v_per_split = cfg.vocab_splits(n, vocab)
     part = torch.empty((splits, len(PARTIAL_KEYS), n), dtype=acc, device=hidden.device)
+    if n == 0:
+        return part
     has_ref = ref_hidden is not None
     rh, rw, rb = _head_args(ref_hidden, ref_weight, ref_bias) if has_ref else (hidden, weight, weight)
     scale, cap = _floats(opts.softcap, opts.logit_scale)
@@ -247,6 +249,8 @@ def token_stats_jsd_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
     n, vocab = hidden.shape[0], weight.shape[0]
     splits, v_per_split = cfg.vocab_splits(n, vocab)
     sums = torch.empty((splits, 2, n), dtype=opts.accum_dtype, device=hidden.device)
+    if n == 0:
+        return sums
     scale, cap = _floats(opts.softcap, opts.logit_scale)
     ref_scale, ref_cap = _floats(opts.ref_softcap, opts.ref_logit_scale)
     beta = float(opts.jsd_beta)

@@ -121,7 +121,8 @@ class TileConfig:
         (whose hidden states stay in L2 for their whole walk) and several weight tiles.
         """
         vocab_blocks = triton.cdiv(vocab, self.BV)
-        wanted = max(self.min_splits, triton.cdiv(self.target_programs, triton.cdiv(n_tokens, self.BN)))
+        token_blocks = max(1, triton.cdiv(n_tokens, self.BN))
+        wanted = max(self.min_splits, triton.cdiv(self.target_programs, token_blocks))
         blocks_per_split = triton.cdiv(vocab_blocks, min(wanted, vocab_blocks))
         # recomputing the count leaves no split empty
         return triton.cdiv(vocab_blocks, blocks_per_split), blocks_per_split * self.BV

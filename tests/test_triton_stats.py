@@ -120,6 +120,30 @@ def test_all_ignored_gives_zeros_not_nan():
         assert torch.all(grad == 0)
 
 
+def test_no_tokens():
+    case = make_case(shape=(0,), bias=True)
+    stats, grads = run(case, "triton", ALL_STATS)
+    for stat in ALL_STATS:
+        assert getattr(stats, stat).shape == (0,)
+    assert grads[0].shape == case.hidden.shape
+    assert torch.all(grads[1] == 0) and torch.all(grads[2] == 0)
+
+
+def test_autocast_bf16_runs_gemms_in_bf16_and_returns_fp32():
+    case = make_case(shape=(37,), hidden_size=32, vocab=70, seed=17).cast(torch.float32)
+    outputs = ("logp", "ref_logp", "kl")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto_stats, auto_grads = run(case, "triton", outputs)
+    bf16_stats, _ = run(case.cast(torch.bfloat16), "triton", outputs)
+    fp32_stats, _ = run(case, "triton", outputs)
+    for stat in outputs:
+        got = getattr(auto_stats, stat)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, getattr(bf16_stats, stat))  # the GEMMs did run in bf16 ...
+        assert max_abs_err(got, getattr(fp32_stats, stat)) > 1e-5  # ... not in fp32
+    assert all(g.dtype == torch.float32 for g in auto_grads)
+
+
 def test_reference_gets_no_gradient_through_shared_weight():
     case = make_case(shape=(37,), shared_weight=True, bias=True, seed=2)
     case.ref_hidden.requires_grad_()
