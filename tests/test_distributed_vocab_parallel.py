@@ -101,6 +101,7 @@ def _all_cases_worker(rank: int, world: int) -> None:
     for impl in ("torch", "triton"):
         _check_cases(rank, world, impl)
     _check_subgroups(rank, world)
+    _check_low_precision(rank, world)
     _check_collectives(rank, world)
     _check_bad_input(rank, world, dist.group.WORLD)
 
@@ -141,6 +142,31 @@ def _check_subgroups(rank: int, world: int) -> None:
     case = make_case(vocab=41, bias=True, softcap=3.0, seed=20 + mine)
     bounds = _bounds(41, len(halves[mine]), "even")
     _check(f"subgroup{mine}", case, ALL_STATS, group, *bounds[group_rank], "torch")
+
+
+def _check_low_precision(rank: int, world: int) -> None:
+    """Error against float64 <= 2x that of plain same-dtype PyTorch (the oracle run in dtype) + floor."""
+    # The tiles of the single-process error-budget test: 4-column tiles would mean ~38 sequential
+    # fp32 merges per token, whose rounding exceeds the budget on one process already.
+    chunked.TOKEN_BLOCK, chunked.VOCAB_BLOCK = 8, 16
+    for dtype, floor in ((torch.float32, 1e-6), (torch.bfloat16, 1e-3)):
+        case64 = make_case(shape=(4, 16), hidden_size=48, vocab=150, ref_hidden_size=40, bias=True,
+                           softcap=20.0, seed=13)
+        low = case64.cast(dtype)
+        exact_stats, exact_grads = run(low.cast(torch.float64), "reference", ALL_STATS)
+        plain_stats, plain_grads = run(low, "reference", ALL_STATS)
+        start, stop = _bounds(150, world, "uneven")[rank]
+        stats, grads = run(_slice_case(low, start, stop), "torch", ALL_STATS, process_group=dist.group.WORLD)
+        for stat in ALL_STATS:
+            want = getattr(exact_stats, stat)
+            ours, plain = max_abs_err(getattr(stats, stat), want), max_abs_err(getattr(plain_stats, stat), want)
+            assert getattr(stats, stat).dtype == torch.float32
+            assert ours <= 2 * plain + floor * max(1.0, want.abs().max().item()), (dtype, stat, ours, plain)
+        for i, (got, plain, want) in enumerate(zip(grads, plain_grads, exact_grads)):
+            rows = slice(None) if i == 0 else slice(start, stop)
+            assert got.dtype == dtype
+            ours, base = max_abs_err(got, want[rows]), max_abs_err(plain[rows], want[rows])
+            assert ours <= 2 * base + floor * want.abs().max().item(), (dtype, i, ours, base)
 
 
 def _check_collectives(rank: int, world: int) -> None:
