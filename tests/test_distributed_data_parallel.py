@@ -3,7 +3,8 @@
 The global batch of preference pairs is split raggedly over the ranks (1, 2, 3, ... pairs), so
 a per-rank mean would weight ranks wrongly: the loss is reduced with `data_parallel_mean`. Checked
 in float64 to 1e-9: the logged global loss, every parameter's gradient and the parameters after an
-optimizer step. The same processes check the reduction helpers on their own.
+optimizer step. The same processes check the reduction helpers on their own, and on 4 processes a
+vocabulary-parallel head inside DDP (2 vocabulary groups x 2 data-parallel groups).
 """
 import pytest
 import torch
@@ -15,7 +16,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 import fpo_ops
-from fpo_ops.distributed import data_parallel_mean, mean_over_ranks
+from fpo_ops.distributed import data_parallel_mean, mean_over_ranks, vocab_range
 from distributed_launch import launch
 from stats_cases import max_rel_err
 
@@ -31,17 +32,22 @@ class TinyPolicy(nn.Module):
     unsharded while the op reads them (and again for its backward).
     """
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, rows: slice = slice(None), vocab_group=None):
         super().__init__()
         torch.manual_seed(seed)
         self.embed = nn.Embedding(VOCAB, HIDDEN, dtype=torch.float64)
         self.mix = nn.Linear(HIDDEN, HIDDEN, dtype=torch.float64)
         self.head = nn.Linear(HIDDEN, VOCAB, dtype=torch.float64)
+        # With a vocabulary group the head keeps only this process's rows of the same init.
+        self.head.weight = nn.Parameter(self.head.weight.detach()[rows].clone())
+        self.head.bias = nn.Parameter(self.head.bias.detach()[rows].clone())
+        self.vocab_group = vocab_group
 
     def forward(self, input_ids, labels, ref_hidden, ref_weight):
         hidden = torch.tanh(self.mix(self.embed(input_ids)))
         return fpo_ops.token_stats(hidden, self.head.weight, labels, ref_hidden, ref_weight,
-                                   bias=self.head.bias, outputs=("logp", "ref_logp", "kl"), impl="torch")
+                                   bias=self.head.bias, outputs=("logp", "ref_logp", "kl"), impl="torch",
+                                   process_group=self.vocab_group)
 
 
 def _global_batch(n_pairs: int):
@@ -70,11 +76,11 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def _train_step(model: nn.Module, batch, wrap: str):
+def _train_step(model: nn.Module, batch, wrap: str, data_group=None):
     """One SGD step; returns (global loss, {name: grad}, {name: parameter after the step})."""
     input_ids, labels, ref_hidden, ref_weight = batch
     if wrap == "ddp":
-        module = DistributedDataParallel(model)
+        module = DistributedDataParallel(model, process_group=data_group)
     elif wrap == "fsdp2":
         fully_shard(model.mix)
         fully_shard(model)
@@ -86,8 +92,8 @@ def _train_step(model: nn.Module, batch, wrap: str):
     if wrap == "single":
         loss = logged = per_pair.mean()
     else:
-        loss = data_parallel_mean(per_pair.sum(), per_pair.numel())
-        logged = mean_over_ranks(loss)
+        loss = data_parallel_mean(per_pair.sum(), per_pair.numel(), data_group)
+        logged = mean_over_ranks(loss, data_group)
     loss.backward()
     grads = {name: _full(p.grad) for name, p in model.named_parameters()}
     optimizer.step()
@@ -118,6 +124,36 @@ def _data_parallel_worker(rank: int, world: int) -> None:
             assert max_rel_err(grads[name], want_grads[name]) < TOL, (wrap, name)
             assert max_rel_err(params[name], want_params[name]) < TOL, (wrap, name)
     _check_mean_helpers(rank, world)
+    if world == 4:
+        _check_vocab_parallel_head_under_ddp(rank, world)
+
+
+def _check_vocab_parallel_head_under_ddp(rank: int, world: int) -> None:
+    """2 x 2 mesh: each pair of processes splits the head's rows, DDP averages across the pairs.
+
+    Ranks (0, 1) and (2, 3) are vocabulary groups fed the same micro-batch; (0, 2) and (1, 3) are
+    data-parallel groups over which DDP averages the gradients of the same rows.
+    """
+    vocab_size = 2
+    n_data = world // vocab_size
+    vocab_groups = [dist.new_group([d * vocab_size + v for v in range(vocab_size)]) for d in range(n_data)]
+    data_groups = [dist.new_group([d * vocab_size + v for d in range(n_data)]) for v in range(vocab_size)]
+    data_rank, vocab_rank = divmod(rank, vocab_size)
+    vocab_group = vocab_groups[data_rank]
+
+    pairs_per_data_rank = [1 + d % 3 for d in range(n_data)]
+    batch = _global_batch(sum(pairs_per_data_rank))
+    want_loss, want_grads, want_params = _train_step(TinyPolicy(seed=0), batch, "single")
+    start, stop = vocab_range(VOCAB, vocab_group)
+    rows = _rank_rows(pairs_per_data_rank, data_rank)
+    local_batch = tuple(t[rows] for t in batch[:3]) + (batch[3][start:stop],)
+    model = TinyPolicy(seed=0, rows=slice(start, stop), vocab_group=vocab_group)
+    loss, grads, params = _train_step(model, local_batch, "ddp", data_groups[vocab_rank])
+    assert max_rel_err(loss, want_loss) < TOL, (loss.item(), want_loss.item())
+    for name in want_grads:
+        own = slice(start, stop) if name.startswith("head.") else slice(None)
+        assert max_rel_err(grads[name], want_grads[name][own]) < TOL, name
+        assert max_rel_err(params[name], want_params[name][own]) < TOL, name
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
