@@ -9,7 +9,9 @@
 3. `token_stats_bwd_dw_kernel`: dweight[chunk] = dz^T @ hidden; each program owns a [BV, BH] block
    of dweight and loops over every token, so dweight is summed in fp32 in registers and rounded
    once, with no [V, H] fp32 buffer.
-No atomics anywhere: results are bitwise reproducible.
+With gradient filtering, 2 and 3 walk lists of the unfiltered blocks (built from the flags on the
+device), so the filtered tiles cost neither loads nor MMAs. No atomics anywhere: results are
+bitwise reproducible.
 """
 import math
 
@@ -104,19 +106,36 @@ def token_stats_bwd_kernel(
                  mask=tile)
         if WANT_DB:
             tl.store(db_part_ptr + pid_n * stride_db_part + cols, tl.sum(dz, 0), mask=col_mask)
-    elif WANT_DB:
-        tl.store(db_part_ptr + pid_n * stride_db_part + cols, tl.zeros([BV], dtype=ACC), mask=col_mask)
+    else:
+        if WANT_DB:
+            tl.store(db_part_ptr + pid_n * stride_db_part + cols, tl.zeros([BV], dtype=ACC), mask=col_mask)
+        if FILTER:  # a block of ignored tokens has nothing to multiply
+            tl.store(skip_ptr + pid_n * stride_skip + pid_v, tl.full([], 1, dtype=tl.int8))
+
+
+@triton.jit
+def _dh_step(dz_ptr, w_ptr, acc, idx, row_mask, hs, h_mask, v0, C, stride_dz, stride_w,
+             BV: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # acc [BN, BH] += dz[idx, v0:v0+BV] @ w[v0:v0+BV, hs]
+    cols = v0 + tl.arange(0, BV)
+    col_mask = cols < C
+    dz = tl.load(dz_ptr + idx[:, None] * stride_dz + cols[None, :],
+                 mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    w = tl.load(w_ptr + cols[:, None] * stride_w + hs[None, :],
+                mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+    return dot_acc(dz, w, acc, UPCAST, PRECISION)
 
 
 @triton.jit
 def token_stats_bwd_dh_kernel(
-    dz_ptr, w_ptr, dh_ptr, order_ptr, n_valid_ptr, skip_ptr,
-    N, H, C, stride_dz, stride_w, stride_dh, stride_skip,
+    dz_ptr, w_ptr, dh_ptr, order_ptr, n_valid_ptr, kept_ptr, kept_count_ptr,
+    N, H, C, stride_dz, stride_w, stride_dh, stride_kept,
     ACCUMULATE: tl.constexpr, FILTER: tl.constexpr, ACC: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # dz [N, C], w [C, H] -> dh [N, H] (fp32, rows by token)
+    # kept [N / BN, C / BV]: per token block, its unfiltered vocabulary blocks first; kept_count [N / BN]
     # hidden blocks vary fastest: programs running together share dz rows in L2
     pid_h = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -128,20 +147,18 @@ def token_stats_bwd_dh_kernel(
     row_mask = idx < n_valid
     rows = tl.load(order_ptr + idx, mask=in_range, other=0)
     acc = tl.zeros([BN, BH], dtype=ACC)
-    # ignored tokens get no column: their dhidden stays 0
-    c_end = tl.where(pid_n * BN < n_valid, C, 0)
-    for v0 in range(0, c_end, BV):
-        cols = v0 + tl.arange(0, BV)
-        col_mask = cols < C
-        skip = 0
-        if FILTER:
-            skip = tl.load(skip_ptr + pid_n * stride_skip + v0 // BV)
-        if skip == 0:
-            dz = tl.load(dz_ptr + idx[:, None] * stride_dz + cols[None, :],
-                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[:, None] * stride_w + hs[None, :],
-                        mask=col_mask[:, None] & h_mask[None, :], other=0.0)
-            acc = dot_acc(dz, w, acc, UPCAST, PRECISION)
+    if FILTER:
+        # a list rather than a branch per block keeps the loop software-pipelined
+        for j in range(0, tl.load(kept_count_ptr + pid_n)):
+            v0 = tl.load(kept_ptr + pid_n * stride_kept + j).to(tl.int64) * BV
+            acc = _dh_step(dz_ptr, w_ptr, acc, idx, row_mask, hs, h_mask, v0, C, stride_dz, stride_w,
+                           BV, UPCAST, PRECISION)
+    else:
+        # ignored tokens get no column: their dhidden stays 0
+        c_end = tl.where(pid_n * BN < n_valid, C, 0)
+        for v0 in range(0, c_end, BV):
+            acc = _dh_step(dz_ptr, w_ptr, acc, idx, row_mask, hs, h_mask, v0, C, stride_dz, stride_w,
+                           BV, UPCAST, PRECISION)
     out = dh_ptr + rows[:, None] * stride_dh + hs[None, :]
     if ACCUMULATE:
         # later chunks only add to the tokens that have a gradient
@@ -153,13 +170,28 @@ def token_stats_bwd_dh_kernel(
 
 
 @triton.jit
+def _dw_step(dz_ptr, h_ptr, order_ptr, acc, n0, n_valid, cols, col_mask, hs, h_mask, stride_dz,
+             stride_h, BN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # acc [BV, BH] += dz[n0:n0+BN, cols]^T @ h[order[n0:n0+BN], hs]
+    idx = n0 + tl.arange(0, BN).to(tl.int64)
+    row_mask = idx < n_valid
+    rows = tl.load(order_ptr + idx, mask=row_mask, other=0)
+    dz = tl.load(dz_ptr + idx[:, None] * stride_dz + cols[None, :],
+                 mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    h = tl.load(h_ptr + rows[:, None] * stride_h + hs[None, :],
+                mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+    return dot_acc(tl.trans(dz), h, acc, UPCAST, PRECISION)
+
+
+@triton.jit
 def token_stats_bwd_dw_kernel(
-    dz_ptr, h_ptr, dw_ptr, order_ptr, n_valid_ptr, skip_ptr,
-    N, H, C, stride_dz, stride_h, stride_dw, stride_skip,
+    dz_ptr, h_ptr, dw_ptr, order_ptr, n_valid_ptr, kept_ptr, kept_count_ptr,
+    N, H, C, stride_dz, stride_h, stride_dw, stride_kept,
     FILTER: tl.constexpr, ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # dz [N, C], h [N, H] -> dw [C, H]
+    # kept [C / BV, N / BN]: per vocabulary block, its unfiltered token blocks first; kept_count [C / BV]
     # vocabulary blocks vary fastest: programs running together share hidden rows in L2
     pid_v = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1).to(tl.int64)
@@ -169,19 +201,15 @@ def token_stats_bwd_dw_kernel(
     h_mask = hs < H
     n_valid = tl.load(n_valid_ptr)
     acc = tl.zeros([BV, BH], dtype=ACC)
-    for n0 in range(0, n_valid, BN):
-        skip = 0
-        if FILTER:
-            skip = tl.load(skip_ptr + (n0 // BN) * stride_skip + pid_v)
-        if skip == 0:
-            idx = n0 + tl.arange(0, BN).to(tl.int64)
-            row_mask = idx < n_valid
-            rows = tl.load(order_ptr + idx, mask=row_mask, other=0)
-            dz = tl.load(dz_ptr + idx[:, None] * stride_dz + cols[None, :],
-                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            h = tl.load(h_ptr + rows[:, None] * stride_h + hs[None, :],
-                        mask=row_mask[:, None] & h_mask[None, :], other=0.0)
-            acc = dot_acc(tl.trans(dz), h, acc, UPCAST, PRECISION)
+    if FILTER:
+        for j in range(0, tl.load(kept_count_ptr + pid_v)):
+            n0 = tl.load(kept_ptr + pid_v * stride_kept + j).to(tl.int64) * BN
+            acc = _dw_step(dz_ptr, h_ptr, order_ptr, acc, n0, n_valid, cols, col_mask, hs, h_mask,
+                           stride_dz, stride_h, BN, UPCAST, PRECISION)
+    else:
+        for n0 in range(0, n_valid, BN):
+            acc = _dw_step(dz_ptr, h_ptr, order_ptr, acc, n0, n_valid, cols, col_mask, hs, h_mask,
+                           stride_dz, stride_h, BN, UPCAST, PRECISION)
     tl.store(dw_ptr + cols[:, None] * stride_dw + hs[None, :], acc.to(dw_ptr.dtype.element_ty),
              mask=col_mask[:, None] & h_mask[None, :])
 
@@ -237,20 +265,29 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
         ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
         UPCAST=upcast, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    kept_v = kept_v_count = kept_n = kept_n_count = dz
+    if filtering:
+        # unfiltered blocks first (stable sort of the 0/1 flags) and their counts, on the device
+        flags = skip[:, :triton.cdiv(chunk, cfg.BV)]
+        # the kernels read the lists with unit stride along a row
+        kept_v = torch.argsort(flags, dim=1, stable=True).contiguous()
+        kept_v_count = (flags == 0).sum(1)
+        kept_n = torch.argsort(flags.T, dim=1, stable=True).contiguous()
+        kept_n_count = (flags == 0).sum(0)
     if grad_h is not None:
         token_stats_bwd_dh_kernel[(triton.cdiv(hidden.shape[1], cfg.BH_grad), token_blocks)](
-            dz, weight, grad_h, order, n_valid, dz if skip is None else skip,
+            dz, weight, grad_h, order, n_valid, kept_v, kept_v_count,
             n, hidden.shape[1], chunk, dz.stride(0), weight.stride(0), grad_h.stride(0),
-            0 if skip is None else skip.stride(0),
+            kept_v.stride(0),
             ACCUMULATE=not first_chunk, FILTER=filtering, ACC=triton_dtype(acc),
             BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_grad, UPCAST=upcast, PRECISION=precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if grad_w is not None:
         token_stats_bwd_dw_kernel[(triton.cdiv(chunk, cfg.BV), triton.cdiv(hidden.shape[1], cfg.BH_grad))](
-            dz, hidden, grad_w, order, n_valid, dz if skip is None else skip,
+            dz, hidden, grad_w, order, n_valid, kept_n, kept_n_count,
             n, hidden.shape[1], chunk, dz.stride(0), hidden.stride(0), grad_w.stride(0),
-            0 if skip is None else skip.stride(0),
+            kept_n.stride(0),
             FILTER=filtering, ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_grad,
             UPCAST=upcast, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )

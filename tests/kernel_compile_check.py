@@ -31,7 +31,7 @@ ACCUM_BUFFERS = ("part_ptr", "sums_ptr", "coef_ptr", "saved_ptr", "db_part_ptr",
 
 
 def _arg_type(name: str, dtype: str) -> str:
-    if name in ("labels_ptr", "order_ptr"):
+    if name in ("labels_ptr", "order_ptr", "kept_ptr", "kept_count_ptr"):
         return "*i64"
     if name == "n_valid_ptr":
         return "*i32"
