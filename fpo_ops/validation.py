@@ -129,6 +129,11 @@ def validate_process_group(process_group, impl: str) -> None:
 
     if not dist.is_available():
         raise ValueError("process_group: expected a torch build with torch.distributed, got none")
+    # What dist.new_group returns on a process outside the group.
+    non_member = dist.GroupMember.NON_GROUP_MEMBER
+    if (isinstance(process_group, type(non_member)) and process_group == non_member) or (
+            isinstance(process_group, dist.ProcessGroup) and dist.get_rank(process_group) < 0):
+        raise ValueError("process_group: expected a group that contains this process, got one without it")
     if not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(f"process_group: expected a torch.distributed.ProcessGroup or None, "
                         f"got {type(process_group).__name__}")

@@ -139,6 +139,9 @@ def _check_subgroups(rank: int, world: int) -> None:
     groups = [dist.new_group(ranks) for ranks in halves]
     mine = 0 if rank in halves[0] else 1
     group, group_rank = groups[mine], halves[mine].index(rank)
+    with pytest.raises(ValueError, match=r"^process_group: expected a group that contains this process"):
+        case = make_case(shape=(3,))
+        fpo_ops.token_stats(case.hidden, case.weight, case.labels, process_group=groups[1 - mine])
     case = make_case(vocab=41, bias=True, softcap=3.0, seed=20 + mine)
     bounds = _bounds(41, len(halves[mine]), "even")
     _check(f"subgroup{mine}", case, ALL_STATS, group, *bounds[group_rank], "torch")

@@ -6,7 +6,8 @@ order. Each folds its slice into the online partials of `fpo_ops.online`; the gr
 them exactly with a few all-reduces over per-token scalars, never over logits:
 
     forward   all-reduce(sum)  [world]   int64   rows per rank: where each slice starts
-              all-reduce(max)  [2, N]            policy and reference maxima
+              all-reduce(max)  [2, N]            policy and reference maxima ([1, N] when no
+                                                 requested statistic reads the reference)
               all-reduce(sum)  [K, N]            partials shifted to the global maxima (K <= 9;
                                                  the label logit comes from the one owner, others add 0)
               all-reduce(sum)  [2, N]            only for ``jsd``: its second pass over the slices
