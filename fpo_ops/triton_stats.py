@@ -87,8 +87,8 @@ def triton_vocab_partials(h, rh, labels, weight, bias, ref_weight, ref_bias, key
         among ent/s2/sum_z, and with a reference m_ref, s_ref, z_ref_label and requested rkl/kl.
     """
     has_ref = rh is not None
-    h, weight, bias, labels = _contiguous(h), _contiguous(weight), _contiguous(bias), _contiguous(labels)
-    rh, ref_weight, ref_bias = _contiguous(rh), _contiguous(ref_weight), _contiguous(ref_bias)
+    h, weight, bias, labels = map(_contiguous, (h, weight, bias, labels))
+    rh, ref_weight, ref_bias = map(_contiguous, (rh, ref_weight, ref_bias))
     cfg = config or tile_config(h.device, h.dtype)
     order, n_valid = _token_order(valid, h.shape[0], h.device)
     with _on_device(h):
@@ -111,8 +111,8 @@ def triton_jsd_pass(h, rh, weight, bias, ref_weight, ref_bias, stats: Dict[str, 
     Returns:
         {"jsd": [N], "kl_p_m": [N]}: sums over the rows of ``weight``, so slices' results add.
     """
-    h, weight, bias = _contiguous(h), _contiguous(weight), _contiguous(bias)
-    rh, ref_weight, ref_bias = _contiguous(rh), _contiguous(ref_weight), _contiguous(ref_bias)
+    h, weight, bias = map(_contiguous, (h, weight, bias))
+    rh, ref_weight, ref_bias = map(_contiguous, (rh, ref_weight, ref_bias))
     cfg = config or tile_config(h.device, h.dtype)
     order, n_valid = _token_order(valid, h.shape[0], h.device)
     lse = stats["lse"].to(opts.accum_dtype).contiguous()
@@ -153,9 +153,9 @@ def triton_backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, 
     if not (need_h or need_w or need_b):
         return None, None, None
     use_ref = ref_hidden is not None and any(k in coef for k in _REFERENCE_GRADS)
-    hidden, weight, bias, labels = _contiguous(hidden), _contiguous(weight), _contiguous(bias), _contiguous(labels)
+    hidden, weight, bias, labels = map(_contiguous, (hidden, weight, bias, labels))
     if use_ref:
-        ref_hidden, ref_weight, ref_bias = _contiguous(ref_hidden), _contiguous(ref_weight), _contiguous(ref_bias)
+        ref_hidden, ref_weight, ref_bias = map(_contiguous, (ref_hidden, ref_weight, ref_bias))
     else:
         ref_hidden = ref_weight = ref_bias = None
     cfg = config or tile_config(device, hidden.dtype)

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fpo_ops
 from fpo_ops import chunked, online
-from fpo_ops.kernels.utils import tile_config
+from fpo_ops.kernels.utils import TileConfig, tile_config
 from fpo_ops.options import HeadOptions
 from fpo_ops.reference import reference_logits
 from fpo_ops.stats import DIFFERENTIABLE_STATS
@@ -50,6 +50,9 @@ def test_interpreter_tiles_exercise_splits_and_chunks():
     assert cfg.vocab_splits(37, 100) == (2, 64)
     assert cfg.vocab_splits(4000, 100) == (1, 112)
     assert cfg.vocab_chunk(37, 100, 8) == 32
+    with pytest.raises(ValueError, match="BV: expected a power of two >= 16, got 24"):
+        TileConfig(BN=16, BV=24, BH_reduce=16, BH_grad=16, num_warps=1, num_stages=1,
+                   target_programs=1, min_splits=1, dz_buffer_bytes=1, min_vocab_chunk=16)
 
 
 CASES = {
@@ -118,6 +121,23 @@ def test_all_ignored_gives_zeros_not_nan():
     assert len(grads) == 3
     for grad in grads:
         assert torch.all(grad == 0)
+
+
+def test_strided_inputs():
+    """Views with non-unit strides (a column slice of the head, transposed hidden states)."""
+    case = make_case(shape=(37,), hidden_size=16, vocab=37, bias=True, seed=37)
+    wide = torch.cat([case.weight.detach(), torch.randn(37, 5, dtype=torch.float64)], 1)
+    weight = wide[:, :16].requires_grad_()
+    hidden = case.hidden.detach().T.contiguous().T.requires_grad_()
+    strided = make_case(shape=(37,), hidden_size=16, vocab=37, bias=True, seed=37)
+    strided.weight, strided.hidden = weight, hidden
+    assert not weight.is_contiguous() and not hidden.is_contiguous()
+    ref_stats, ref_grads = run(case, "reference", ALL_STATS)
+    stats, grads = run(strided, "triton", ALL_STATS)
+    for stat in ALL_STATS:
+        assert max_rel_err(getattr(stats, stat), getattr(ref_stats, stat)) < 1e-9, stat
+    for got, want in zip(grads, ref_grads):
+        assert max_rel_err(got, want) < 1e-9
 
 
 def test_no_tokens():
