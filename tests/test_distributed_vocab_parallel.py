@@ -103,7 +103,19 @@ def _all_cases_worker(rank: int, world: int) -> None:
     _check_subgroups(rank, world)
     _check_low_precision(rank, world)
     _check_collectives(rank, world)
+    _check_no_tokens(rank, world)
     _check_bad_input(rank, world, dist.group.WORLD)
+
+
+def _check_no_tokens(rank: int, world: int) -> None:
+    """N = 0: empty statistics and zero gradients, with the same collectives on every rank."""
+    case = make_case(shape=(0,), bias=True)
+    start, stop = _even(37, world, rank)
+    for impl in ("torch", "triton"):
+        stats, grads = run(_slice_case(case, start, stop), impl, ALL_STATS, process_group=dist.group.WORLD)
+        assert all(getattr(stats, stat).shape == (0,) for stat in ALL_STATS)
+        assert [tuple(g.shape) for g in grads] == [(0, 19), (stop - start, 19), (stop - start,)]
+        assert all(bool((g == 0).all()) for g in grads)
 
 
 def _check_cases(rank: int, world: int, impl: str) -> None:

@@ -33,7 +33,7 @@ def _torch_partials(hidden, ref_hidden, local_labels, weight, bias, ref_weight, 
                     keys: Tuple[str, ...], opts: HeadOptions, valid=None) -> Partials:
     """Partials [N] of every token over the slice, streamed in token blocks."""
     blocks = []
-    for n0 in range(0, hidden.shape[0], chunked.TOKEN_BLOCK):
+    for n0 in range(0, max(hidden.shape[0], 1), chunked.TOKEN_BLOCK):  # one empty block for N = 0
         n1 = min(n0 + chunked.TOKEN_BLOCK, hidden.shape[0])
         blocks.append(chunked.vocab_partials(
             hidden[n0:n1], None if ref_hidden is None else ref_hidden[n0:n1], local_labels[n0:n1],
@@ -46,7 +46,7 @@ def _torch_jsd(hidden, ref_hidden, weight, bias, ref_weight, ref_bias, stats: Di
                opts: HeadOptions, valid=None) -> Dict[str, torch.Tensor]:
     """This slice's terms of ``jsd`` and ``kl_p_m`` [N], given the global ``lse``/``lse_ref``."""
     parts = []
-    for n0 in range(0, hidden.shape[0], chunked.TOKEN_BLOCK):
+    for n0 in range(0, max(hidden.shape[0], 1), chunked.TOKEN_BLOCK):  # one empty block for N = 0
         n1 = min(n0 + chunked.TOKEN_BLOCK, hidden.shape[0])
         block_stats = {name: stats[name][n0:n1] for name in ("lse", "lse_ref")}
         parts.append(chunked.jsd_pass(hidden[n0:n1], ref_hidden[n0:n1], weight, bias, ref_weight,
