@@ -438,3 +438,35 @@ def test_gpu_gradient_filter_error_is_small():
     for got, plain, want in zip(grads, plain_grads, exact_grads):
         ours, base = max_abs_err(got, want), max_abs_err(plain, want)
         assert ours <= 2 * base + 1e-3 * want.abs().max().item(), (ours, base)
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_a_few_floats_per_token_plus_buffers():
+    """Llama-3-8B head, bf16, N=4096: forward keeps O(N) floats; backward adds only its buffers."""
+    n_tokens, hidden_size, vocab = 4096, 4096, 128256
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(torch.bfloat16)
+    hidden = randn(n_tokens, hidden_size).requires_grad_()
+    weight = randn(vocab, hidden_size, scale=hidden_size ** -0.5).requires_grad_()
+    ref_hidden = randn(n_tokens, hidden_size)
+    ref_weight = randn(vocab, hidden_size, scale=hidden_size ** -0.5)
+    labels = torch.randint(0, vocab, (n_tokens,), device="cuda", generator=gen)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    stats = fpo_ops.token_stats(hidden, weight, labels, ref_hidden, ref_weight,
+                                outputs=("logp", "ref_logp", "kl"), impl="triton")
+    torch.cuda.synchronize()
+    forward_extra = torch.cuda.max_memory_allocated() - base
+    assert forward_extra < 1024 * n_tokens, forward_extra  # 1 KiB per token: partials and stats
+    torch.cuda.reset_peak_memory_stats()
+    before_backward = torch.cuda.memory_allocated()
+    (stats.logp.sum() + 0.1 * stats.kl.sum()).backward()
+    torch.cuda.synchronize()
+    backward_extra = torch.cuda.max_memory_allocated() - before_backward
+    gradients = hidden.numel() * 2 + weight.numel() * 2
+    # the dz chunk buffer (128 MiB), the fp32 dhidden and its bf16 copy, O(N) vectors
+    buffers = (128 << 20) + hidden.numel() * (4 + 2) + 64 * n_tokens
+    assert backward_extra <= gradients + buffers, (backward_extra, gradients, buffers)
