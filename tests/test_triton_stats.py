@@ -460,7 +460,8 @@ def test_gpu_memory_is_a_few_floats_per_token_plus_buffers():
                                 outputs=("logp", "ref_logp", "kl"), impl="triton")
     torch.cuda.synchronize()
     forward_extra = torch.cuda.max_memory_allocated() - base
-    assert forward_extra < 1024 * n_tokens, forward_extra  # 1 KiB per token: partials and stats
+    # per token: 8 vocabulary splits x 11 partial sums (352 B), their merge, the statistics
+    assert forward_extra < 2048 * n_tokens, forward_extra
     torch.cuda.reset_peak_memory_stats()
     before_backward = torch.cuda.memory_allocated()
     (stats.logp.sum() + 0.1 * stats.kl.sum()).backward()
