@@ -123,6 +123,8 @@ def _check_cases(rank: int, world: int, impl: str) -> None:
     chunked.TOKEN_BLOCK, chunked.VOCAB_BLOCK = 5, 4
     group = dist.group.WORLD
     assert vocab_range(37, group) == _even(37, world, rank)
+    with pytest.raises(ValueError, match=r"^vocab_size: expected an int >= the group size"):
+        vocab_range(world - 1, group)
     splits = ("even", "uneven") if impl == "torch" else ("uneven",)
     cases = CASES if impl == "torch" else {name: CASES[name] for name in TRITON_CASES}
     subsets = SUBSETS if impl == "torch" else TRITON_SUBSETS
