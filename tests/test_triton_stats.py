@@ -224,14 +224,6 @@ def test_error_budget_low_precision(dtype, floor):
         assert ours <= 2 * base + floor * want.abs().max().item(), (ours, base)
 
 
-def test_backward_is_deterministic():
-    case = make_case(shape=(37,), hidden_size=16, vocab=100, bias=True, seed=19)
-    _, first = run(case, "triton", GRAD_STATS)
-    _, second = run(case, "triton", GRAD_STATS)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-
-
 def _filtered_reference_grads(case, eps, block_n, block_v, outputs):
     """Oracle gradients with the logit gradient zeroed on every tile the filter may drop."""
     hidden, weight, labels = case.hidden.detach(), case.weight.detach(), case.labels
