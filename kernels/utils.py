@@ -1,4 +1,4 @@
-"""Device helpers shared by the token-statistics kernels: the logit tile and its transforms."""
+"""Device functions shared by the token-statistics kernels: the logit tile and its transforms."""
 import os
 
 import torch
