@@ -163,8 +163,9 @@ def _check_subgroups(rank: int, world: int) -> None:
 
 def _check_low_precision(rank: int, world: int) -> None:
     """Error against float64 <= 2x that of plain same-dtype PyTorch (the oracle run in dtype) + floor."""
-    # The tiles of the single-process error-budget test: 4-column tiles would mean ~38 sequential
-    # fp32 merges per token, whose rounding exceeds the budget on one process already.
+    # The tiles of the single-process error-budget test: with 4-column tiles the streaming op's
+    # fp32 gradients exceed the budget on one process already (about 2e-5 against 4e-6), which
+    # says nothing about the vocabulary split.
     chunked.TOKEN_BLOCK, chunked.VOCAB_BLOCK = 8, 16
     for dtype, floor in ((torch.float32, 1e-6), (torch.bfloat16, 1e-3)):
         case64 = make_case(shape=(4, 16), hidden_size=48, vocab=150, ref_hidden_size=40, bias=True,
