@@ -13,5 +13,4 @@ setup(
     packages=find_packages(include=["fpo_ops", "fpo_ops.*"]) + ["fpo_ops.kernels"] + kernel_packages
     + ["fpo_ops.benchmarks"] + benchmark_packages,
     package_dir={"fpo_ops.kernels": "kernels", "fpo_ops.benchmarks": "benchmarks"},
-    package_data={"fpo_ops.benchmarks": ["results/*.json", "results/*.png"]},
 )

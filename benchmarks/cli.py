@@ -5,6 +5,7 @@ device, prints a table and writes ``benchmarks/results/<device>-<date>.json`` an
 """
 import argparse
 import datetime
+import json
 import shlex
 import sys
 import time
@@ -58,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing (default 1)")
     parser.add_argument("--min-repeats", type=int, default=3, help="least timed steps per case (default 3)")
     parser.add_argument("--max-repeats", type=int, default=20, help="most timed steps per case (default 20)")
-    parser.add_argument("--time-budget", type=float, default=5.0,
-                        help="seconds of timed steps after which a case stops repeating (default 5)")
+    parser.add_argument("--time-budget", type=float, default=3.0,
+                        help="seconds of timed steps after which a case stops repeating (default 3)")
     parser.add_argument("--isolate", choices=("auto", "process", "none"), default="auto",
                         help="each case in its own process (auto: on CPU, where peak RSS needs it)")
     parser.add_argument("--check-tokens", type=int, default=None,
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="file stem of the results (default <device>-<date>)")
     parser.add_argument("--threads", type=int, help="torch CPU threads per case (default: torch's own choice)")
     parser.add_argument("--no-save", action="store_true", help="print the table only")
+    parser.add_argument("--show", type=Path, metavar="JSON",
+                        help="print the Markdown table of a saved results file and exit")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per isolated case")
     return parser
 
@@ -140,10 +143,20 @@ def _progress_line(index: int, total: int, record: dict) -> str:
             f"fwd+bwd {record['fwd_bwd_ms']:.1f} ms, peak {'-' if mem is None else f'{mem:.0f}'} MiB")
 
 
+def _show(path: Path) -> int:
+    payload = json.loads(path.read_text())
+    print(f"{payload['device']['name']} ({payload['device']['type']}, {payload['device'].get('cpu_threads')} threads), "
+          f"{payload['dtype']}, {payload['date']}: `{payload['command']}`\n")
+    print(format_table(payload["results"], markdown=True, with_flops=payload["device"]["type"] == "cuda"))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the benchmark described by the command line (see ``fpo-bench --help``); returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.show is not None:
+        return _show(args.show)
     device = _resolve_device(args.device)
     _validate(args, device)
     dtype = DTYPES[args.dtype]
@@ -175,6 +188,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 record = run_case(spec)
             except Exception as exc:  # one broken provider must not lose the other results
                 record = {**vars(spec), "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:500]}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the next case starts from an empty cache, not this one's blocks
         _add_flops(record, rate)
         records.append(record)
         if record["status"] != "unsupported":

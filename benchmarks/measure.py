@@ -4,6 +4,7 @@ A case is one (head, workload, provider, N, dtype, device). `run_case` measures 
 process; `run_case_isolated` runs it in a fresh Python process (CPU: the peak RSS of a process is
 only meaningful when nothing else ran in it) and turns a crash or an out-of-memory kill into a record.
 """
+import gc
 import json
 import os
 import statistics
@@ -37,7 +38,7 @@ class CaseSpec:
     min_repeats: int = 3
     max_repeats: int = 20
     # Repeats stop once this many seconds of timed steps have run (and min_repeats are done).
-    time_budget_s: float = 5.0
+    time_budget_s: float = 3.0
     seed: int = 0
     threads: Optional[int] = None
 
@@ -60,12 +61,15 @@ def _clear_grads(inputs: CaseInputs) -> None:
     inputs.weight.grad = None
 
 
+# torch.OutOfMemoryError is recent; older torch only has the CUDA one.
+_OOM_TYPES = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None),
+                               MemoryError) if t is not None)
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
     text = str(exc)
-    return isinstance(exc, (RuntimeError, MemoryError)) and (
-        "out of memory" in text or "can't allocate memory" in text or isinstance(exc, MemoryError))
+    return isinstance(exc, _OOM_TYPES) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
 def _timed_steps(step, inputs: CaseInputs, spec: CaseSpec, sync) -> Dict[str, List[float]]:
@@ -126,7 +130,7 @@ def run_case(spec: CaseSpec) -> dict:
         return {**record, "status": "unsupported", "reason": reason}
     record["flops"] = case_flops(spec)
     sync = _synchronize(device)
-    inputs = None
+    out_of_memory = None
     try:
         inputs = make_inputs(head, workload, spec.n_tokens, dtype, device, spec.seed)
         step = provider.build(workload, inputs)
@@ -138,10 +142,14 @@ def run_case(spec: CaseSpec) -> dict:
     except Exception as exc:
         if not _is_out_of_memory(exc):
             raise
-        del inputs
+        out_of_memory = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if out_of_memory is not None:
+        # Outside the except block, so the traceback no longer pins the case's tensors.
+        inputs = step = None
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return {**record, "status": "oom", "reason": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        return {**record, "status": "oom", "reason": out_of_memory}
     medians = {f"{key}_ms": 1e3 * statistics.median(values) for key, values in times.items()}
     return {**record, "status": "ok", "repeats": len(times["fwd"]), **medians, **memory}
 

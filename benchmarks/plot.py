@@ -22,13 +22,17 @@ def plot_results(records: Iterable[dict], path: Path, title: str) -> Path:
 
     ok = [r for r in records if r["status"] == "ok"]
     panels = sorted({(r["head"], r["workload"]) for r in ok})
+    # One colour per provider across every panel.
+    providers = sorted({r["provider"] for r in ok})
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(providers)}
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.6 * max(len(panels), 1)), squeeze=False)
     for (head, workload), (ax_time, ax_mem) in zip(panels, axes):
         cases = [r for r in ok if r["head"] == head and r["workload"] == workload]
         for provider in sorted({r["provider"] for r in cases}):
             series = sorted((r for r in cases if r["provider"] == provider), key=lambda r: r["n_tokens"])
             n = [r["n_tokens"] for r in series]
-            style = dict(marker="o", linewidth=2.5 if provider.startswith("fpo") else 1.2, label=provider)
+            style = dict(marker="o", color=colours[provider], label=provider,
+                         linewidth=2.5 if provider.startswith("fpo") else 1.2)
             ax_time.plot(n, [r["fwd_bwd_ms"] for r in series], **style)
             mem = [(x, r["mem_fwd_bwd_mib"]) for x, r in zip(n, series) if r.get("mem_fwd_bwd_mib") is not None]
             if mem:

@@ -1,0 +1,147 @@
+"""The benchmark machinery: heads, workload losses, the pre-timing check, memory, the fpo-bench CLI."""
+import json
+import math
+
+import pytest
+import torch
+
+from fpo_ops.benchmarks import cli
+from fpo_ops.benchmarks.check import ProviderMismatch, check_provider
+from fpo_ops.benchmarks.heads import HEADS, get_head
+from fpo_ops.benchmarks.measure import CaseSpec, case_flops, run_case, run_case_isolated
+from fpo_ops.benchmarks.memory import PeakMemory
+from fpo_ops.benchmarks.providers import PROVIDERS, get_provider
+from fpo_ops.benchmarks.providers.naive import NaiveProvider
+from fpo_ops.benchmarks.workloads import IGNORE_INDEX, WORKLOADS, get_workload, make_inputs
+
+CPU = torch.device("cpu")
+
+
+def test_named_heads_have_the_model_shapes():
+    assert (HEADS["llama3-8b"].hidden, HEADS["llama3-8b"].vocab) == (4096, 128256)
+    assert (HEADS["qwen2.5-7b"].hidden, HEADS["qwen2.5-7b"].vocab) == (3584, 152064)
+    assert (HEADS["gemma2-2b"].hidden, HEADS["gemma2-2b"].vocab, HEADS["gemma2-2b"].softcap) == (2304, 256000, 30.0)
+    custom = get_head("h96v1000cap30")
+    assert (custom.hidden, custom.vocab, custom.softcap) == (96, 1000, 30.0)
+
+
+def test_unknown_names_raise_naming_the_argument():
+    with pytest.raises(ValueError, match="head: expected"):
+        get_head("llama-9")
+    with pytest.raises(ValueError, match="workload: expected"):
+        get_workload("ppo")
+    with pytest.raises(ValueError, match="provider: expected"):
+        get_provider("flash")
+    with pytest.raises(ValueError, match="n_tokens: expected an even number"):
+        make_inputs(get_head("tiny"), WORKLOADS["dpo"], 7, torch.float32, CPU)
+
+
+@pytest.mark.parametrize("workload_name", list(WORKLOADS))
+def test_workload_loss_and_grads_match_float64_oracle(workload_name):
+    """fpo-torch in float32 through each workload's loss vs impl='reference' in float64."""
+    workload, head = WORKLOADS[workload_name], get_head("h40v333")
+    results = {}
+    for provider, dtype in (("fpo-torch", torch.float32), ("reference", torch.float64)):
+        inputs = make_inputs(head, workload, 34, dtype, CPU, seed=3)
+        loss = get_provider(provider).build(workload, inputs)()
+        loss.backward()
+        results[provider] = [loss.detach(), inputs.hidden.grad, inputs.weight.grad]
+    for got, expected in zip(results["fpo-torch"], results["reference"]):
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_inputs_ignore_the_prompt_and_weight_tokens_randomly():
+    inputs = make_inputs(get_head("tiny"), WORKLOADS["tdpo"], 40, torch.float32, CPU)
+    assert inputs.hidden.shape == (2, 20, 96) and inputs.ref_hidden.shape == (2, 20, 96)
+    assert (inputs.labels[:, :5] == IGNORE_INDEX).all() and (inputs.labels[:, 5:] >= 0).all()
+    weights = inputs.token_weight[inputs.labels != IGNORE_INDEX]
+    assert weights.unique().numel() == weights.numel()  # not all-ones
+    assert (inputs.token_weight[inputs.labels == IGNORE_INDEX] == 0).all()
+
+
+class _ReverseKLProvider(NaiveProvider):
+    """The naive head with KL(policy || ref) where the workload means KL(ref || policy)."""
+
+    name = "wrong-kl"
+
+    def token_stats(self, inputs, outputs):
+        stats = super().token_stats(inputs, tuple(n for n in outputs if n != "kl"))
+        if "kl" in outputs:
+            swapped = NaiveProvider().token_stats(
+                type(inputs)(inputs.ref_hidden, inputs.ref_weight, inputs.labels, inputs.hidden,
+                             inputs.weight, inputs.token_weight, inputs.softcap), ("kl",))
+            stats["kl"] = swapped["kl"]
+        return stats
+
+
+def test_check_passes_agreeing_providers_and_stops_a_wrong_convention(monkeypatch):
+    head, workload = get_head("tiny"), WORKLOADS["tdpo"]
+    result = check_provider("trl", workload, head, 48, torch.float32, CPU)
+    assert set(result.errors) == {"loss", "grad_hidden", "grad_weight"}
+    assert max(result.errors.values()) <= result.tolerance
+    monkeypatch.setitem(PROVIDERS, "wrong-kl", _ReverseKLProvider)
+    with pytest.raises(ProviderMismatch, match="wrong-kl disagrees"):
+        check_provider("wrong-kl", workload, head, 48, torch.float32, CPU)
+
+
+def test_unsupported_cases_say_why():
+    head, softcapped = get_head("tiny"), get_head("h96v1000cap30")
+    assert "kl" in get_provider("cce").unsupported(WORKLOADS["tdpo"], head, CPU)
+    assert get_provider("liger").unsupported(WORKLOADS["dpo"], softcapped, CPU) == "no logit softcap"
+    assert "CUDA" in get_provider("fpo-triton").unsupported(WORKLOADS["dpo"], head, CPU)
+    assert get_provider("fpo-torch").unsupported(WORKLOADS["jsd"], softcapped, CPU) is None
+
+
+def test_peak_memory_sees_a_temporary_allocation_above_the_baseline():
+    keep = torch.ones(2**22)  # 16 MiB that is part of the baseline
+    peak = PeakMemory(CPU)
+    peak.start()
+    temporary = torch.ones(2**24)  # 64 MiB, freed before the peak is read
+    del temporary
+    measured = peak.peak_mib()
+    assert keep.sum() > 0
+    assert measured is not None and 60 <= measured <= 72
+
+
+def test_gemm_count_follows_the_performance_model():
+    spec = CaseSpec(head="llama3-8b", workload="tdpo", provider="fpo-torch", n_tokens=16384,
+                    dtype="bfloat16", device="cpu")
+    # DESIGN section 5: 6 GEMMs of 2 N H V, 103 TFLOP at N 16k for Llama-3-8B.
+    assert math.isclose(case_flops(spec)["fwd_bwd"] / 1e12, 103.3, rel_tol=1e-3)
+    assert WORKLOADS["dpo"].total_gemms == 5 and WORKLOADS["logp"].total_gemms == 4
+
+
+def test_run_case_in_process_and_isolated():
+    spec = CaseSpec(head="tiny", workload="dpo", provider="fpo-torch", n_tokens=64, dtype="float32",
+                    device="cpu", min_repeats=2, max_repeats=2)
+    record = run_case(spec)
+    assert record["status"] == "ok" and record["repeats"] == 2
+    assert 0 < record["fwd_ms"] <= record["fwd_bwd_ms"] and record["mem_fwd_bwd_mib"] is not None
+    isolated = run_case_isolated(spec, timeout_s=300)
+    assert isolated["status"] == "ok" and isolated["n_tokens"] == 64
+    unsupported = run_case(CaseSpec(**{**vars(spec), "provider": "liger", "workload": "tdpo"}))
+    assert unsupported["status"] == "unsupported" and "tdpo" in unsupported["reason"]
+
+
+def test_cli_runs_checks_and_writes_json_and_png(tmp_path, capsys):
+    code = cli.main(["--device", "cpu", "--heads", "tiny", "--workloads", "logp,jsd", "--sizes", "32,64",
+                     "--providers", "naive,trl,liger,fpo-torch", "--isolate", "none", "--min-repeats", "1",
+                     "--max-repeats", "1", "--out", str(tmp_path), "--name", "run"])
+    assert code == 0
+    shown = capsys.readouterr().out
+    assert "check           trl vs fpo-torch on tiny/jsd" in shown and "fwd+bwd ms" in shown
+    payload = json.loads((tmp_path / "run.json").read_text())
+    assert payload["device"]["type"] == "cpu" and payload["versions"]["torch"] == torch.__version__
+    assert payload["command"].startswith("fpo-bench --device cpu")
+    statuses = {(r["workload"], r["provider"], r["n_tokens"]): r["status"] for r in payload["results"]}
+    assert statuses[("jsd", "liger", 64)] == "ok" and statuses[("logp", "liger", 32)] == "unsupported"
+    assert sum(s == "ok" for s in statuses.values()) == 14
+    assert (tmp_path / "run.png").stat().st_size > 0
+
+
+def test_cli_rejects_bad_arguments():
+    with pytest.raises(SystemExit, match="provider: expected"):
+        cli.main(["--device", "cpu", "--providers", "nope", "--no-save"])
+    with pytest.raises(SystemExit, match="even token counts"):
+        cli.main(["--device", "cpu", "--sizes", "33", "--no-save"])
