@@ -39,7 +39,14 @@ def _loss_and_grads(provider_name: str, workload: Workload, head: HeadSpec, n_to
 
 
 def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
-    """||value - expected|| / ||expected|| (absolute when expected is 0)."""
+    """Norm-wise relative error.
+
+    Args:
+        value, expected: tensors of one shape.
+
+    Returns:
+        ||value - expected|| / ||expected|| (the absolute norm when expected is 0).
+    """
     scale = expected.norm().item()
     diff = (value - expected).norm().item()
     return diff / scale if scale > 0 else diff

@@ -10,11 +10,11 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .check import check_provider
+from .check import ProviderMismatch, check_provider
 from .heads import get_head
 from .measure import DTYPES, CaseSpec, gemm_tflops, run_case, run_case_isolated
 from .providers import CHECK_BASELINE, get_provider, provider_names
@@ -104,10 +104,15 @@ def _validate(args, device: torch.device) -> None:
         raise SystemExit(f"fpo-bench: --sizes: expected even token counts >= 2, got {bad}")
 
 
-def _check_all(args, device, dtype) -> List[dict]:
-    """Check every runnable (head, workload, provider) against fpo-torch; stop on any mismatch."""
+def _check_all(args, device, dtype) -> Tuple[List[dict], Dict[Tuple[str, str, str], str]]:
+    """Check every runnable (head, workload, provider) against fpo-torch.
+
+    A mismatch stops the run (`ProviderMismatch` propagates). A provider that fails to run at all
+    (a missing compiler for torch.compile, say) is returned in the second value with the reason, and
+    its cases are recorded as errors instead of timed.
+    """
     n_check = args.check_tokens or min(min(args.sizes), 1024)
-    checks = []
+    checks, broken = [], {}
     for head_name in args.heads:
         head = get_head(head_name)
         for workload_name in args.workloads:
@@ -117,11 +122,20 @@ def _check_all(args, device, dtype) -> List[dict]:
                     continue
                 print(f"check {provider_name:>13} vs {CHECK_BASELINE} on {head_name}/{workload_name} N={n_check} ... ",
                       end="", flush=True)
-                result = check_provider(provider_name, workload, head, n_check, dtype, device)
+                try:
+                    result = check_provider(provider_name, workload, head, n_check, dtype, device)
+                except ProviderMismatch:
+                    print("MISMATCH", flush=True)
+                    raise
+                except Exception as exc:  # the provider cannot run here; the others still can
+                    reason = f"check failed: {type(exc).__name__}: {exc}"[:500]
+                    print("ERROR " + reason, flush=True)
+                    broken[(head_name, workload_name, provider_name)] = reason
+                    continue
                 print("ok  " + ", ".join(f"{k} {v:.1e}" for k, v in result.errors.items()), flush=True)
                 checks.append(dict(head=head_name, workload=workload_name, provider=provider_name,
                                    n_tokens=n_check, tolerance=result.tolerance, relative_errors=result.errors))
-    return checks
+    return checks, broken
 
 
 def _add_flops(record: dict, rate_tflops: Optional[float]) -> None:
@@ -167,7 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"fpo-bench on {device_info(device)['name']} ({device}), {args.dtype}; heads {args.heads}, "
           f"workloads {args.workloads}, providers {args.providers}, N {args.sizes}", flush=True)
 
-    checks = [] if args.no_check else _check_all(args, device, dtype)
+    checks, broken = ([], {}) if args.no_check else _check_all(args, device, dtype)
     rate = gemm_tflops(device, dtype) if device.type == "cuda" else None
     if rate:
         print(f"GEMM floor rate: {rate:.0f} TFLOP/s ({args.dtype} [4096, 4096] x [4096, 16384])", flush=True)
@@ -181,6 +195,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         reason = get_provider(spec.provider).unsupported(get_workload(spec.workload), get_head(spec.head), device)
         if reason:
             record = {**vars(spec), "status": "unsupported", "reason": reason}
+        elif (spec.head, spec.workload, spec.provider) in broken:
+            record = {**vars(spec), "status": "error", "reason": broken[(spec.head, spec.workload, spec.provider)]}
         elif isolate:
             record = run_case_isolated(spec, timeout_s=args.timeout)
         else:

@@ -44,7 +44,14 @@ class CaseSpec:
 
 
 def case_flops(spec: CaseSpec) -> Dict[str, float]:
-    """FLOPs of the least work (DESIGN section 5): forward GEMMs and the whole step, ``2 N H V`` each."""
+    """FLOPs of the least work (DESIGN section 5), ``2 N H V`` per head GEMM.
+
+    Args:
+        spec: the case (its head, workload and N).
+
+    Returns:
+        {"fwd": FLOPs of the forward GEMMs, "fwd_bwd": FLOPs of the whole step}.
+    """
     head, workload = get_head(spec.head), get_workload(spec.workload)
     gemm = 2.0 * spec.n_tokens * head.hidden * head.vocab
     return {"fwd": workload.forward_gemms * gemm, "fwd_bwd": workload.total_gemms * gemm}
@@ -183,7 +190,16 @@ def run_case_isolated(spec: CaseSpec, timeout_s: float = 1800.0) -> dict:
 
 def gemm_tflops(device: torch.device, dtype: torch.dtype, n: int = 4096, hidden: int = 4096,
                 vocab: int = 16384, repeats: int = 5) -> float:
-    """Achieved TFLOP/s of one head-shaped GEMM ``[n, hidden] @ [hidden, vocab]`` (the floor's rate)."""
+    """Achieved rate of one head-shaped GEMM ``[n, hidden] @ [hidden, vocab]``: the floor's rate.
+
+    Args:
+        device, dtype: where and in which dtype the GEMM runs.
+        n, hidden, vocab: GEMM sizes.
+        repeats: timed GEMMs after one warm-up (the median counts).
+
+    Returns:
+        TFLOP/s.
+    """
     a = torch.randn(n, hidden, device=device).to(dtype)
     b = torch.randn(vocab, hidden, device=device).to(dtype)
     sync = _synchronize(device)

@@ -26,7 +26,14 @@ def _cpu_model() -> str:
 
 
 def device_info(device: torch.device) -> Dict[str, object]:
-    """Name, model and size of the device the benchmark ran on."""
+    """Name, model and size of the device the benchmark ran on.
+
+    Args:
+        device: the benchmarked device.
+
+    Returns:
+        A JSON-able dict: type, name, CPU model and threads, and for CUDA memory and CUDA version.
+    """
     info = {"type": device.type, "cpu": _cpu_model(), "cpu_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "platform": platform.platform()}
     if device.type == "cuda":
@@ -46,6 +53,7 @@ def device_slug(device: torch.device) -> str:
 
 
 def versions() -> Dict[str, Optional[str]]:
+    """Versions of Python and of every benchmarked package (None when not installed)."""
     found = {"python": sys.version.split()[0]}
     for package in PACKAGES:
         try:
@@ -56,8 +64,17 @@ def versions() -> Dict[str, Optional[str]]:
 
 
 def results_path(out_dir: Path, device: torch.device, now: datetime.datetime, name: Optional[str] = None) -> Path:
-    """``<out_dir>/<name or device-date>.json``; an existing file is never overwritten (the time of day
-    is added instead)."""
+    """Where a run's JSON goes; an existing file is never overwritten (the time of day is added).
+
+    Args:
+        out_dir: results folder.
+        device: the benchmarked device (names the file by default).
+        now: start of the run (dates the file).
+        name: file stem instead of ``<device>-<date>``.
+
+    Returns:
+        ``<out_dir>/<stem>.json``.
+    """
     stem = name or f"{device_slug(device)}-{now:%Y-%m-%d}"
     path = out_dir / f"{stem}.json"
     if path.exists():
@@ -66,6 +83,7 @@ def results_path(out_dir: Path, device: torch.device, now: datetime.datetime, na
 
 
 def write_results(path: Path, payload: dict) -> None:
+    """Write ``payload`` as indented JSON to ``path`` (creating its folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as out:
         json.dump(payload, out, indent=1)

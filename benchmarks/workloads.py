@@ -121,6 +121,14 @@ WORKLOADS = {
 
 
 def get_workload(name: str) -> Workload:
+    """The workload called ``name``.
+
+    Args:
+        name: key of `WORKLOADS` (logp, dpo, tdpo, jsd).
+
+    Returns:
+        The Workload; ValueError names the choices otherwise.
+    """
     if name not in WORKLOADS:
         raise ValueError(f"workload: expected one of {sorted(WORKLOADS)}, got {name!r}")
     return WORKLOADS[name]

@@ -145,3 +145,26 @@ def test_cli_rejects_bad_arguments():
         cli.main(["--device", "cpu", "--providers", "nope", "--no-save"])
     with pytest.raises(SystemExit, match="even token counts"):
         cli.main(["--device", "cpu", "--sizes", "33", "--no-save"])
+
+
+class _CrashingProvider(NaiveProvider):
+    """A provider whose library fails at run time (as torch.compile does without a compiler)."""
+
+    name = "crashes"
+
+    def token_stats(self, inputs, outputs):
+        raise RuntimeError("no C++ compiler")
+
+
+def test_cli_records_a_provider_that_cannot_run_and_stops_on_a_mismatch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(PROVIDERS, "crashes", _CrashingProvider)
+    monkeypatch.setitem(PROVIDERS, "wrong-kl", _ReverseKLProvider)
+    common = ["--device", "cpu", "--heads", "tiny", "--workloads", "tdpo", "--sizes", "32", "--isolate", "none",
+              "--min-repeats", "1", "--max-repeats", "1", "--out", str(tmp_path)]
+    assert cli.main(common + ["--providers", "crashes,fpo-torch", "--name", "crash"]) == 0
+    assert "ERROR check failed: RuntimeError: no C++ compiler" in capsys.readouterr().out
+    records = {r["provider"]: r for r in json.loads((tmp_path / "crash.json").read_text())["results"]}
+    assert records["crashes"]["status"] == "error" and records["fpo-torch"]["status"] == "ok"
+    with pytest.raises(ProviderMismatch):
+        cli.main(common + ["--providers", "wrong-kl,fpo-torch", "--name", "mismatch"])
+    assert not (tmp_path / "mismatch.json").exists()

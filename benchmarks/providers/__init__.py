@@ -25,10 +25,19 @@ CHECK_BASELINE = "fpo-torch"
 
 
 def get_provider(name: str) -> Provider:
+    """A fresh provider called ``name``.
+
+    Args:
+        name: key of `PROVIDERS`.
+
+    Returns:
+        The Provider; ValueError names the choices otherwise.
+    """
     if name not in PROVIDERS:
         raise ValueError(f"provider: expected one of {sorted(PROVIDERS)}, got {name!r}")
     return PROVIDERS[name]()
 
 
 def provider_names() -> List[str]:
+    """Names of every provider, in table order."""
     return list(PROVIDERS)
