@@ -168,3 +168,9 @@ def test_cli_records_a_provider_that_cannot_run_and_stops_on_a_mismatch(tmp_path
     with pytest.raises(ProviderMismatch):
         cli.main(common + ["--providers", "wrong-kl,fpo-torch", "--name", "mismatch"])
     assert not (tmp_path / "mismatch.json").exists()
+
+
+def test_triton_provider_agrees_with_fpo_torch():
+    """The fpo-triton provider's call (through the interpreter on CPU; its timing is GPU-only)."""
+    result = check_provider("fpo-triton", WORKLOADS["tdpo"], get_head("h40v333"), 32, torch.float32, CPU)
+    assert max(result.errors.values()) <= result.tolerance
