@@ -154,23 +154,25 @@ def make_inputs(head: HeadSpec, workload: Workload, n_tokens: int, dtype: torch.
     """
     if n_tokens < 2 or n_tokens % 2:
         raise ValueError(f"n_tokens: expected an even number >= 2 (chosen and rejected rows), got {n_tokens}")
-    gen = torch.Generator().manual_seed(seed)
+    # Drawn on the device: a Llama-3-8B head is 2 GB of fp32 per weight, slow to draw on the host.
+    gen = torch.Generator(device=device).manual_seed(seed)
     rows, length, hidden_size, vocab = 2, n_tokens // 2, head.hidden, head.vocab
 
     def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
 
     weight_scale = 3.0 / hidden_size ** 0.5
     hidden = randn(rows, length, hidden_size)
     weight = randn(vocab, hidden_size, scale=weight_scale)
-    labels = torch.randint(0, vocab, (rows, length), generator=gen)
+    labels = torch.randint(0, vocab, (rows, length), generator=gen, device=device)
     labels[:, : int(length * PROMPT_FRACTION)] = IGNORE_INDEX
-    token_weight = torch.where(labels != IGNORE_INDEX, 0.5 + torch.rand(rows, length, generator=gen), 0.0)
+    token_weight = torch.where(labels != IGNORE_INDEX,
+                               0.5 + torch.rand(rows, length, generator=gen, device=device), 0.0)
     ref_hidden = ref_weight = None
     if workload.needs_ref:
         ref_hidden = hidden + randn(rows, length, hidden_size, scale=0.3)
         ref_weight = weight + randn(vocab, hidden_size, scale=0.3 * weight_scale)
     return CaseInputs(
-        hidden=hidden.requires_grad_(), weight=weight.requires_grad_(), labels=labels.to(device),
-        ref_hidden=ref_hidden, ref_weight=ref_weight, token_weight=token_weight.to(device), softcap=head.softcap,
+        hidden=hidden.requires_grad_(), weight=weight.requires_grad_(), labels=labels,
+        ref_hidden=ref_hidden, ref_weight=ref_weight, token_weight=token_weight, softcap=head.softcap,
     )
