@@ -12,15 +12,12 @@ from .online import (
     finalize, logit_to_preactivation_grad, merge_partials, needed_partials, tile_jsd_sums,
     tile_logit_grad, tile_partials, transform_logits,
 )
+from .function_io import kept_names, masked_outputs, reference_if_needed, upstream_coefficients
 from .options import HeadOptions
-from .stats import DIFFERENTIABLE_STATS
 
 # Tile sizes: a [TOKEN_BLOCK, VOCAB_BLOCK] fp32 tile is 8 MiB, large enough for efficient GEMMs.
 TOKEN_BLOCK = 512
 VOCAB_BLOCK = 4096
-
-# Values, besides lse/lse_ref, that the gradient of each statistic reads (DESIGN section 2).
-_SAVED_FOR_GRAD = {"entropy": "entropy", "reverse_kl": "reverse_kl", "jsd": "kl_p_m"}
 
 
 def _logit_tile(hidden, weight, bias, v0, v1, softcap, logit_scale, opts: HeadOptions) -> torch.Tensor:
@@ -34,15 +31,15 @@ class ChunkedTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: HeadOptions):
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
+        ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
         has_ref = ref_hidden is not None
         keys = needed_partials(opts)
         valid = labels != opts.ignore_index
         # -1 is never a column of any tile, so ignored tokens gather nothing.
         labels = torch.where(valid, labels, torch.full_like(labels, -1))
         want_jsd = opts.wants("jsd")
-        keep = ["lse"] + (["lse_ref"] if has_ref else [])
-        keep += [saved for stat, saved in _SAVED_FOR_GRAD.items() if opts.wants(stat)]
-        kept = {name: hidden.new_empty(n_tokens, dtype=opts.accum_dtype) for name in keep}
+        kept = {name: hidden.new_empty(n_tokens, dtype=opts.accum_dtype)
+                for name in kept_names(opts, has_ref)}
         outputs = {name: hidden.new_empty(n_tokens, dtype=opts.accum_dtype) for name in opts.outputs}
 
         for n0 in range(0, n_tokens, TOKEN_BLOCK):
@@ -56,28 +53,18 @@ class ChunkedTokenStats(torch.autograd.Function):
             for name, buf in list(outputs.items()) + list(kept.items()):
                 buf[n0:n1] = stats[name]
 
-        zero = hidden.new_zeros((), dtype=opts.accum_dtype)
-        results = tuple(torch.where(valid, outputs[name], zero) for name in opts.outputs)
         ctx.opts = opts
         ctx.kept_names = tuple(kept)
         ctx.save_for_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
                               *kept.values())
-        ctx.mark_non_differentiable(*(r for name, r in zip(opts.outputs, results)
-                                      if name not in DIFFERENTIABLE_STATS))
-        ctx.set_materialize_grads(False)
-        return results
+        return masked_outputs(ctx, outputs, valid, opts)
 
     @staticmethod
     def backward(ctx, *grads):
         opts: HeadOptions = ctx.opts
         hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, *kept = ctx.saved_tensors
         saved = dict(zip(ctx.kept_names, kept))
-        valid = labels >= 0
-        coef = {
-            name: torch.where(valid, g.to(opts.accum_dtype), torch.zeros((), dtype=opts.accum_dtype,
-                                                                            device=g.device))
-            for name, g in zip(opts.outputs, grads) if name in DIFFERENTIABLE_STATS and g is not None
-        }
+        coef = upstream_coefficients(grads, labels >= 0, opts)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if not coef or not (need_h or need_w or need_b):
             return (None,) * 8

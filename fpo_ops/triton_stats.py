@@ -18,15 +18,13 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import triton
 
+from .function_io import kept_names, masked_outputs, reference_if_needed, upstream_coefficients
 from .kernels.token_stats_bwd import GRAD_KEYS, SAVED_KEYS, token_stats_bwd_chunk
 from .kernels.token_stats_fwd import PARTIAL_KEYS, token_stats_fwd, token_stats_jsd_fwd
 from .kernels.utils import TileConfig, tile_config
 from .online import MAXIMA, Partials, finalize, needed_partials, shift_partials
 from .options import HeadOptions
-from .stats import DIFFERENTIABLE_STATS, REFERENCE_STATS
 
-# Values, besides lse/lse_ref, that the gradient of each statistic reads (DESIGN section 2).
-_SAVED_FOR_GRAD = {"entropy": "entropy", "reverse_kl": "reverse_kl", "jsd": "kl_p_m"}
 # Gradients that need the reference tile.
 _REFERENCE_GRADS = ("kl", "reverse_kl", "jsd")
 
@@ -199,9 +197,7 @@ class TritonTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: HeadOptions):
         vocab = weight.shape[0]
-        # the reference is read only for the statistics that need it
-        if not any(name in REFERENCE_STATS for name in opts.outputs):
-            ref_hidden = ref_weight = ref_bias = None
+        ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
         has_ref = ref_hidden is not None
         valid = labels != opts.ignore_index
         keys = needed_partials(opts)
@@ -213,18 +209,12 @@ class TritonTokenStats(torch.autograd.Function):
                                          stats, opts, valid=valid))
 
         zero = torch.zeros((), dtype=opts.accum_dtype, device=hidden.device)
-        results = tuple(torch.where(valid, stats[name], zero) for name in opts.outputs)
-        kept_names = ["lse"] + (["lse_ref"] if has_ref else [])
-        kept_names += [saved for stat, saved in _SAVED_FOR_GRAD.items() if opts.wants(stat)]
-        # placeholders at ignored tokens never reach backward
-        kept = [torch.where(valid, stats[name], zero) for name in kept_names]
         ctx.opts = opts
-        ctx.kept_names = tuple(kept_names)
-        ctx.save_for_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, *kept)
-        ctx.mark_non_differentiable(*(r for name, r in zip(opts.outputs, results)
-                                      if name not in DIFFERENTIABLE_STATS))
-        ctx.set_materialize_grads(False)
-        return results
+        ctx.kept_names = kept_names(opts, has_ref)
+        # placeholders at ignored tokens never reach backward
+        ctx.save_for_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
+                              *(torch.where(valid, stats[name], zero) for name in ctx.kept_names))
+        return masked_outputs(ctx, stats, valid, opts)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -232,9 +222,7 @@ class TritonTokenStats(torch.autograd.Function):
         hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, *kept = ctx.saved_tensors
         saved = dict(zip(ctx.kept_names, kept))
         valid = labels != opts.ignore_index
-        zero = torch.zeros((), dtype=opts.accum_dtype, device=hidden.device)
-        coef = {name: torch.where(valid, g.to(opts.accum_dtype), zero)
-                for name, g in zip(opts.outputs, grads) if name in DIFFERENTIABLE_STATS and g is not None}
+        coef = upstream_coefficients(grads, valid, opts)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if not coef or not (need_h or need_w or need_b):
             return (None,) * 8

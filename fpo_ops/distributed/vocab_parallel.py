@@ -21,13 +21,10 @@ from typing import Dict, Tuple
 import torch
 import torch.distributed as dist
 
+from ..function_io import kept_names, masked_outputs, reference_if_needed, upstream_coefficients
 from ..online import MAXIMA, Partials, finalize, needed_partials, shift_partials
 from ..options import HeadOptions
-from ..stats import DIFFERENTIABLE_STATS, REFERENCE_STATS
 from .slice_passes import SlicePasses, passes_for
-
-# Values, besides lse/lse_ref, that the gradient of each statistic reads (DESIGN section 2).
-_SAVED_FOR_GRAD = {"entropy": "entropy", "reverse_kl": "reverse_kl", "jsd": "kl_p_m"}
 
 
 def vocab_range(vocab_size: int, group=None) -> Tuple[int, int]:
@@ -97,8 +94,7 @@ class VocabParallelTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: HeadOptions,
                 group, passes: SlicePasses, check_labels: bool):
-        if not any(name in REFERENCE_STATS for name in opts.outputs):
-            ref_hidden = ref_weight = ref_bias = None  # read only for the statistics that need it
+        ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
         valid = labels != opts.ignore_index
         sizes, start = slice_bounds(weight.shape[0], group, hidden.device)
         if check_labels:
@@ -117,27 +113,19 @@ class VocabParallelTokenStats(torch.autograd.Function):
             dist.all_reduce(jsd_terms, op=dist.ReduceOp.SUM, group=group)
             stats["jsd"], stats["kl_p_m"] = jsd_terms.unbind(0)
 
-        kept_names = ["lse"] + (["lse_ref"] if ref_hidden is not None else [])
-        kept_names += [saved for stat, saved in _SAVED_FOR_GRAD.items() if opts.wants(stat)]
-        zero = hidden.new_zeros((), dtype=opts.accum_dtype)
-        results = tuple(torch.where(valid, stats[name], zero) for name in opts.outputs)
-        ctx.opts, ctx.group, ctx.passes, ctx.kept_names = opts, group, passes, tuple(kept_names)
+        ctx.opts, ctx.group, ctx.passes = opts, group, passes
+        ctx.kept_names = kept_names(opts, ref_hidden is not None)
         # At ignored tokens these are real values (torch) or placeholders that backward skips
         # (triton); zeros would not do for torch, whose backward computes exp(z - lse) everywhere.
         ctx.save_for_backward(hidden, weight, bias, local_labels, valid, ref_hidden, ref_weight, ref_bias,
-                              *(stats[name] for name in kept_names))
-        ctx.mark_non_differentiable(*(r for name, r in zip(opts.outputs, results)
-                                      if name not in DIFFERENTIABLE_STATS))
-        ctx.set_materialize_grads(False)
-        return results
+                              *(stats[name] for name in ctx.kept_names))
+        return masked_outputs(ctx, stats, valid, opts)
 
     @staticmethod
     def backward(ctx, *grads):
         opts: HeadOptions = ctx.opts
         hidden, weight, bias, local_labels, valid, ref_hidden, ref_weight, ref_bias, *kept = ctx.saved_tensors
-        zero = torch.zeros((), dtype=opts.accum_dtype, device=hidden.device)
-        coef = {name: torch.where(valid, g.to(opts.accum_dtype), zero)
-                for name, g in zip(opts.outputs, grads) if name in DIFFERENTIABLE_STATS and g is not None}
+        coef = upstream_coefficients(grads, valid, opts)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         none_for_rest = (None,) * 8
         if not coef or not (need_h or need_w or need_b):
