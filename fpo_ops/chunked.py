@@ -20,8 +20,32 @@ TOKEN_BLOCK = 512
 VOCAB_BLOCK = 4096
 
 
+# Device types whose matmul returns fp32 directly from bf16/fp16 operands (torch.mm(out_dtype=)).
+_NATIVE_FP32_OUT: Dict[str, bool] = {}
+
+
+def gemm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` summed and returned in fp32 (fp64 for fp64 operands), whatever the operands' dtype.
+
+    A bf16 result would round each tile's sum over H (or over a token block, for dweight) to bf16
+    before it is added to the fp32 accumulators: that error grows with the number of tiles.
+    Low-precision operands multiply natively where the backend returns fp32, else after an upcast.
+    """
+    if a.dtype in (torch.float32, torch.float64) and b.dtype == a.dtype:
+        return a @ b
+    device_type = a.device.type
+    if _NATIVE_FP32_OUT.get(device_type, True) and device_type != "cpu":
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _NATIVE_FP32_OUT[device_type] = True
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            _NATIVE_FP32_OUT[device_type] = False
+    return a.float() @ b.float()
+
+
 def _logit_tile(hidden, weight, bias, v0, v1, softcap, logit_scale, opts: HeadOptions) -> torch.Tensor:
-    x = (hidden @ weight[v0:v1].T).to(opts.accum_dtype)
+    x = gemm_fp32(hidden, weight[v0:v1].T).to(opts.accum_dtype)
     if bias is not None:
         x = x + bias[v0:v1].to(opts.accum_dtype)
     return transform_logits(x, softcap, logit_scale, opts.temperature)
@@ -144,11 +168,12 @@ def backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bia
             dx = logit_to_preactivation_grad(dz, z, opts.softcap, opts.logit_scale, opts.temperature)
             if need_b:
                 grad_b_block += dx.sum(0)
+            # dz rounded to the GEMM dtype, as autograd rounds the gradient of low-precision logits
             dx = dx.to(hidden.dtype)
             if need_h:
-                grad_h[n0:n1] += dx @ weight[v0:v1]
+                grad_h[n0:n1] += gemm_fp32(dx, weight[v0:v1])
             if need_w:
-                grad_w_block += dx.T @ h
+                grad_w_block += gemm_fp32(dx.T, h)
         if need_w:
             grad_w[v0:v1] = grad_w_block
         if need_b:

@@ -136,11 +136,18 @@ def test_extreme_logits_float32_finite():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+SHAPES = {
+    "few_tiles": dict(shape=(4, 16), hidden_size=48, vocab=150, ref_hidden_size=40),
+    # 63 vocabulary blocks for dhidden and 64 token blocks for dweight: per-tile rounding adds up
+    "many_tiles": dict(shape=(512,), hidden_size=32, vocab=1000, ref_hidden_size=24),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype,floor", [(torch.float32, 1e-6), (torch.bfloat16, 1e-3)])
-def test_error_budget_low_precision(dtype, floor):
+def test_error_budget_low_precision(dtype, floor, shape):
     """Error against float64 <= 2x that of plain same-dtype PyTorch (the oracle run in dtype) + floor."""
-    case64 = make_case(shape=(4, 16), hidden_size=48, vocab=150, ref_hidden_size=40, bias=True,
-                       softcap=20.0, seed=13)
+    case64 = make_case(**SHAPES[shape], bias=True, softcap=20.0, seed=13)
     low = case64.cast(dtype)
     exact = case64.cast(dtype).cast(torch.float64)  # the same rounded inputs, computed exactly
     exact_stats, exact_grads = run(exact, "reference", ALL_STATS)
@@ -165,13 +172,16 @@ def test_autocast_bf16_runs_gemms_in_bf16_and_returns_fp32():
         ref_auto_stats, _ = run(case, "reference", outputs)
     fp32_stats, _ = run(case, "torch", outputs)
     bf16_stats, _ = run(case.cast(torch.bfloat16), "torch", outputs)
+    exact_stats, _ = run(case.cast(torch.bfloat16).cast(torch.float64), "reference", outputs)
     for stat in outputs:
-        got = getattr(auto_stats, stat)
+        got, exact = getattr(auto_stats, stat), getattr(exact_stats, stat)
         assert got.dtype == torch.float32
-        # Same numbers as an explicit bf16 run: the GEMMs did run in bf16 ...
+        # Same numbers as an explicit bf16 run: the GEMMs did run on bf16 operands ...
         assert max_abs_err(got, getattr(bf16_stats, stat)) < 1e-5
-        assert max_abs_err(got, getattr(ref_auto_stats, stat)) < 1e-4
-        # ... which differs measurably from fp32 GEMMs.
+        # ... within the error budget of plain PyTorch under the same autocast ...
+        plain = max_abs_err(getattr(ref_auto_stats, stat), exact)
+        assert max_abs_err(got, exact) <= 2 * plain + 1e-3 * max(1.0, exact.abs().max().item())
+        # ... and differ measurably from fp32 GEMMs.
         assert max_abs_err(got, getattr(fp32_stats, stat)) > 1e-5
     assert all(g.dtype == torch.float32 for g in auto_grads)
 
