@@ -23,7 +23,7 @@ from .workloads import WORKLOADS, get_workload
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-# Per device: a comparison that finishes in a few minutes on a 2-core CPU, and the issue's
+# Per device: a comparison that finishes in a few minutes on a 2-core CPU, and the
 # Llama-3-8B sweep on a GPU (up to 64k tokens or out of memory).
 DEFAULTS = {
     "cpu": dict(heads=["cpu-small"], workloads=["dpo", "tdpo"], sizes=[256, 512, 1024, 2048],

@@ -1,6 +1,6 @@
 """Argument checks for `token_stats`: every failure names the argument, expected vs got."""
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
@@ -143,17 +143,3 @@ def validate_process_group(process_group, impl: str) -> None:
     if impl == "reference":
         raise ValueError("impl: expected 'auto', 'torch' or 'triton' with a process_group, got 'reference'")
 
-
-def shared_reference_head(weight, bias, ref_weight, ref_bias) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The reference head: its own, or (when ``ref_weight`` is None) the policy's."""
-    if ref_weight is None:
-        return weight, bias if ref_bias is None else ref_bias
-    return ref_weight, ref_bias
-
-
-def validate_grad_filter_eps(value) -> None:
-    """``grad_filter_eps``: a finite float in [0, 1) (a probability threshold)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"grad_filter_eps: expected a float, got {type(value).__name__}")
-    if not (math.isfinite(value) and 0.0 <= value < 1.0):
-        raise ValueError(f"grad_filter_eps: expected a float in [0, 1), got {value}")

@@ -2,6 +2,7 @@
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
+import pytest
 import torch
 
 import fpo_ops
@@ -92,3 +93,21 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.double() - expected.double()).abs().max().item()
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    if t.dtype != torch.bool:
+        return t.fill_(-1)
+    return t
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations(monkeypatch):
+    """Uninitialised allocations come back poisoned (NaN, or -1 for ints), so an element an
+    implementation fails to write shows up as a wrong value. Autouse in every module importing it."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: _poison(new_empty(self, *a, **k)))

@@ -19,26 +19,10 @@ from fpo_ops.options import HeadOptions
 from fpo_ops.reference import reference_logits
 from fpo_ops.stats import DIFFERENTIABLE_STATS
 from fpo_ops.triton_stats import triton_backward_tiles, triton_jsd_pass, triton_vocab_partials
-from stats_cases import ALL_STATS, make_case, max_abs_err, max_rel_err, run
+from stats_cases import ALL_STATS, make_case, max_abs_err, max_rel_err, poisoned_allocations, run  # noqa: F401
 
 GRAD_STATS = tuple(sorted(DIFFERENTIABLE_STATS))
 CUDA = torch.cuda.is_available()
-
-
-def _poison(t: torch.Tensor) -> torch.Tensor:
-    if t.is_floating_point():
-        return t.fill_(float("nan"))
-    if t.dtype != torch.bool:
-        return t.fill_(-1)
-    return t
-
-
-@pytest.fixture(autouse=True)
-def poisoned_allocations(monkeypatch):
-    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(empty_like(*a, **k)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: _poison(new_empty(self, *a, **k)))
 
 
 def test_interpreter_tiles_exercise_splits_and_chunks():
