@@ -143,3 +143,10 @@ def validate_process_group(process_group, impl: str) -> None:
     if impl == "reference":
         raise ValueError("impl: expected 'auto', 'torch' or 'triton' with a process_group, got 'reference'")
 
+
+def validate_grad_filter_eps(value) -> None:
+    """``grad_filter_eps``: a finite float in [0, 1) (a probability threshold)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"grad_filter_eps: expected a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise ValueError(f"grad_filter_eps: expected a float in [0, 1), got {value}")

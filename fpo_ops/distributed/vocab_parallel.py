@@ -16,7 +16,8 @@ them exactly with a few all-reduces over per-token scalars, never over logits:
 in the accumulation dtype (fp32, fp64 for fp64 inputs). dweight and dbias stay local to the slice.
 Every process ends with the same statistics, and with the full dhidden.
 """
-from typing import Dict, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,15 @@ from ..function_io import kept_names, masked_outputs, reference_if_needed, upstr
 from ..online import MAXIMA, Partials, finalize, needed_partials, shift_partials
 from ..options import HeadOptions
 from .slice_passes import SlicePasses, passes_for
+
+
+@dataclass(frozen=True)
+class GroupOptions:
+    """The non-tensor options of one vocabulary-parallel call besides `HeadOptions`."""
+
+    group: Any  # the torch.distributed process group holding the vocabulary
+    passes: SlicePasses  # what computes each slice ("torch" or "triton")
+    check_labels: bool
 
 
 def vocab_range(vocab_size: int, group=None) -> Tuple[int, int]:
@@ -93,11 +103,12 @@ def _check_global(labels: torch.Tensor, valid: torch.Tensor, sizes: torch.Tensor
 class VocabParallelTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: HeadOptions,
-                group, passes: SlicePasses, check_labels: bool):
+                par: GroupOptions):
+        group, passes = par.group, par.passes
         ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
         valid = labels != opts.ignore_index
         sizes, start = slice_bounds(weight.shape[0], group, hidden.device)
-        if check_labels:
+        if par.check_labels:
             _check_global(labels, valid, sizes)
         # -1 lies outside every slice, so ignored tokens gather nothing.
         local_labels = torch.where(valid, labels - start, torch.full_like(labels, -1))
@@ -113,7 +124,7 @@ class VocabParallelTokenStats(torch.autograd.Function):
             dist.all_reduce(jsd_terms, op=dist.ReduceOp.SUM, group=group)
             stats["jsd"], stats["kl_p_m"] = jsd_terms.unbind(0)
 
-        ctx.opts, ctx.group, ctx.passes = opts, group, passes
+        ctx.opts, ctx.par = opts, par
         ctx.kept_names = kept_names(opts, ref_hidden is not None)
         # At ignored tokens these are real values (torch) or placeholders that backward skips
         # (triton); zeros would not do for torch, whose backward computes exp(z - lse) everywhere.
@@ -127,16 +138,16 @@ class VocabParallelTokenStats(torch.autograd.Function):
         hidden, weight, bias, local_labels, valid, ref_hidden, ref_weight, ref_bias, *kept = ctx.saved_tensors
         coef = upstream_coefficients(grads, valid, opts)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        none_for_rest = (None,) * 8
+        none_for_rest = (None,) * 6
         if not coef or not (need_h or need_w or need_b):
             return (None, None, None) + none_for_rest
-        grad_h, grad_w, grad_b = ctx.passes.backward(
+        grad_h, grad_w, grad_b = ctx.par.passes.backward(
             hidden, weight, bias, local_labels, ref_hidden, ref_weight, ref_bias, coef,
             dict(zip(ctx.kept_names, kept)), opts, need_h, need_w, need_b and bias is not None, valid=valid,
         )
         if need_h:
             # Summed in the accumulation dtype: rounding each slice's share first would bias it.
-            dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=ctx.group)
+            dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=ctx.par.group)
             grad_h = grad_h.to(hidden.dtype)
         return (grad_h, grad_w, grad_b) + none_for_rest
 
@@ -166,5 +177,5 @@ def vocab_parallel_token_stats(hidden, weight, bias, labels, ref_hidden, ref_wei
         the loss built on the statistics must be the same on every process of the group.
     """
     results = VocabParallelTokenStats.apply(hidden, weight, bias, labels, ref_hidden, ref_weight,
-                                            ref_bias, opts, group, passes_for(impl), check_labels)
+                                            ref_bias, opts, GroupOptions(group, passes_for(impl), check_labels))
     return dict(zip(opts.outputs, results))
