@@ -205,6 +205,34 @@ def test_reference_free_losses_skip_the_reference(tmp_path, loss_type):
     torch.testing.assert_close(loss.double(), expected.loss, rtol=1e-5, atol=1e-5)
 
 
+def test_reference_free_loss_needs_no_reference_model(tmp_path):
+    """A policy built from a config and no ref_model: TRL alone would try to load one by name."""
+    trainer = FusedDPOTrainer(
+        model=tiny_model("llama"), ref_model=None,
+        args=make_args(FusedDPOConfig, tmp_path, loss_type="simpo"),
+        train_dataset=preference_dataset(6), processing_class=tiny_tokenizer(),
+    )
+    assert trainer.ref_model is None
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_reference_loss_without_reference_model_still_loads_one(tmp_path):
+    """Only reference-free losses skip TRL's reference loading; sigmoid still asks TRL for one,
+    which cannot load a model built from a config, and TRL's loader is left in place."""
+    import trl.trainer.dpo_trainer as trl_dpo_trainer
+
+    loader = trl_dpo_trainer.create_model_from_path
+    with pytest.raises(OSError):
+        FusedDPOTrainer(
+            model=tiny_model("llama"), ref_model=None,
+            args=make_args(FusedDPOConfig, tmp_path, loss_type="sigmoid"),
+            train_dataset=preference_dataset(6), processing_class=tiny_tokenizer(),
+        )
+    assert trl_dpo_trainer.create_model_from_path is loader
+
+
 def test_bad_config_names_the_argument(tmp_path):
     with pytest.raises(ValueError, match="loss_type: expected names among"):
         make_args(FusedDPOConfig, tmp_path, loss_type="not_a_loss")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+import trl.trainer.dpo_trainer as trl_dpo_trainer
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
@@ -28,6 +29,25 @@ _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 # Loss types that need per-pair inputs the preference collator does not produce.
 _UNSUPPORTED_LOSS_TYPES = frozenset({"sppo"})
 TRAINER_LOSS_TYPES = tuple(name for name in LOSS_TYPES if name not in _UNSUPPORTED_LOSS_TYPES)
+
+
+def _needs_reference(loss_types) -> bool:
+    return bool(set(loss_types) & (NEEDS_REFERENCE_LOGPS | NEEDS_REFERENCE_MODEL))
+
+
+@contextlib.contextmanager
+def _reference_not_loaded():
+    """Within it, TRL's DPOTrainer builds no reference model from the policy's name or path.
+
+    For reference-free losses it would load a second copy of the model only for us to drop it, and
+    it cannot load one at all for a policy built from a config.
+    """
+    load = trl_dpo_trainer.create_model_from_path
+    trl_dpo_trainer.create_model_from_path = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        trl_dpo_trainer.create_model_from_path = load
 
 
 @dataclass
@@ -92,14 +112,18 @@ class FusedDPOTrainer(DPOTrainer):
             for name in args.loss_type:
                 if name not in TRAINER_LOSS_TYPES:
                     raise ValueError(f"loss_type: expected names among {list(TRAINER_LOSS_TYPES)}, got {name!r}")
-        super().__init__(model, ref_model, args, *rest, **kwargs)
+        # A policy given by name is loaded through the same function, so it is left alone.
+        reference_free = (args is not None and ref_model is None and not isinstance(model, str)
+                          and not _needs_reference(args.loss_type))
+        with _reference_not_loaded() if reference_free else contextlib.nullcontext():
+            super().__init__(model, ref_model, args, *rest, **kwargs)
         if self.aux_loss_enabled:
             raise NotImplementedError(
                 "router_aux_loss_coef: the fused head runs the backbone only and does not compute the "
                 "Mixture-of-Experts auxiliary loss; expected 0.0 or a dense model"
             )
         self._loss_kwargs = self._preference_kwargs(self.args)
-        self._needs_reference = bool(set(self.loss_types) & (NEEDS_REFERENCE_LOGPS | NEEDS_REFERENCE_MODEL))
+        self._needs_reference = _needs_reference(self.loss_types)
         if not self._needs_reference:
             # Reference-free losses (SimPO, CPO, ORPO, SFT) never run it: free its memory.
             self.ref_model = None
