@@ -85,6 +85,24 @@ def run(case: Case, impl: str, outputs: Sequence[str], upstream_seed: int = 1, *
     return stats, grads
 
 
+def assert_matches_reference(case: Case, impl: str, outputs: Sequence[str] = ALL_STATS,
+                             rtol: float = 1e-9) -> None:
+    """Values and gradients of ``impl`` equal the float64 oracle's, statistic by statistic."""
+    ref_stats, ref_grads = run(case, "reference", outputs)
+    stats, grads = run(case, impl, outputs)
+    for stat in fpo_ops.STAT_NAMES:
+        got, want = getattr(stats, stat), getattr(ref_stats, stat)
+        if stat not in outputs:
+            assert got is None, stat
+            continue
+        assert got.dtype == want.dtype and got.shape == case.labels.shape, stat
+        assert max_rel_err(got, want) < rtol, stat
+    assert len(grads) == len(ref_grads)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype
+        assert max_rel_err(got, want) < rtol
+
+
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |a - e| / max(max |e|, tiny): one scale for a whole tensor."""
     scale = expected.abs().max().clamp_min(1e-30)

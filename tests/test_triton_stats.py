@@ -19,7 +19,9 @@ from fpo_ops.options import HeadOptions
 from fpo_ops.reference import reference_logits
 from fpo_ops.stats import DIFFERENTIABLE_STATS
 from fpo_ops.triton_stats import triton_backward_tiles, triton_jsd_pass, triton_vocab_partials
-from stats_cases import ALL_STATS, make_case, max_abs_err, max_rel_err, poisoned_allocations, run  # noqa: F401
+from stats_cases import (  # noqa: F401  (poisoned_allocations is an autouse fixture)
+    ALL_STATS, assert_matches_reference, make_case, max_abs_err, max_rel_err, poisoned_allocations, run,
+)
 
 GRAD_STATS = tuple(sorted(DIFFERENTIABLE_STATS))
 CUDA = torch.cuda.is_available()
@@ -58,16 +60,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference_float64(name):
     case = make_case(**CASES[name])
-    ref_stats, ref_grads = run(case, "reference", ALL_STATS)
-    stats, grads = run(case, "triton", ALL_STATS)
-    for stat in ALL_STATS:
-        got, want = getattr(stats, stat), getattr(ref_stats, stat)
-        assert got.dtype == torch.float64 and got.shape == case.labels.shape
-        assert max_rel_err(got, want) < 1e-9, stat
-    assert len(grads) == len(ref_grads) == len(case.leaves())
-    for got, want in zip(grads, ref_grads):
-        assert got.dtype == want.dtype
-        assert max_rel_err(got, want) < 1e-9
+    assert_matches_reference(case, "triton")
 
 
 @pytest.mark.parametrize("outputs", [("logp",), ("kl",), ("reverse_kl", "entropy"), ("jsd",),
@@ -76,14 +69,7 @@ def test_matches_reference_float64(name):
 def test_each_statistic_alone(outputs):
     """Each gradient formula on its own, and the kernels' subsets of accumulators."""
     case = make_case(shape=(37,), hidden_size=16, vocab=37, bias=True, softcap=5.0, seed=3)
-    ref_stats, ref_grads = run(case, "reference", outputs)
-    stats, grads = run(case, "triton", outputs)
-    for stat in outputs:
-        assert max_rel_err(getattr(stats, stat), getattr(ref_stats, stat)) < 1e-9, stat
-    for stat in set(fpo_ops.STAT_NAMES) - set(outputs):
-        assert getattr(stats, stat) is None
-    for got, want in zip(grads, ref_grads):
-        assert max_rel_err(got, want) < 1e-9
+    assert_matches_reference(case, "triton", outputs)
 
 
 def test_ignored_positions_are_zero_and_get_zero_gradient():
