@@ -205,7 +205,7 @@ def tdpo_oracle(tok, *, beta, alpha, tdpo2, margin=None, detach_chosen_kl=None):
 
 
 def spo_oracle(tok, *, beta, alpha, sample_tok=None, margin=None, pair_weight=None, sample_weights=None):
-    """SPO (Sharifnassab et al. 2024): -(1/α) log(π_w^α / (π_w^α + π_l^α)) + β E_samples[Σ_t KL(π_θ ‖ π_ref)].
+    """SPO (Sharifnassab et al. 2024): -(1/α) log(π_w^α / (π_w^α + π_l^α)) + β E_y[Σ_t KL(π_θ ‖ π_ref)].
 
     The expectation is the (weighted) mean over the given samples, which are held fixed: the
     gradient is the per-token distribution term only (see `spo_exact_regulariser` for the full one).

@@ -152,7 +152,8 @@ def test_sppo_trains_from_win_rate_columns(tmp_path, loss_type):
                   _labels(batch["input_ids"], batch["completion_mask"]))
     probs = {k: batch[k].double() for k in ("chosen_probs", "chosen_probs_win", "chosen_probs_lose")}
     if loss_type == "sppo":
-        expected = sppo_oracle(tok, beta=trainer.args.beta, p_w=probs["chosen_probs_win"], p_l=probs["chosen_probs_lose"])
+        expected = sppo_oracle(tok, beta=trainer.args.beta, p_w=probs["chosen_probs_win"],
+                               p_l=probs["chosen_probs_lose"])
     else:
         expected = sppo_oracle(tok, beta=trainer.args.beta, p_pair=probs["chosen_probs"])
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-5)

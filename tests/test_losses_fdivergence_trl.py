@@ -129,13 +129,15 @@ def test_f_divergence_offsets_are_trl_1_16s():
     tok = token_quantities(batch)
     u = (tok["logp"].sum(1) - tok["ref_logp"].sum(1)).detach()
     u_w, u_l = u.chunk(2)
+    log2 = torch.log(torch.tensor(2.0, dtype=torch.float64))
     for f_type, score in (("forward_kl", lambda x: 1 - torch.exp(-x)),
-                          ("js_divergence", lambda x: torch.log(torch.tensor(2.0, dtype=x.dtype)) + torch.nn.functional.logsigmoid(x))):
+                          ("js_divergence", lambda x: log2 + torch.nn.functional.logsigmoid(x))):
         out = fpo_ops.preference_loss(batch.hidden, batch.weight, batch.labels, batch.ref_hidden, batch.ref_weight,
                                       loss_type="sigmoid", beta=0.4, f_divergence_type=f_type, impl="torch")
         expected = -torch.nn.functional.logsigmoid(0.4 * (score(u_w) - score(u_l))).mean()
         torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(_trl_loss(tok, "sigmoid", 0.4, f_type, 0.5).detach(), expected, rtol=1e-10, atol=1e-10)
+        theirs = _trl_loss(tok, "sigmoid", 0.4, f_type, 0.5).detach()
+        torch.testing.assert_close(theirs, expected, rtol=1e-10, atol=1e-10)
 
 
 def _trl_f_divergence_loss_types():

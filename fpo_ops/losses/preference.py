@@ -336,7 +336,9 @@ def _check_win_probs(chosen_set, chosen_win_prob, rejected_win_prob, pair_win_pr
                 f"{sorted(chosen_set)}"
             )
         if check_inputs and not bool(((value >= 0) & (value <= 1)).all()):
-            raise ValueError(f"{name}: expected values in [0, 1], got min {value.min().item()} max {value.max().item()}")
+            raise ValueError(
+                f"{name}: expected values in [0, 1], got min {value.min().item()} max {value.max().item()}"
+            )
 
 
 def _wpo_weights(stats, mask) -> torch.Tensor:

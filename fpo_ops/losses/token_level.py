@@ -41,14 +41,14 @@ def spo_preference_loss(
     chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, alpha: float, margin: Margin = 0.0,
     weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """SPO preference term: ``-(1/α) log(π_w^α / (π_w^α + π_l^α))`` = ``-(1/α) log σ(α (S_w - S_l) - margin)``.
+    """SPO preference term: ``-(1/α) log(π_w^α / (π_w^α + π_l^α)) = -(1/α) log σ(α (S_w - S_l))``.
 
     S = log π_θ(y|x) is the sequence log-prob and α the softmax exponent (the "softness": the
     optimum under a Bradley-Terry expert is a softmax of the rewards with exponent α). The 1/α in
     front keeps the gradient's scale independent of α: d/dS_w = σ(-α (S_w - S_l)), so α = 1 is the
-    plain log-softmax of the pair. ``margin`` is an offset in the units of α·S, as for the other
-    margin losses. ``weight`` μ [B], when given, multiplies each pair's term (a per-comparison
-    weighting, detached; the caller computes it).
+    plain log-softmax of the pair. ``margin`` is subtracted inside, as for the other margin losses:
+    ``-(1/α) log σ(α (S_w - S_l) - margin)`` (units of α·S). ``weight`` μ [B], when given,
+    multiplies each pair's term (a per-comparison weighting, detached; the caller computes it).
 
     Sources: Sharifnassab et al., "Soft Preference Optimization: Aligning Language Models to Expert
     Distributions" (arXiv 2405.00747): a preference term with softmax exponent α plus a global KL
