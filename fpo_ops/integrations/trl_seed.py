@@ -7,7 +7,9 @@ with regularising on the preference data. With ``spo_regularizer="on_policy"`` (
 trainer samples completions of the batch's prompts from the policy every ``spo_sample_every``
 optimizer steps (``generate`` on the unwrapped model) and adds β times their summed token-level
 KL(π_θ‖π_ref) over the vocabulary, computed by the fused head pass (no logits); the samples of the
-last generation are reused, with the current weights, until the next one. ``spo_regularizer="pair"``
+last generation are reused, with the current weights, until the next one. By the chain rule of KL,
+``E_{y~π_θ}[Σ_t KL(π_θ(·|x, y_<t) ‖ π_ref(·|x, y_<t))]`` is the KL between the two models' whole
+distributions over completions, so the sample mean estimates exactly the paper's global term. ``spo_regularizer="pair"``
 is the local variant: the KL along the preference pair itself.
 
 Gradient of the regulariser: by default the per-token distribution term only, i.e. the samples
