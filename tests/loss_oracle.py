@@ -204,29 +204,45 @@ def tdpo_oracle(tok, *, beta, alpha, tdpo2, margin=None, detach_chosen_kl=None):
     return losses.mean(), metrics
 
 
-def spo_oracle(tok, *, beta, alpha, sample_tok=None, margin=None):
-    """SPO: -log(π_w^α / (π_w^α + π_l^α)) + β E_samples[Σ_t KL(π_θ ‖ π_ref)]."""
+def spo_oracle(tok, *, beta, alpha, sample_tok=None, margin=None, pair_weight=None, sample_weights=None):
+    """SPO (Sharifnassab et al. 2024): -(1/α) log(π_w^α / (π_w^α + π_l^α)) + β E_y[Σ_t KL(π_θ ‖ π_ref)].
+
+    The expectation is the (weighted) mean over the given samples, which are held fixed: the
+    gradient is the per-token distribution term only (see `spo_exact_regulariser` for the full one).
+    """
     logps = tok["logp"].sum(1)
     cw, cl = logps.chunk(2)
     pw, pl = torch.exp(alpha * cw), torch.exp(alpha * cl)   # small sequences: no overflow in float64
     mg = 0.0 if margin is None else margin
-    preference = -torch.log(pw / (pw + pl * torch.exp(torch.as_tensor(mg, dtype=pw.dtype))))
+    preference = -torch.log(pw / (pw + pl * torch.exp(torch.as_tensor(mg, dtype=pw.dtype)))) / alpha
+    if pair_weight is not None:
+        preference = preference * pair_weight
     source = tok if sample_tok is None else sample_tok
-    regulariser = source["reverse_kl"].sum(1).mean()
+    per_sample = source["reverse_kl"].sum(1)
+    if sample_weights is None:
+        regulariser = per_sample.mean()
+    else:
+        regulariser = (per_sample * sample_weights).sum() / sample_weights.sum()
     loss = preference.mean() + beta * regulariser
     u = (logps - tok["ref_logp"].sum(1)).detach()
     metrics = dict(_reward_metrics(beta * u.chunk(2)[0], beta * u.chunk(2)[1], cw, cl), **_token_metrics(tok))
-    metrics["reverse_kl"] = source["reverse_kl"].sum(1).mean().detach()
+    metrics["reverse_kl"] = regulariser.detach()
     return loss, metrics
 
 
-def sppo_oracle(tok, *, beta, p_w, p_l):
-    """SPPO official trainer: losses = ((u_w - η(P_w - ½))² + (u_l - η(P_l - ½))²) / 2, η = 1/β."""
+def sppo_oracle(tok, *, beta, p_w=None, p_l=None, p_pair=None):
+    """SPPO official trainer (uclaml/SPPO ``dpo_loss``), η = 1/β:
+    ``sppo``: ((u_w - η(P_w - ½))² + (u_l - η(P_l - ½))²) / 2 with P_w, P_l = chosen_probs_win, chosen_probs_lose;
+    ``sppo_single`` (p_pair given): ((u_w - η(P - ½))² + (u_l + η(P - ½))²) / 2 with P = chosen_probs."""
     u = tok["logp"].sum(1) - tok["ref_logp"].sum(1)
     u_w, u_l = u.chunk(2)
     eta = 1 / beta
-    loss_w = (u_w - eta * (p_w - 0.5)) ** 2
-    loss_l = (u_l - eta * (p_l - 0.5)) ** 2
+    if p_pair is not None:
+        loss_w = (u_w - eta * (p_pair - 0.5)) ** 2
+        loss_l = (u_l + eta * (p_pair - 0.5)) ** 2
+    else:
+        loss_w = (u_w - eta * (p_w - 0.5)) ** 2
+        loss_l = (u_l - eta * (p_l - 0.5)) ** 2
     return ((loss_w + loss_l) / 2).mean()
 
 
@@ -325,3 +341,30 @@ def teacher_student_logits(batch: Batch):
     teacher = _logits(batch.ref_hidden, teacher_weight, batch.ref_bias, 1.0, head.get("ref_softcap"),
                       head.get("ref_logit_scale", 1.0))
     return student, teacher.detach()
+
+
+def spo_exact_regulariser(embed, position, weight, ref_embed, ref_position, ref_weight, *, start: int):
+    """SPO's global regulariser E_{y~π_θ}[Σ_t KL(π_θ(·|y_<t) ‖ π_ref(·|y_<t))], summed exactly.
+
+    A toy autoregressive model over V tokens: the hidden state predicting y_t is
+    ``embed[y_{t-1}] + position[t]`` (y_0 = ``start``), the logits ``hidden @ weight.T``; the
+    reference likewise with its own tables. Every one of the V^T sequences of length T is
+    enumerated, so the result is the expectation itself, and autograd through π_θ(y) gives its full
+    gradient (the per-token term and the score-function term) without any estimator.
+
+    Returns:
+        (J [], sequences [V^T, T], hidden [V^T, T, H], ref_hidden [V^T, T, H'], probs [V^T] = π_θ(y)).
+    """
+    import itertools
+
+    vocab, length = weight.shape[0], position.shape[0]
+    sequences = torch.tensor(list(itertools.product(range(vocab), repeat=length)))
+    previous = torch.cat([torch.full((sequences.shape[0], 1), start), sequences[:, :-1]], dim=1)
+    hidden = embed[previous] + position
+    ref_hidden = (ref_embed[previous] + ref_position).detach()
+    logp_all = torch.log_softmax(hidden @ weight.T, -1)
+    logq_all = torch.log_softmax(ref_hidden @ ref_weight.T, -1).detach()
+    kl = (logp_all.exp() * (logp_all - logq_all)).sum(-1).sum(-1)
+    log_prob = logp_all.gather(-1, sequences.unsqueeze(-1)).squeeze(-1).sum(-1)
+    probs = log_prob.exp()
+    return (probs * kl).sum(), sequences, hidden, ref_hidden, probs

@@ -164,7 +164,8 @@ def expected_loss_in_float64(trainer, batch, loss_type, **loss_options):
     ("spo", "llama", {"reverse_kl"}),
 ])
 def test_token_level_losses_match_oracle_and_train(tmp_path, loss_type, family, extra_metrics):
-    options = dict(tdpo_alpha=0.7, spo_alpha=1.3)
+    # SPO's local variant here: the KL on the pair (the on-policy regulariser is tested on its own)
+    options = dict(tdpo_alpha=0.7, spo_alpha=1.3, spo_regularizer="pair")
     trainer = make_trainer(FusedDPOTrainer, FusedDPOConfig, tmp_path, family=family, loss_type=loss_type,
                            max_steps=3, **options)
     batch = one_batch(trainer)

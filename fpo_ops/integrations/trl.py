@@ -23,11 +23,12 @@ from ..losses.config import LOSS_TYPES, NEEDS_REFERENCE_LOGPS, NEEDS_REFERENCE_M
 from ..losses.sequence import ld_token_weights
 from ..token_stats import token_stats
 from .hf import HEAD_INPUTS_KWARG, HeadInputs, add_head_outputs, apply_gathered, is_peft_model, is_zero3_param
+from .trl_seed import PAIR_COLUMNS, SeedLossArguments, SeedLossesMixin
 
 # Inputs the collator adds that the model's forward does not take.
-_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
-# Loss types that need per-pair inputs the preference collator does not produce.
-_UNSUPPORTED_LOSS_TYPES = frozenset({"sppo"})
+_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps") + PAIR_COLUMNS
+# Loss types the trainer cannot feed.
+_UNSUPPORTED_LOSS_TYPES = frozenset()
 TRAINER_LOSS_TYPES = tuple(name for name in LOSS_TYPES if name not in _UNSUPPORTED_LOSS_TYPES)
 
 
@@ -51,11 +52,13 @@ def _reference_not_loaded():
 
 
 @dataclass
-class FusedDPOConfig(DPOConfig):
+class FusedDPOConfig(SeedLossArguments, DPOConfig):
     r"""`trl.DPOConfig` plus the parameters of the extra loss types of `fpo_ops.preference_loss`.
 
-    ``loss_type`` accepts every TRL name and ``"tdpo1"``, ``"tdpo2"``, ``"spo"``, ``"simpo"``,
-    ``"cpo"``, ``"orpo"`` (a list combines them with ``loss_weights``, as in TRL).
+    ``loss_type`` accepts every TRL name and ``"tdpo1"``, ``"tdpo2"``, ``"spo"``, ``"sppo"``,
+    ``"sppo_single"``, ``"simpo"``, ``"cpo"``, ``"orpo"`` (a list combines them with ``loss_weights``,
+    as in TRL). SPO's regulariser options (``spo_regularizer``, ``spo_sample_every``, ...) are those
+    of `trl_seed.SeedLossArguments`.
 
     Parameters:
         tdpo_alpha (`float`, defaults to `0.5`): α of TDPO2, weight of the rejected response's
@@ -93,7 +96,7 @@ class FusedDPOConfig(DPOConfig):
             )
 
 
-class FusedDPOTrainer(DPOTrainer):
+class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
     """`trl.DPOTrainer` whose losses and metrics come from `fpo_ops.preference_loss`.
 
     Neither the policy nor the reference ever builds ``[tokens, vocab]`` logits: both models run their
@@ -101,8 +104,9 @@ class FusedDPOTrainer(DPOTrainer):
     streamed over the vocabulary. Takes the same arguments as `trl.DPOTrainer`; ``args`` should be a
     `FusedDPOConfig` (a plain `DPOConfig` works for TRL's own loss types).
 
-    Not supported: Mixture-of-Experts router auxiliary losses (``router_aux_loss_coef``), the ``sppo``
-    loss (needs win probabilities per pair), and on-policy samples for SPO (the pair is used).
+    ``spo`` regularises on completions sampled from the policy and ``sppo`` / ``sppo_single`` read
+    SPPO's win-rate columns (see `trl_seed`). Not supported: Mixture-of-Experts router auxiliary
+    losses (``router_aux_loss_coef``).
     """
 
     _tag_names = ["trl", "dpo", "fpo-ops"]
@@ -130,6 +134,7 @@ class FusedDPOTrainer(DPOTrainer):
         add_head_outputs(self.model)
         if self.ref_model is not None:
             add_head_outputs(self.accelerator.unwrap_model(self.ref_model))
+        self._setup_seed_losses()
 
     @staticmethod
     def _preference_kwargs(args: DPOConfig) -> Dict[str, Any]:
@@ -232,6 +237,7 @@ class FusedDPOTrainer(DPOTrainer):
             reference = self._reference_parts(model_kwargs)
 
         ref_hidden = None if reference is None else self._aligned(reference, input_length)
+        ref_logps.update(self._seed_loss_inputs(model, inputs, policy))
         output = self._fused_preference_loss(policy, hidden, labels, reference, ref_hidden, ref_logps)
         self._log_metrics(mode, inputs, output)
 

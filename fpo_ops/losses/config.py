@@ -11,13 +11,14 @@ TRL_DPO_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
-EXTRA_LOSS_TYPES = ("tdpo1", "tdpo2", "spo", "sppo", "simpo", "cpo", "orpo")
+EXTRA_LOSS_TYPES = ("tdpo1", "tdpo2", "spo", "sppo", "sppo_single", "simpo", "cpo", "orpo")
 LOSS_TYPES = TRL_DPO_LOSS_TYPES + EXTRA_LOSS_TYPES
 
 # Losses on log-ratios to the reference: need reference log-probs (computed or precomputed).
 NEEDS_REFERENCE_LOGPS = frozenset(
     {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "tdpo1", "tdpo2", "sppo"}
+     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "tdpo1", "tdpo2", "sppo",
+     "sppo_single"}
 )
 # Losses on a token-level KL over the vocabulary: need the reference model's hidden states.
 NEEDS_REFERENCE_MODEL = frozenset({"tdpo1", "tdpo2", "spo"})

@@ -1,7 +1,11 @@
 """f-DPO scores: the derivative f'(π/π_ref) of the f-divergence regulariser, as a function of log π/π_ref.
 
 Source: Wang et al., "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
-Divergence Constraints" (f-DPO, 2023); formulas and names as in TRL's ``DPOTrainer``.
+Divergence Constraints" (f-DPO, 2023); formulas, names and the loss types they are allowed with as in
+TRL 1.16's ``DPOTrainer`` (later TRL changed the offsets and the restriction; a test pins 1.16's
+against TRL's own code). Two deviations from the paper, both TRL's: the alpha-divergence's α is
+mirrored (the paper's f'(u) = (1 - u^{-α})/α is the score below at α_TRL = 1 - α_paper), and the
+forward KL's f' = -1/u is offset by the constant 1 (it cancels in the score difference).
 """
 import math
 

@@ -10,7 +10,7 @@ from .pairwise import (
 from .per_response import apo_down_loss, apo_zero_loss, bco_pair_loss, nca_pair_loss, sppo_hard_loss
 from .ranked import aot_loss, aot_unpaired_loss
 from .reference_free import cpo_loss, orpo_loss, simpo_loss
-from .sppo import sppo_loss
+from .sppo import sppo_loss, sppo_single_loss
 from .token_level import spo_preference_loss, spo_regularizer, tdpo_loss
 
 
@@ -32,8 +32,11 @@ class PairTerms:
     chosen_seq_kl: Optional[torch.Tensor] = None     # Σ_t KL(ref ‖ policy)
     rejected_seq_kl: Optional[torch.Tensor] = None
     spo_reverse_kl: Optional[torch.Tensor] = None    # [S] Σ_t KL(policy ‖ ref) of SPO's sequences
-    chosen_win_prob: Optional[torch.Tensor] = None
+    spo_sample_weights: Optional[torch.Tensor] = None  # [S] weights of those sequences, or None
+    spo_weight: Optional[torch.Tensor] = None        # per-pair weight μ of SPO's preference term
+    chosen_win_prob: Optional[torch.Tensor] = None   # SPPO win rates (chosen_probs_win / _lose)
     rejected_win_prob: Optional[torch.Tensor] = None
+    pair_win_prob: Optional[torch.Tensor] = None     # P(y_w ≻ y_l) (chosen_probs) of sppo_single
 
     @property
     def chosen_logratios(self) -> torch.Tensor:
@@ -99,10 +102,12 @@ def per_pair_loss(
             alpha=cfg.tdpo_alpha if tdpo2 else 1.0, stop_chosen_kl_grad=tdpo2, margin=margin,
         )
     if loss_type == "spo":
-        preference = spo_preference_loss(t.chosen_logps, t.rejected_logps, cfg.spo_alpha, margin)
-        return preference + beta * spo_regularizer(t.spo_reverse_kl)
+        preference = spo_preference_loss(t.chosen_logps, t.rejected_logps, cfg.spo_alpha, margin, t.spo_weight)
+        return preference + beta * spo_regularizer(t.spo_reverse_kl, t.spo_sample_weights)
     if loss_type == "sppo":
         return sppo_loss(t.chosen_logratios, t.rejected_logratios, t.chosen_win_prob, t.rejected_win_prob, beta)
+    if loss_type == "sppo_single":
+        return sppo_single_loss(t.chosen_logratios, t.rejected_logratios, t.pair_win_prob, beta)
     if loss_type == "simpo":
         return simpo_loss(t.chosen_avg_logps, t.rejected_avg_logps, beta, cfg.simpo_gamma, eps, margin)
     if loss_type == "cpo":

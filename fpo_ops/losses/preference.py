@@ -15,6 +15,7 @@ from .metrics import optional_mean, reward_metrics, token_metrics
 from .output import PreferenceOutput
 from .reference_free import orpo_log_odds, sft_loss
 from .sequence import completion_mask, ld_token_weights, sequence_mean, sequence_sum, split_pairs
+from .token_level import spo_regularizer, spo_sample_terms
 
 
 def preference_loss(
@@ -43,8 +44,12 @@ def preference_loss(
     sample_hidden: Optional[torch.Tensor] = None,
     sample_ref_hidden: Optional[torch.Tensor] = None,
     sample_labels: Optional[torch.Tensor] = None,
+    sample_weights: Optional[torch.Tensor] = None,
+    spo_score_function: bool = False,
+    spo_weight: Optional[torch.Tensor] = None,
     chosen_win_prob: Optional[torch.Tensor] = None,
     rejected_win_prob: Optional[torch.Tensor] = None,
+    pair_win_prob: Optional[torch.Tensor] = None,
     simpo_gamma: float = 0.5,
     cpo_alpha: float = 1.0,
     ignore_index: int = -100,
@@ -70,8 +75,9 @@ def preference_loss(
     every TRL ``DPOTrainer`` type (``sigmoid``, ``hinge``, ``ipo``, ``exo_pair``, ``nca_pair``,
     ``robust``, ``bco_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``, ``apo_zero``, ``apo_down``,
     ``discopop``, ``sft``, ``sigmoid_norm``) with TRL's semantics, plus ``tdpo1``, ``tdpo2``
-    (token KL(π_ref‖π_θ) summed per sequence), ``spo`` (preference term plus β times the summed token
-    KL(π_θ‖π_ref)), ``sppo`` (soft win rates), ``simpo``, ``cpo`` and ``orpo``.
+    (token KL(π_ref‖π_θ) summed per sequence), ``spo`` (``-(1/α) log σ(α (S_w - S_l))`` plus β times
+    the summed token KL(π_θ‖π_ref) of sequences sampled from the policy, or of the pair when none are
+    given), ``sppo`` and ``sppo_single`` (soft win rates), ``simpo``, ``cpo`` and ``orpo``.
 
     Reference: losses on log-ratios need reference log-probs, from ``ref_hidden`` (with
     ``ref_weight``, or the policy head when None) or precomputed as ``ref_chosen_logps`` /
@@ -113,9 +119,17 @@ def preference_loss(
         margin: [B] per-pair margin in reward units (see above), or None.
         tdpo_alpha: α of ``tdpo2``.
         spo_alpha: softmax exponent α of ``spo``'s preference term.
-        sample_hidden, sample_ref_hidden, sample_labels: [S, T', H], [S, T', H'], [S, T']: on-policy
-            samples whose summed token KL(π_θ‖π_ref) forms ``spo``'s regulariser; None uses the pair.
-        chosen_win_prob, rejected_win_prob: [B] win probabilities P_w, P_l in [0, 1] for ``sppo``.
+        sample_hidden, sample_ref_hidden, sample_labels: [S, T', H], [S, T', H'], [S, T']: sequences
+            sampled from the policy (labels: the sampled tokens, ``ignore_index`` on prompt and padding)
+            whose summed token KL(π_θ‖π_ref), through the same heads, forms ``spo``'s regulariser (the
+            paper's global KL); None uses the pair itself (the local variant).
+        sample_weights: [S] non-negative weights of the samples in the regulariser's mean, or None.
+        spo_score_function: add the score-function term to the regulariser's gradient (see
+            `token_level.spo_sample_terms`); needs samples.
+        spo_weight: [B] per-pair weight μ of ``spo``'s preference term, or None.
+        chosen_win_prob, rejected_win_prob: [B] win rates P_w, P_l in [0, 1] of ``sppo`` (SPPO's
+            ``chosen_probs_win``, ``chosen_probs_lose``).
+        pair_win_prob: [B] P(y_w ≻ y_l) in [0, 1] of ``sppo_single`` (SPPO's ``chosen_probs``).
         simpo_gamma: target margin γ of ``simpo``.
         cpo_alpha: weight of the NLL term of ``cpo``.
         ignore_index, temperature, softcap, logit_scale, ref_softcap, ref_logit_scale: head options,
@@ -144,11 +158,13 @@ def preference_loss(
     device = labels.device
     for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
                         ("margin", margin), ("chosen_win_prob", chosen_win_prob),
-                        ("rejected_win_prob", rejected_win_prob)):
+                        ("rejected_win_prob", rejected_win_prob), ("pair_win_prob", pair_win_prob),
+                        ("spo_weight", spo_weight)):
         validate_pair_tensor(name, value, n_pairs, device)
     precomputed_ref = _check_reference(
         chosen_set, ref_hidden, ref_chosen_logps, ref_rejected_logps, sample_hidden, sample_ref_hidden, sample_labels,
     )
+    _check_spo_options(chosen_set, sample_labels, sample_weights, spo_score_function, spo_weight)
     # the SFT term has no pair to offset and simply ignores the margin in a combination
     without_margin = chosen_set - MARGIN_LOSS_TYPES - {"sft"}
     if margin is not None and without_margin:
@@ -156,7 +172,7 @@ def preference_loss(
             f"margin: expected None with loss types outside {sorted(MARGIN_LOSS_TYPES)}, got a tensor with "
             f"{sorted(without_margin)}"
         )
-    _check_win_probs(chosen_set, chosen_win_prob, rejected_win_prob, check_inputs)
+    _check_win_probs(chosen_set, chosen_win_prob, rejected_win_prob, pair_win_prob, check_inputs)
 
     spo_on_pair = "spo" in chosen_set and sample_hidden is None
     outputs = ["logp"]
@@ -206,13 +222,19 @@ def preference_loss(
     if spo_on_pair:
         terms.spo_reverse_kl = sequence_sum(stats.reverse_kl, mask)
     elif "spo" in chosen_set:
+        # the global regulariser: the KL along sequences the policy generated, through the same heads
         sample_stats = token_stats(
             sample_hidden, weight, sample_labels, sample_ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
-            outputs=("reverse_kl",), **head_options,
+            outputs=("reverse_kl", "logp") if spo_score_function else ("reverse_kl",), **head_options,
         )
-        terms.spo_reverse_kl = sequence_sum(sample_stats.reverse_kl, completion_mask(sample_labels, ignore_index))
+        terms.spo_reverse_kl = spo_sample_terms(
+            sample_stats.reverse_kl, sample_stats.logp, completion_mask(sample_labels, ignore_index),
+        )
+        terms.spo_sample_weights = sample_weights
+    terms.spo_weight = None if spo_weight is None else spo_weight.to(dtype)
     terms.chosen_win_prob = None if chosen_win_prob is None else chosen_win_prob.to(dtype)
     terms.rejected_win_prob = None if rejected_win_prob is None else rejected_win_prob.to(dtype)
+    terms.pair_win_prob = None if pair_win_prob is None else pair_win_prob.to(dtype)
 
     config = LossConfig(
         beta=float(beta), label_smoothing=float(label_smoothing), discopop_tau=float(discopop_tau),
@@ -275,23 +297,48 @@ def _check_reference(chosen_set, ref_hidden, ref_chosen_logps, ref_rejected_logp
     return precomputed
 
 
-def _check_win_probs(chosen_set, chosen_win_prob, rejected_win_prob, check_inputs: bool) -> None:
-    given = chosen_win_prob is not None, rejected_win_prob is not None
-    if "sppo" in chosen_set and not all(given):
+def _check_spo_options(chosen_set, sample_labels, sample_weights, spo_score_function, spo_weight) -> None:
+    if not isinstance(spo_score_function, bool):
+        raise TypeError(f"spo_score_function: expected a bool, got {type(spo_score_function).__name__}")
+    if spo_score_function and sample_labels is None:
+        raise ValueError(
+            "spo_score_function: the score-function term needs sequences sampled from the policy: expected "
+            "sample_hidden, sample_ref_hidden and sample_labels, got None"
+        )
+    if sample_weights is not None:
+        if sample_labels is None:
+            raise ValueError("sample_weights: expected None without sample_labels, got a tensor")
+        validate_pair_tensor("sample_weights", sample_weights, sample_labels.shape[0], sample_labels.device)
+    if spo_weight is not None and "spo" not in chosen_set:
+        raise ValueError(f"spo_weight: the pair weight μ is only used by 'spo', got loss types {sorted(chosen_set)}")
+
+
+# Per-pair probability inputs and the loss types that read them.
+_WIN_PROB_USERS = {"chosen_win_prob": "sppo", "rejected_win_prob": "sppo", "pair_win_prob": "sppo_single"}
+
+
+def _check_win_probs(chosen_set, chosen_win_prob, rejected_win_prob, pair_win_prob, check_inputs: bool) -> None:
+    values = {"chosen_win_prob": chosen_win_prob, "rejected_win_prob": rejected_win_prob,
+              "pair_win_prob": pair_win_prob}
+    if "sppo" in chosen_set and (chosen_win_prob is None or rejected_win_prob is None):
         raise ValueError(
             "chosen_win_prob, rejected_win_prob: 'sppo' expects both win-probability tensors, got "
-            f"{['tensor' if g else 'None' for g in given]}"
+            f"{['tensor' if v is not None else 'None' for v in (chosen_win_prob, rejected_win_prob)]}"
         )
-    if any(given) and "sppo" not in chosen_set:
-        raise ValueError(
-            f"chosen_win_prob: win probabilities are only used by 'sppo', got loss types {sorted(chosen_set)}"
-        )
-    if any(given) and check_inputs:
-        for name, value in (("chosen_win_prob", chosen_win_prob), ("rejected_win_prob", rejected_win_prob)):
-            if not bool(((value >= 0) & (value <= 1)).all()):
-                raise ValueError(
-                    f"{name}: expected values in [0, 1], got min {value.min().item()} max {value.max().item()}"
-                )
+    if "sppo_single" in chosen_set and pair_win_prob is None:
+        raise ValueError("pair_win_prob: 'sppo_single' expects P(chosen beats rejected) per pair, got None")
+    for name, value in values.items():
+        if value is None:
+            continue
+        if _WIN_PROB_USERS[name] not in chosen_set:
+            raise ValueError(
+                f"{name}: win probabilities are only used by {_WIN_PROB_USERS[name]!r}, got loss types "
+                f"{sorted(chosen_set)}"
+            )
+        if check_inputs and not bool(((value >= 0) & (value <= 1)).all()):
+            raise ValueError(
+                f"{name}: expected values in [0, 1], got min {value.min().item()} max {value.max().item()}"
+            )
 
 
 def _wpo_weights(stats, mask) -> torch.Tensor:
@@ -327,7 +374,7 @@ def _build_output(primary, chosen_set, terms: PairTerms, config: LossConfig, los
         metrics["kl/chosen"] = optional_mean(terms.chosen_seq_kl)
         metrics["kl/rejected"] = optional_mean(terms.rejected_seq_kl)
     if "spo" in chosen_set:
-        metrics["reverse_kl"] = optional_mean(terms.spo_reverse_kl)
+        metrics["reverse_kl"] = spo_regularizer(terms.spo_reverse_kl.detach(), terms.spo_sample_weights)
     if chosen_set & {"cpo", "orpo", "sft"}:
         metrics["nll_loss"] = terms.nll.detach()
     if "orpo" in chosen_set:
