@@ -78,15 +78,30 @@ def preference_dataset(num_pairs: int = 6, seed: int = 0):
 
 
 class FakeZero3:
-    """Stands in for deepspeed: partitioned params hold an empty tensor outside a gather."""
+    """Stands in for deepspeed: partitioned params hold an empty tensor outside a gather.
+
+    As DeepSpeed's module hooks do, a call of the module owning a partitioned parameter gathers it
+    for the duration of the call (counted in ``module_gathers``, apart from explicit ``gathers``).
+    """
 
     def __init__(self):
         self.gathers = 0
+        self.module_gathers = 0
 
-    def partition(self, param):
+    def partition(self, param, module=None):
         param.ds_id = id(param)
         param.ds_full = param.data
         param.data = torch.empty(0, dtype=param.dtype)
+        if module is not None:
+            def gather(*_):
+                self.module_gathers += 1
+                param.data = param.ds_full
+
+            def release(*_):
+                param.data = torch.empty(0, dtype=param.dtype)
+
+            module.register_forward_pre_hook(gather)
+            module.register_forward_hook(release)
 
     def module(self):
         fake = self
