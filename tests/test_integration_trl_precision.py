@@ -179,7 +179,8 @@ def test_moe_router_aux_loss_equals_trl(tmp_path, family, coef):
                                    msg=lambda m: f"{name}: {m}")
 
 
-def test_gkd_teacher_equal_to_student_gives_zero_loss(tmp_path):
+def gkd_trainer(tmp_path, student, teacher, beta=0.5, **kwargs):
+    """FusedGKDTrainer under GKDConfig's defaults (bf16, gradient checkpointing) unless overridden."""
     gkd = pytest.importorskip("trl.experimental.gkd")
     from test_integration_trl_gkd import CHAT_TEMPLATE, chat_dataset
 
@@ -187,17 +188,39 @@ def test_gkd_teacher_equal_to_student_gives_zero_loss(tmp_path):
 
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
+    options = {k: kwargs.pop(k) for k in ("bf16",) if k in kwargs}
+    args = gkd.GKDConfig(
+        output_dir=tempfile.mkdtemp(dir=tmp_path), per_device_train_batch_size=4, max_steps=1, optim="sgd",
+        report_to="none", save_strategy="no", lmbda=0.0, seq_kd=False, beta=beta, max_length=64,
+        use_cpu=True, disable_tqdm=True, logging_steps=1, seed=3, **options,
+    )
+    assert args.gradient_checkpointing and (args.bf16 or "bf16" in options)
+    return FusedGKDTrainer(model=copy.deepcopy(student), teacher_model=copy.deepcopy(teacher), args=args,
+                           train_dataset=chat_dataset(), processing_class=tokenizer, **kwargs)
+
+
+@pytest.mark.parametrize("bf16, fp32_head, expected", [
+    (True, False, torch.bfloat16), (False, False, torch.float32), (True, True, torch.float32),
+])
+def test_gkd_head_sees_the_autocast_dtype(tmp_path, monkeypatch, bf16, fp32_head, expected):
+    spy = OperandSpy(monkeypatch)
+    trainer = gkd_trainer(tmp_path, tiny_model("llama"), tiny_model("llama", seed=1), bf16=bf16,
+                          cast_lm_head_to_fp32=fp32_head)
+    trainer.train()
+    assert spy.calls
+    for call in spy.calls:  # student and teacher heads
+        assert call == dict(hidden=expected, weight=expected, ref_hidden=expected, ref_weight=expected)
+
+
+def test_gkd_fp32_head_option_must_be_a_bool(tmp_path):
+    with pytest.raises(TypeError, match="cast_lm_head_to_fp32: expected a bool"):
+        gkd_trainer(tmp_path, tiny_model("llama"), tiny_model("llama"), cast_lm_head_to_fp32="yes")
+
+
+def test_gkd_teacher_equal_to_student_gives_zero_loss(tmp_path):
     student = tiny_model("llama")
     for beta in (0.0, 0.5, 1.0):
-        args = gkd.GKDConfig(
-            output_dir=tempfile.mkdtemp(dir=tmp_path), per_device_train_batch_size=4, max_steps=1, optim="sgd",
-            report_to="none", save_strategy="no", lmbda=0.0, seq_kd=False, beta=beta, max_length=64,
-            use_cpu=True, disable_tqdm=True, logging_steps=1, seed=3,
-        )
-        assert args.bf16 and args.gradient_checkpointing
-        trainer = FusedGKDTrainer(model=copy.deepcopy(student), teacher_model=copy.deepcopy(student), args=args,
-                                  train_dataset=chat_dataset(), processing_class=tokenizer)
-        loss = first_log(trainer)["loss"]
+        loss = first_log(gkd_trainer(tmp_path, student, student, beta=beta))["loss"]
         if beta in (0.0, 1.0):  # forward and reverse KL: exactly 0
             assert loss == 0.0, (beta, loss)
         else:
