@@ -227,3 +227,17 @@ def test_gkd_teacher_equal_to_student_gives_zero_loss(tmp_path):
             # The mixture's log, logaddexp(log q + log b, log p + log(1 - b)), rounds to within an ulp of
             # log p; TRL's own GKDTrainer gives 1.1e-9 here. A bf16/fp32 mismatch gives ~1e-3.
             assert abs(loss) < 1e-8, (beta, loss)
+
+
+def test_peft_policy_with_fresh_adapter_gives_exact_zeros_at_step_one(tmp_path):
+    """A fresh LoRA adapter (B = 0) leaves the policy equal to its base, the PEFT reference."""
+    peft = pytest.importorskip("peft")
+    trainer = FusedDPOTrainer(
+        model=tiny_model("llama"), ref_model=None, args=default_args(FusedDPOConfig, tmp_path, loss_type="tdpo2"),
+        train_dataset=preference_dataset(3), processing_class=tiny_tokenizer(),
+        peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    assert trainer.ref_model is None and trainer.args.bf16
+    row = first_log(trainer)
+    for name in ZERO_METRICS + TOKEN_KL_METRICS["tdpo2"]:
+        assert row[name] == 0.0, (name, row[name])
