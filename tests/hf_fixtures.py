@@ -45,11 +45,18 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
             sliding_window=16, **overrides)),
         "cohere": lambda: transformers.CohereConfig(**_common(logit_scale=0.37, **overrides)),
         "granite": lambda: transformers.GraniteConfig(**_common(logits_scaling=3.0, **overrides)),
+        # Mixture-of-Experts: 4 experts, 2 per token, so routing is uneven and the load-balancing loss matters.
+        "mixtral": lambda: transformers.MixtralConfig(**_common(
+            num_local_experts=4, num_experts_per_tok=2, **overrides)),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**_common(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+            **overrides)),
     }
     classes = {
         "llama": transformers.LlamaForCausalLM, "llama_tied": transformers.LlamaForCausalLM,
         "gemma2": transformers.Gemma2ForCausalLM, "cohere": transformers.CohereForCausalLM,
-        "granite": transformers.GraniteForCausalLM,
+        "granite": transformers.GraniteForCausalLM, "mixtral": transformers.MixtralForCausalLM,
+        "qwen2_moe": transformers.Qwen2MoeForCausalLM,
     }
     torch.manual_seed(seed)
     model = classes[family](configs[family]())
@@ -78,15 +85,30 @@ def preference_dataset(num_pairs: int = 6, seed: int = 0):
 
 
 class FakeZero3:
-    """Stands in for deepspeed: partitioned params hold an empty tensor outside a gather."""
+    """Stands in for deepspeed: partitioned params hold an empty tensor outside a gather.
+
+    As DeepSpeed's module hooks do, a call of the module owning a partitioned parameter gathers it
+    for the duration of the call (counted in ``module_gathers``, apart from explicit ``gathers``).
+    """
 
     def __init__(self):
         self.gathers = 0
+        self.module_gathers = 0
 
-    def partition(self, param):
+    def partition(self, param, module=None):
         param.ds_id = id(param)
         param.ds_full = param.data
         param.data = torch.empty(0, dtype=param.dtype)
+        if module is not None:
+            def gather(*_):
+                self.module_gathers += 1
+                param.data = param.ds_full
+
+            def release(*_):
+                param.data = torch.empty(0, dtype=param.dtype)
+
+            module.register_forward_pre_hook(gather)
+            module.register_forward_hook(release)
 
     def module(self):
         fake = self

@@ -261,8 +261,8 @@ def test_zero3_partitioned_heads_give_the_same_step(tmp_path, monkeypatch, loss_
     fake = FakeZero3()
     monkeypatch.setitem(sys.modules, "deepspeed", fake.module())
     head, ref_head = trainer.model.lm_head.weight, trainer.ref_model.lm_head.weight
-    fake.partition(head)
-    fake.partition(ref_head)
+    fake.partition(head, trainer.model.lm_head)
+    fake.partition(ref_head, trainer.ref_model.lm_head)
     got = loss_metrics_grads(trainer, batch)
     assert fake.gathers == 2 and head.numel() == 0 and ref_head.numel() == 0
     torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)

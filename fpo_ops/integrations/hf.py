@@ -6,6 +6,7 @@ applies. This module finds them for any ``transformers`` causal LM, through PEFT
 embeddings, FSDP2 (DTensor parameters) and DeepSpeed ZeRO-3 (partitioned parameters).
 """
 import contextlib
+import inspect
 import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
@@ -41,6 +42,10 @@ class HeadInputs:
         bias: [V] LM-head bias or None.
         softcap: logit softcap of the family or None.
         logit_scale: multiplier of the logits before the cap.
+        autocast_dtype: the autocast dtype the backbone ran under (bf16/fp16 mixed precision), None
+            without autocast; `head_precision` runs the head statistics under the same one.
+        aux_loss: [] Mixture-of-Experts router load-balancing loss of the forward (the model's own,
+            from its router logits) when it was asked for ``output_router_logits``, else None.
     """
 
     hidden: torch.Tensor
@@ -48,10 +53,23 @@ class HeadInputs:
     bias: Optional[torch.Tensor]
     softcap: Optional[float]
     logit_scale: float
+    autocast_dtype: Optional[torch.dtype] = None
+    aux_loss: Optional[torch.Tensor] = None
 
 
 # A pytree node, so that DDP (which flattens a forward's outputs to route gradients) sees the tensors.
 torch.utils._pytree.register_dataclass(HeadInputs)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _autocast(device_type: str, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype``, or autocast off for None."""
+    if dtype is None:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype)
 
 
 def _text_config(config: Any) -> Any:
@@ -199,11 +217,14 @@ class _GatheredCall(torch.autograd.Function):
     differentiates it. ``apply`` itself must run inside the gather, so that autograd records the
     parameters' full shapes (it checks the returned gradients against them), and the backward gather
     lasts until the parameters' gradients are accumulated, which happens after ``backward`` returns.
+    The recompute runs under the autocast of the forward (backward runs outside it).
     """
 
     @staticmethod
     def forward(ctx, fn, num_params, *tensors):
         ctx.fn, ctx.num_params = fn, num_params
+        ctx.device_type = next(t.device.type for t in tensors if t is not None)
+        ctx.autocast_dtype = _autocast_dtype(ctx.device_type)
         ctx.save_for_backward(*tensors[num_params:])
         ctx.params = tensors[:num_params]
         with torch.no_grad():
@@ -218,7 +239,7 @@ class _GatheredCall(torch.autograd.Function):
         gather = gathered_params(*params)
         gather.__enter__()
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), _autocast(ctx.device_type, ctx.autocast_dtype):
                 leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad)
                           for t in (*params, *others)]
                 outputs = ctx.fn(*leaves)
@@ -285,8 +306,25 @@ def apply_gathered(
         return _GatheredCall.apply(fn, len(params), *params, *tensors)
 
 
+def _head_inputs(model: nn.Module, hidden: torch.Tensor, autocast_dtype: Optional[torch.dtype],
+                 aux_loss: Optional[torch.Tensor] = None) -> HeadInputs:
+    weight, bias = lm_head_tensors(model)
+    scaling = head_scaling(unwrap_peft(model).config)
+    # With the model split over devices (device_map) the backbone may end elsewhere than the head.
+    return HeadInputs(hidden.to(weight.device), weight, bias, scaling.softcap, scaling.logit_scale,
+                      autocast_dtype, aux_loss)
+
+
+def _last_hidden(outputs: Any) -> torch.Tensor:
+    return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+
+
 def hidden_and_head(model: nn.Module, *args: Any, **kwargs: Any) -> HeadInputs:
     """Run the backbone of a causal LM and return its hidden states and LM head, without logits.
+
+    The backbone is called directly, under whatever autocast is active around the call (recorded in
+    ``autocast_dtype``). A model whose forward carries wrappers (accelerate's mixed precision, ...)
+    should go through `add_head_outputs`, which keeps them.
 
     Args:
         model: a transformers causal LM, possibly wrapped by PEFT (the active adapters apply).
@@ -294,25 +332,64 @@ def hidden_and_head(model: nn.Module, *args: Any, **kwargs: Any) -> HeadInputs:
             ...); arguments that only concern logits or the loss (``labels``, ``logits_to_keep``) are dropped.
 
     Returns:
-        HeadInputs(hidden [B, T, H], weight [V, H], bias [V] or None, softcap, logit_scale).
+        HeadInputs(hidden [B, T, H], weight [V, H], bias [V] or None, softcap, logit_scale, autocast_dtype).
     """
     for name in _HEAD_ONLY_KWARGS:
         kwargs.pop(name, None)
     kwargs["use_cache"] = False
-    outputs = find_backbone(model)(*args, **kwargs)
-    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    weight, bias = lm_head_tensors(model)
-    scaling = head_scaling(unwrap_peft(model).config)
-    # With the model split over devices (device_map) the backbone may end elsewhere than the head.
-    return HeadInputs(hidden.to(weight.device), weight, bias, scaling.softcap, scaling.logit_scale)
+    hidden = _last_hidden(find_backbone(model)(*args, **kwargs))
+    return _head_inputs(model, hidden, _autocast_dtype(hidden.device.type))
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _head_inputs_through_forward(model: nn.Module, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> HeadInputs:
+    """`HeadInputs` from the model's own forward chain ``forward``, with logits for no position.
+
+    The forward runs whole, so every wrapper on it applies (accelerate's autocast, TRL's patches), and
+    so does what the model computes besides logits (the MoE load-balancing loss). ``logits_to_keep``
+    set to an empty index makes the head project zero positions; the final hidden states are read
+    by a hook on the backbone, along with the autocast the backbone ran under.
+    """
+    for name in _HEAD_ONLY_KWARGS:
+        kwargs.pop(name, None)
+    kwargs["use_cache"] = False
+    backbone = find_backbone(model)
+    seen = {}
+
+    def keep(module, inputs, outputs):
+        hidden = _last_hidden(outputs)
+        seen["hidden"], seen["autocast_dtype"] = hidden, _autocast_dtype(hidden.device.type)
+
+    # The head's device (read without gathering a sharded head), where the index must live.
+    device = unwrap_peft(model).get_output_embeddings().weight.device
+    handle = backbone.register_forward_hook(keep)
+    try:
+        outputs = forward(*args, logits_to_keep=torch.empty(0, dtype=torch.long, device=device), **kwargs)
+    finally:
+        handle.remove()
+    if "hidden" not in seen:
+        raise TypeError(f"model: expected {type(model).__name__}.forward to run its backbone, it did not")
+    aux_loss = getattr(outputs, "aux_loss", None) if kwargs.get("output_router_logits") else None
+    return _head_inputs(model, seen["hidden"], seen["autocast_dtype"], aux_loss)
 
 
 def add_head_outputs(model: nn.Module) -> nn.Module:
     """Let ``model(..., return_head_inputs=True)`` return `HeadInputs` instead of logits.
 
     Going through the model's own ``__call__`` keeps the hooks of DDP, FSDP and DeepSpeed that wrap
-    it. Without the keyword the forward is the original one (generation is unchanged). The patch is
-    applied to the transformers model inside a PEFT wrapper and is idempotent.
+    it, and the request runs the forward that was in place before the patch (with projection to zero
+    positions), so wrappers already on ``forward`` keep applying: accelerate's mixed-precision
+    autocast (which `accelerate.prepare` may have put there before this patch, as TRL does for the
+    reference at ``__init__``) and TRL's own patches. A model whose forward takes no
+    ``logits_to_keep`` gets its backbone called directly instead. Without the keyword the forward is
+    the original one (generation is unchanged). The patch is applied to the transformers model
+    inside a PEFT wrapper and is idempotent.
 
     Args:
         model: a transformers causal LM, possibly wrapped by PEFT.
@@ -324,11 +401,15 @@ def add_head_outputs(model: nn.Module) -> nn.Module:
     if getattr(target, "_fpo_head_outputs", False):
         return model
     original_forward = target.forward
+    through_forward = _takes_logits_to_keep(target)
 
     def forward(self, *args, **kwargs):
         if not kwargs.pop(HEAD_INPUTS_KWARG, False):
             return original_forward(*args, **kwargs)
-        parts = hidden_and_head(self, *args, **kwargs)
+        if through_forward:
+            parts = _head_inputs_through_forward(self, original_forward, *args, **kwargs)
+        else:
+            parts = hidden_and_head(self, *args, **kwargs)
         # DDP with find_unused_parameters walks the graph back from the outputs and takes a parameter
         # returned as is (a leaf) for unused; a view is a node leading to it. ZeRO-3 parameters stay
         # as they are: a view would pin their empty partition, and apply_gathered needs the parameter.
@@ -341,6 +422,25 @@ def add_head_outputs(model: nn.Module) -> nn.Module:
     target.forward = types.MethodType(forward, target)
     target._fpo_head_outputs = True
     return model
+
+
+def head_precision(parts: HeadInputs, fp32: bool = False) -> contextlib.AbstractContextManager:
+    """The autocast under which the fused head statistics of ``parts`` run.
+
+    The precision rule of the integrations: the head runs in the mixed precision its backbone ran
+    in (``parts.autocast_dtype``: bf16/fp16 operands, fp32 accumulation, fp32 statistics, as
+    `fpo_ops.token_stats` does under ``torch.autocast``), or without autocast when the backbone had
+    none. ``fp32=True`` is the opt-in fp32 head (TRL GRPO's ``cast_lm_head_to_fp32``): autocast off;
+    the caller passes fp32 hidden states, which make `token_stats` compute in fp32.
+
+    Args:
+        parts: the policy's (student's) `HeadInputs`.
+        fp32: run the head in fp32 whatever the backbone ran in.
+
+    Returns:
+        A ``torch.autocast`` context for the device of ``parts.hidden``.
+    """
+    return _autocast(parts.hidden.device.type, None if fp32 else parts.autocast_dtype)
 
 
 def reference_context(model: nn.Module) -> contextlib.AbstractContextManager:

@@ -22,7 +22,9 @@ from ..losses import PreferenceOutput, preference_loss
 from ..losses.config import LOSS_TYPES, NEEDS_REFERENCE_LOGPS, NEEDS_REFERENCE_MODEL
 from ..losses.sequence import ld_token_weights
 from ..token_stats import token_stats
-from .hf import HEAD_INPUTS_KWARG, HeadInputs, add_head_outputs, apply_gathered, is_peft_model, is_zero3_param
+from .hf import (
+    HEAD_INPUTS_KWARG, HeadInputs, add_head_outputs, apply_gathered, head_precision, is_peft_model, is_zero3_param,
+)
 from .trl_seed import PAIR_COLUMNS, SeedLossArguments, SeedLossesMixin
 
 # Inputs the collator adds that the model's forward does not take.
@@ -68,6 +70,10 @@ class FusedDPOConfig(SeedLossArguments, DPOConfig):
         cpo_alpha (`float`, defaults to `1.0`): weight of the NLL term of CPO.
         fused_impl (`str`, defaults to `"auto"`): `fpo_ops.token_stats` implementation: ``"auto"``
             (Triton on CUDA, streaming PyTorch elsewhere), ``"triton"``, ``"torch"`` or ``"reference"``.
+        cast_lm_head_to_fp32 (`bool`, defaults to `False`): run the fused head statistics of the policy
+            and of the reference (also when precomputed) in fp32, outside the bf16/fp16 autocast the
+            backbones run under (TRL GRPO's option of the same name). By default the head takes the
+            autocast dtype, with fp32 accumulation and fp32 statistics.
     """
 
     tdpo_alpha: float = field(default=0.5, metadata={"help": "α of TDPO2 (weight of the rejected token-level KL)."})
@@ -77,6 +83,10 @@ class FusedDPOConfig(SeedLossArguments, DPOConfig):
     fused_impl: str = field(
         default="auto",
         metadata={"help": "fpo_ops.token_stats implementation: 'auto', 'triton', 'torch' or 'reference'."},
+    )
+    cast_lm_head_to_fp32: bool = field(
+        default=False,
+        metadata={"help": "Run the fused LM-head statistics of both models in fp32, outside mixed-precision autocast."},
     )
 
     def __post_init__(self):
@@ -104,9 +114,14 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
     streamed over the vocabulary. Takes the same arguments as `trl.DPOTrainer`; ``args`` should be a
     `FusedDPOConfig` (a plain `DPOConfig` works for TRL's own loss types).
 
+    Precision: both backbones run under the trainer's autocast (``bf16``/``fp16``), and so do the
+    fused head statistics (bf16/fp16 GEMM operands, fp32 accumulation and statistics), also for
+    precomputed reference log-probs; ``cast_lm_head_to_fp32`` keeps the head of both models in fp32.
+    Mixture-of-Experts models add the router load-balancing loss times ``router_aux_loss_coef``
+    (logged as ``aux_loss``), computed by the policy's forward as in TRL.
+
     ``spo`` regularises on completions sampled from the policy and ``sppo`` / ``sppo_single`` read
-    SPPO's win-rate columns (see `trl_seed`). Not supported: Mixture-of-Experts router auxiliary
-    losses (``router_aux_loss_coef``).
+    SPPO's win-rate columns (see `trl_seed`).
     """
 
     _tag_names = ["trl", "dpo", "fpo-ops"]
@@ -121,11 +136,6 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
                           and not _needs_reference(args.loss_type))
         with _reference_not_loaded() if reference_free else contextlib.nullcontext():
             super().__init__(model, ref_model, args, *rest, **kwargs)
-        if self.aux_loss_enabled:
-            raise NotImplementedError(
-                "router_aux_loss_coef: the fused head runs the backbone only and does not compute the "
-                "Mixture-of-Experts auxiliary loss; expected 0.0 or a dense model"
-            )
         self._loss_kwargs = self._preference_kwargs(self.args)
         self._needs_reference = _needs_reference(self.loss_types)
         if not self._needs_reference:
@@ -153,11 +163,24 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
     # ----------------------------------------------------------------------------------------------
     # Model calls
     # ----------------------------------------------------------------------------------------------
-    def _model_kwargs(self, inputs: Dict[str, Any]) -> Dict[str, Any]:
+    def _model_kwargs(self, inputs: Dict[str, Any], router_logits: bool = False) -> Dict[str, Any]:
         kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         kwargs["use_cache"] = False
         kwargs[HEAD_INPUTS_KWARG] = True
+        if router_logits:
+            # The policy's MoE forward then returns its load-balancing loss; the frozen reference's is not needed.
+            kwargs["output_router_logits"] = True
         return kwargs
+
+    @property
+    def _fp32_head(self) -> bool:
+        # A property: the reference log-probs are precomputed inside DPOTrainer.__init__.
+        return bool(getattr(self.args, "cast_lm_head_to_fp32", False))
+
+    def _head_hidden(self, parts: HeadInputs, length: int) -> torch.Tensor:
+        hidden = self._aligned(parts, length)
+        # fp32 hidden states make token_stats compute in fp32 (head_precision switches autocast off).
+        return hidden.float() if self._fp32_head else hidden
 
     @staticmethod
     def _aligned(parts: HeadInputs, length: int) -> torch.Tensor:
@@ -186,7 +209,7 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
         bias = parts.bias
         if bias is not None and not is_zero3_param(bias):
             bias = bias.detach()
-        return HeadInputs(parts.hidden.detach(), weight, bias, parts.softcap, parts.logit_scale)
+        return HeadInputs(parts.hidden.detach(), weight, bias, parts.softcap, parts.logit_scale, parts.autocast_dtype)
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch through the fused head ([B] chosen, [B] rejected)."""
@@ -204,7 +227,7 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
         ):
             add_head_outputs(self.accelerator.unwrap_model(model))
             parts = model(**model_kwargs)
-            hidden = self._aligned(parts, inputs["input_ids"].shape[1])
+            hidden = self._head_hidden(parts, inputs["input_ids"].shape[1])
 
             def logp(weight, *rest):
                 bias = rest[0] if parts.bias is not None else None
@@ -214,7 +237,9 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
                 ).logp,)
 
             params = [parts.weight] + ([parts.bias] if parts.bias is not None else [])
-            (per_token,) = apply_gathered(logp, params)
+            # The precision rule of the policy's head in training, not just the ambient autocast.
+            with head_precision(parts, self._fp32_head):
+                (per_token,) = apply_gathered(logp, params)
         weights = ld_token_weights(labels != -100, self.ld_alpha, per_token.dtype)
         return (per_token * weights).sum(dim=1).chunk(2, dim=0)
 
@@ -227,8 +252,8 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
         input_length = inputs["input_ids"].shape[1]
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
 
-        policy = model(**model_kwargs)
-        hidden = self._aligned(policy, input_length)
+        policy = model(**self._model_kwargs(inputs, router_logits=self.aux_loss_enabled))
+        hidden = self._head_hidden(policy, input_length)
         reference: Optional[HeadInputs] = None
         ref_logps: Dict[str, torch.Tensor] = {}
         if self.precompute_ref_logps:
@@ -238,10 +263,21 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
 
         ref_hidden = None if reference is None else self._aligned(reference, input_length)
         ref_logps.update(self._seed_loss_inputs(model, inputs, policy))
-        output = self._fused_preference_loss(policy, hidden, labels, reference, ref_hidden, ref_logps)
+        with head_precision(policy, self._fp32_head):
+            output = self._fused_preference_loss(policy, hidden, labels, reference, ref_hidden, ref_logps)
+        loss = output.loss
+        if self.aux_loss_enabled:
+            if policy.aux_loss is None:
+                raise ValueError(
+                    f"router_aux_loss_coef: expected the MoE forward of {type(self.accelerator.unwrap_model(model)).__name__} "
+                    f"to return its load-balancing loss (it takes no logits_to_keep or ignores output_router_logits); "
+                    f"set router_aux_loss_coef=0.0, got {self.router_aux_loss_coef}"
+                )
+            # TRL's MoE term: the policy forward's router load-balancing loss, weighted and logged as in TRL.
+            loss = loss + self.router_aux_loss_coef * policy.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(policy.aux_loss.detach()).mean().item())
         self._log_metrics(mode, inputs, output)
 
-        loss = output.loss
         if return_outputs:
             # Deprecated in TRL as well: logits for `compute_metrics` need an extra, unfused forward.
             with torch.no_grad():
