@@ -127,7 +127,7 @@ def test_spo_on_policy_with_zero3_head_is_refused(tmp_path, monkeypatch):
     batch = one_batch(trainer)
     fake = FakeZero3()
     monkeypatch.setitem(sys.modules, "deepspeed", fake.module())
-    fake.partition(trainer.model.lm_head.weight)
+    fake.partition(trainer.model.lm_head.weight, trainer.model.lm_head)
     with pytest.raises(NotImplementedError, match="spo_regularizer.*ZeRO-3"):
         trainer.compute_loss(trainer.model, batch)
 
