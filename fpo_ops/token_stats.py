@@ -6,6 +6,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 
 from .chunked import chunked_token_stats
+from .custom_op import op_token_stats
 from .options import HeadOptions
 from .stats import TokenStats
 from .validation import (
@@ -161,7 +162,6 @@ def token_stats(
         return None if t is None else t.to(compute_dtype)
 
     if as_op:
-        from .custom_op import op_token_stats
         fn = functools.partial(op_token_stats, impl=impl, check_labels=check_labels, check_finite=check_finite)
     elif process_group is None:
         fn = _resolve_impl(impl, hidden.device)

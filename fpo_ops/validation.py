@@ -77,7 +77,7 @@ def _check_scalar(name: str, value, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
+    if not 0.0 < value < math.inf:  # comparisons, not math.isfinite, so torch.compile traces them
         raise ValueError(f"{name}: expected a finite value > 0, got {value}")
     if not SCALAR_MIN <= value <= SCALAR_MAX:
         raise ValueError(f"{name}: expected a value in [2^-40, 2^40] = [{SCALAR_MIN:.4g}, {SCALAR_MAX:.4g}] "
@@ -185,5 +185,5 @@ def validate_grad_filter_eps(value) -> None:
     """``grad_filter_eps``: a finite float in [0, 1) (a probability threshold)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"grad_filter_eps: expected a float, got {type(value).__name__}")
-    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+    if not 0.0 <= value < 1.0:  # False for NaN
         raise ValueError(f"grad_filter_eps: expected a float in [0, 1), got {value}")
