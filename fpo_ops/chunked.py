@@ -14,7 +14,7 @@ from .online import (
 )
 from .function_io import (
     first_order_backward, kept_names, mark_outputs, masked_outputs, reference_if_needed, save_inputs,
-    saved_inputs, upstream_coefficients,
+    saved_inputs, tile_gradients,
 )
 from .options import HeadOptions
 
@@ -89,19 +89,10 @@ def chunked_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bi
 def chunked_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
                      kept: Dict[str, torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
                      opts: HeadOptions, need_h: bool, need_w: bool, need_b: bool):
-    """(dhidden [N, H] in hidden's dtype, dweight, dbias), None where not needed or without an
-    upstream gradient; inputs as given to `chunked_forward`, ``grads`` one per output or None."""
-    valid = labels != opts.ignore_index
-    coef = upstream_coefficients(grads, valid, opts)
-    if not coef or not (need_h or need_w or need_b):
-        return None, None, None
-    ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
-    local_labels = torch.where(valid, labels, torch.full_like(labels, -1))
-    grad_h, grad_w, grad_b = backward_tiles(
-        hidden, weight, bias, local_labels, ref_hidden, ref_weight, ref_bias, coef, kept, opts,
-        need_h, need_w, need_b and bias is not None, valid=valid,
-    )
-    return None if grad_h is None else grad_h.to(hidden.dtype), grad_w, grad_b
+    """(dhidden, dweight, dbias) for the inputs and kept values of `chunked_forward`
+    (`fpo_ops.function_io.tile_gradients`)."""
+    return tile_gradients(backward_tiles, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, kept,
+                          grads, opts, need_h, need_w, need_b)
 
 
 class ChunkedTokenStats(torch.autograd.Function):
@@ -110,8 +101,8 @@ class ChunkedTokenStats(torch.autograd.Function):
         results, kept = chunked_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts)
         ctx.opts = opts
         ctx.kept_names = tuple(kept)
-        save_inputs(ctx, hidden, weight, bias, labels, *reference_if_needed(opts, ref_hidden, ref_weight, ref_bias),
-                    *kept.values())
+        refs = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
+        save_inputs(ctx, hidden, weight, bias, labels, *refs, *kept.values())
         mark_outputs(ctx, results, opts)
         return results
 

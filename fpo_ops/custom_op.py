@@ -102,7 +102,8 @@ _N_OP_INPUTS = 13  # arguments of token_stats_fwd
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, impl, outputs, ignore_index, scalars = inputs[:11]
+    hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias = inputs[:7]
+    impl, outputs, ignore_index, scalars = inputs[7:11]
     opts = _head_options(hidden, outputs, ignore_index, scalars)
     n_out = len(opts.outputs)
     if not any(name in REFERENCE_STATS for name in opts.outputs):

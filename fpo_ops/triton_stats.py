@@ -20,7 +20,7 @@ import triton
 
 from .function_io import (
     first_order_backward, kept_names, mark_outputs, masked_outputs, reference_if_needed, save_inputs,
-    saved_inputs, upstream_coefficients,
+    saved_inputs, tile_gradients,
 )
 from .kernels.token_stats_bwd import GRAD_KEYS, SAVED_KEYS, token_stats_bwd_chunk
 from .kernels.token_stats_fwd import PARTIAL_KEYS, token_stats_fwd, token_stats_jsd_fwd
@@ -223,18 +223,10 @@ def triton_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bia
 def triton_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
                     kept: Dict[str, torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
                     opts: HeadOptions, need_h: bool, need_w: bool, need_b: bool):
-    """(dhidden [N, H] in hidden's dtype, dweight, dbias), None where not needed or without an
-    upstream gradient; inputs as given to `triton_forward`, ``grads`` one per output or None."""
-    valid = labels != opts.ignore_index
-    coef = upstream_coefficients(grads, valid, opts)
-    if not coef or not (need_h or need_w or need_b):
-        return None, None, None
-    ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
-    grad_h, grad_w, grad_b = triton_backward_tiles(
-        hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef, kept, opts,
-        need_h, need_w, need_b and bias is not None, valid=valid,
-    )
-    return None if grad_h is None else grad_h.to(hidden.dtype), grad_w, grad_b
+    """(dhidden, dweight, dbias) for the inputs and kept values of `triton_forward`
+    (`fpo_ops.function_io.tile_gradients`)."""
+    return tile_gradients(triton_backward_tiles, hidden, weight, bias, labels, ref_hidden, ref_weight,
+                          ref_bias, kept, grads, opts, need_h, need_w, need_b)
 
 
 class TritonTokenStats(torch.autograd.Function):
@@ -243,8 +235,8 @@ class TritonTokenStats(torch.autograd.Function):
         results, kept = triton_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts)
         ctx.opts = opts
         ctx.kept_names = tuple(kept)
-        save_inputs(ctx, hidden, weight, bias, labels, *reference_if_needed(opts, ref_hidden, ref_weight, ref_bias),
-                    *kept.values())
+        refs = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
+        save_inputs(ctx, hidden, weight, bias, labels, *refs, *kept.values())
         mark_outputs(ctx, results, opts)
         return results
 
