@@ -4,7 +4,7 @@ Tiles tokens and vocabulary so that only one [BN, BV] block of logits per model 
 Forward keeps a few floats per token (log-normalisers and the statistic values the gradient
 formula needs); backward recomputes the tiles. Runs on any device PyTorch runs on.
 """
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -12,7 +12,10 @@ from .online import (
     finalize, logit_to_preactivation_grad, merge_partials, needed_partials, tile_jsd_sums,
     tile_logit_grad, tile_partials, transform_logits,
 )
-from .function_io import kept_names, masked_outputs, reference_if_needed, upstream_coefficients
+from .function_io import (
+    first_order_backward, kept_names, mark_outputs, masked_outputs, reference_if_needed, save_inputs,
+    saved_inputs, tile_gradients,
+)
 from .options import HeadOptions
 
 # Tile sizes: a [TOKEN_BLOCK, VOCAB_BLOCK] fp32 tile is 8 MiB, large enough for efficient GEMMs.
@@ -51,52 +54,66 @@ def _logit_tile(hidden, weight, bias, v0, v1, softcap, logit_scale, opts: HeadOp
     return transform_logits(x, softcap, logit_scale, opts.temperature)
 
 
+def chunked_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
+                    opts: HeadOptions) -> Tuple[Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]:
+    """(the requested statistics [N] each, {name: [N]} per-token values backward reads).
+
+    ``labels`` [N] int64, ``opts.ignore_index`` at ignored tokens; other shapes as in
+    `chunked_token_stats`.
+    """
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
+    has_ref = ref_hidden is not None
+    keys = needed_partials(opts)
+    valid = labels != opts.ignore_index
+    # -1 is never a column of any tile, so ignored tokens gather nothing.
+    labels = torch.where(valid, labels, torch.full_like(labels, -1))
+    want_jsd = opts.wants("jsd")
+    kept = {name: hidden.new_empty(n_tokens, dtype=opts.accum_dtype)
+            for name in kept_names(opts, has_ref)}
+    outputs = {name: hidden.new_empty(n_tokens, dtype=opts.accum_dtype) for name in opts.outputs}
+
+    for n0 in range(0, n_tokens, TOKEN_BLOCK):
+        n1 = min(n0 + TOKEN_BLOCK, n_tokens)
+        h, y = hidden[n0:n1], labels[n0:n1]
+        rh = ref_hidden[n0:n1] if has_ref else None
+        partials = vocab_partials(h, rh, y, weight, bias, ref_weight, ref_bias, keys, opts)
+        stats = finalize(partials, vocab)
+        if want_jsd:
+            stats.update(jsd_pass(h, rh, weight, bias, ref_weight, ref_bias, stats, opts))
+        for name, buf in list(outputs.items()) + list(kept.items()):
+            buf[n0:n1] = stats[name]
+    return masked_outputs(outputs, valid, opts), kept
+
+
+def chunked_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
+                     kept: Dict[str, torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
+                     opts: HeadOptions, need_h: bool, need_w: bool, need_b: bool):
+    """(dhidden, dweight, dbias) for the inputs and kept values of `chunked_forward`
+    (`fpo_ops.function_io.tile_gradients`)."""
+    return tile_gradients(backward_tiles, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, kept,
+                          grads, opts, need_h, need_w, need_b)
+
+
 class ChunkedTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: HeadOptions):
-        n_tokens, vocab = hidden.shape[0], weight.shape[0]
-        ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
-        has_ref = ref_hidden is not None
-        keys = needed_partials(opts)
-        valid = labels != opts.ignore_index
-        # -1 is never a column of any tile, so ignored tokens gather nothing.
-        labels = torch.where(valid, labels, torch.full_like(labels, -1))
-        want_jsd = opts.wants("jsd")
-        kept = {name: hidden.new_empty(n_tokens, dtype=opts.accum_dtype)
-                for name in kept_names(opts, has_ref)}
-        outputs = {name: hidden.new_empty(n_tokens, dtype=opts.accum_dtype) for name in opts.outputs}
-
-        for n0 in range(0, n_tokens, TOKEN_BLOCK):
-            n1 = min(n0 + TOKEN_BLOCK, n_tokens)
-            h, y = hidden[n0:n1], labels[n0:n1]
-            rh = ref_hidden[n0:n1] if has_ref else None
-            partials = vocab_partials(h, rh, y, weight, bias, ref_weight, ref_bias, keys, opts)
-            stats = finalize(partials, vocab)
-            if want_jsd:
-                stats.update(jsd_pass(h, rh, weight, bias, ref_weight, ref_bias, stats, opts))
-            for name, buf in list(outputs.items()) + list(kept.items()):
-                buf[n0:n1] = stats[name]
-
+        results, kept = chunked_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts)
         ctx.opts = opts
         ctx.kept_names = tuple(kept)
-        ctx.save_for_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
-                              *kept.values())
-        return masked_outputs(ctx, outputs, valid, opts)
+        refs = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
+        save_inputs(ctx, hidden, weight, bias, labels, *refs, *kept.values())
+        mark_outputs(ctx, results, opts)
+        return results
 
     @staticmethod
+    @first_order_backward
     def backward(ctx, *grads):
-        opts: HeadOptions = ctx.opts
-        hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, *kept = ctx.saved_tensors
-        saved = dict(zip(ctx.kept_names, kept))
-        coef = upstream_coefficients(grads, labels >= 0, opts)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if not coef or not (need_h or need_w or need_b):
-            return (None,) * 8
-        grad_h, grad_w, grad_b = backward_tiles(
-            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef, saved, opts,
-            need_h, need_w, need_b,
+        hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, *kept = saved_inputs(ctx)
+        grad_h, grad_w, grad_b = chunked_backward(
+            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, dict(zip(ctx.kept_names, kept)),
+            grads, ctx.opts, *ctx.needs_input_grad[:3],
         )
-        grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
@@ -137,11 +154,15 @@ def jsd_pass(h, rh, weight, bias, ref_weight, ref_bias, stats, opts: HeadOptions
 
 
 def backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef, saved,
-                   opts: HeadOptions, need_h: bool, need_w: bool, need_b: bool):
+                   opts: HeadOptions, need_h: bool, need_w: bool, need_b: bool,
+                   valid: Optional[torch.Tensor] = None):
     """Recompute tiles, vocabulary-block outer so each block's dW sums over all tokens in fp32.
 
-    ``labels`` are relative to the rows of ``weight`` (see `vocab_partials`). Returns dhidden in
-    the accumulation dtype (a slice's share, before any cross-process sum), dweight and dbias.
+    ``labels`` are relative to the rows of ``weight`` (see `vocab_partials`). ``valid`` [N] bool
+    marks the tokens with a gradient (default all): the others contribute exactly 0, even where
+    their hidden states are not finite (0 * NaN would spread NaN over all of dweight). Returns
+    dhidden in the accumulation dtype (a slice's share, before any cross-process sum), dweight
+    and dbias.
     """
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc = opts.accum_dtype
@@ -157,6 +178,7 @@ def backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bia
         for n0 in range(0, n_tokens, TOKEN_BLOCK):
             n1 = min(n0 + TOKEN_BLOCK, n_tokens)
             h = hidden[n0:n1]
+            keep = None if valid is None else valid[n0:n1, None]
             z = _logit_tile(h, weight, bias, v0, v1, opts.softcap, opts.logit_scale, opts)
             z_ref = (_logit_tile(ref_hidden[n0:n1], ref_weight, ref_bias, v0, v1, opts.ref_softcap,
                                  opts.ref_logit_scale, opts) if needs_ref_tile else None)
@@ -166,6 +188,10 @@ def backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bia
                 opts.jsd_beta,
             )
             dx = logit_to_preactivation_grad(dz, z, opts.softcap, opts.logit_scale, opts.temperature)
+            if keep is not None:
+                dx = torch.where(keep, dx, dx.new_zeros(()))
+                if need_w:
+                    h = torch.where(keep, h, h.new_zeros(()))
             if need_b:
                 grad_b_block += dx.sum(0)
             # dz rounded to the GEMM dtype, as autograd rounds the gradient of low-precision logits

@@ -1,6 +1,7 @@
 """What every `token_stats` autograd Function shares around its passes over the vocabulary:
 which inputs and per-token values it keeps, how its outputs are masked and marked, and how the
 upstream gradients become per-token coefficients of the logit gradient."""
+import functools
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -26,15 +27,83 @@ def kept_names(opts: HeadOptions, has_ref: bool) -> Tuple[str, ...]:
     return tuple(names)
 
 
-def masked_outputs(ctx, stats: Dict[str, torch.Tensor], valid: torch.Tensor,
+def masked_outputs(stats: Dict[str, torch.Tensor], valid: torch.Tensor,
                    opts: HeadOptions) -> Tuple[torch.Tensor, ...]:
-    """The requested statistics, 0 at ignored tokens, with the gradient-free ones marked so."""
+    """The requested statistics, 0 at ignored tokens."""
     zero = torch.zeros((), dtype=opts.accum_dtype, device=valid.device)
-    results = tuple(torch.where(valid, stats[name], zero) for name in opts.outputs)
+    return tuple(torch.where(valid, stats[name], zero) for name in opts.outputs)
+
+
+def mark_outputs(ctx, results: Sequence[torch.Tensor], opts: HeadOptions,
+                 also_constant: Sequence[torch.Tensor] = ()) -> None:
+    """Mark the gradient-free statistics (and ``also_constant``) so; unused outputs get None,
+    not zeros, in backward."""
     ctx.mark_non_differentiable(*(r for name, r in zip(opts.outputs, results)
-                                  if name not in DIFFERENTIABLE_STATS))
+                                  if name not in DIFFERENTIABLE_STATS), *also_constant)
     ctx.set_materialize_grads(False)
-    return results
+
+
+def save_inputs(ctx, *tensors: Optional[torch.Tensor]) -> None:
+    """``ctx.save_for_backward``, except that inference-mode tensors are kept as attributes.
+
+    Autograd refuses to save a tensor made under ``torch.inference_mode`` (a frozen reference
+    model's hidden states, labels): such a tensor needs no gradient, and it cannot be modified in
+    place outside inference mode, so keeping a plain reference is as safe as saving it.
+    """
+    ctx.inference_inputs = {i: t for i, t in enumerate(tensors) if t is not None and t.is_inference()}
+    ctx.save_for_backward(*(None if i in ctx.inference_inputs else t for i, t in enumerate(tensors)))
+
+
+def saved_inputs(ctx) -> Tuple[Optional[torch.Tensor], ...]:
+    """What `save_inputs` kept, in order."""
+    saved = list(ctx.saved_tensors)
+    for i, t in ctx.inference_inputs.items():
+        saved[i] = t
+    return tuple(saved)
+
+
+DOUBLE_BACKWARD_ERROR = (
+    "token_stats: double backward is not supported: its gradient is computed by a fused pass, not by "
+    "differentiable operations; differentiate token_stats once (create_graph=False), or use "
+    "impl='reference' for higher derivatives"
+)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Identity on its first input; backward through it raises `DOUBLE_BACKWARD_ERROR`. The other
+    inputs (those the gradient was computed from) connect it to the graph, so a second derivative
+    with respect to any of them reaches this error instead of a silently missing term."""
+
+    @staticmethod
+    def forward(ctx, value, *sources):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def first_order_backward(backward):
+    """Run ``backward`` without building a graph; differentiating its result again raises.
+
+    ``torch.autograd.function.once_differentiable`` is not enough: it attaches its error only when
+    an upstream gradient requires grad, and otherwise returns gradients that silently lack their
+    dependence on the inputs. Here, under ``create_graph=True``, every gradient depends (through
+    `_NoSecondDerivative`) on the saved inputs that require grad.
+    """
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            results = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return results
+        sources = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        sources += [g for g in grads if isinstance(g, torch.Tensor) and g.requires_grad]
+        if not sources:
+            return results
+        return tuple(_NoSecondDerivative.apply(r, *sources) if isinstance(r, torch.Tensor) else r
+                     for r in results)
+    return wrapper
 
 
 def upstream_coefficients(grads: Sequence[Optional[torch.Tensor]], valid: torch.Tensor,
@@ -43,3 +112,24 @@ def upstream_coefficients(grads: Sequence[Optional[torch.Tensor]], valid: torch.
     zero = torch.zeros((), dtype=opts.accum_dtype, device=valid.device)
     return {name: torch.where(valid, g.to(opts.accum_dtype), zero)
             for name, g in zip(opts.outputs, grads) if name in DIFFERENTIABLE_STATS and g is not None}
+
+
+def tile_gradients(backward_tiles, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
+                   kept: Dict[str, torch.Tensor], grads: Sequence[Optional[torch.Tensor]], opts: HeadOptions,
+                   need_h: bool, need_w: bool, need_b: bool):
+    """(dhidden [N, H] in hidden's dtype, dweight, dbias) of one process's whole head through
+    ``backward_tiles`` (``fpo_ops.chunked.backward_tiles`` or its Triton twin); None where not
+    needed or without an upstream gradient. ``labels`` [N] int64 with ``opts.ignore_index``;
+    ``kept`` what forward kept; ``grads`` one per output, or None."""
+    valid = labels != opts.ignore_index
+    coef = upstream_coefficients(grads, valid, opts)
+    if not coef or not (need_h or need_w or need_b):
+        return None, None, None
+    ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
+    # -1 is never a column of any tile, so ignored tokens gather nothing.
+    local_labels = torch.where(valid, labels, torch.full_like(labels, -1))
+    grad_h, grad_w, grad_b = backward_tiles(
+        hidden, weight, bias, local_labels, ref_hidden, ref_weight, ref_bias, coef, kept, opts,
+        need_h, need_w, need_b and bias is not None, valid=valid,
+    )
+    return None if grad_h is None else grad_h.to(hidden.dtype), grad_w, grad_b

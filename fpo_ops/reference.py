@@ -30,16 +30,28 @@ def reference_token_stats(
 ) -> Dict[str, torch.Tensor]:
     """Per-token statistics of flattened inputs (hidden [N, H], labels [N]) as {name: [N]}."""
     valid = labels != opts.ignore_index
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    # Unchecked labels outside the vocabulary (check_labels=False) have label logit 0, as in the
+    # streaming and fused implementations, whose label logit comes from the tile holding it.
+    in_vocab = valid & (labels >= 0) & (labels < weight.shape[0])
+    safe_labels = torch.where(in_vocab, labels, torch.zeros_like(labels)).long()
 
     def at_label(values):
-        return values.gather(-1, safe_labels[:, None]).squeeze(-1)
+        return torch.where(in_vocab, values.gather(-1, safe_labels[:, None]).squeeze(-1), values.new_zeros(()))
 
-    z = reference_logits(hidden, weight, bias, opts.softcap, opts.logit_scale, opts)
+    def label_log_prob(log_probs, logits):
+        # log p[y] = z[y] - lse, with z[y] = 0 outside the vocabulary
+        outside = -torch.logsumexp(logits, dim=-1)
+        return torch.where(in_vocab, log_probs.gather(-1, safe_labels[:, None]).squeeze(-1), outside)
+
+    def rows_used(h):
+        # Ignored rows get gradient 0 even when not finite: 0 * NaN would spread NaN over dweight.
+        return torch.where(valid[:, None], h, h.new_zeros(()))
+
+    z = reference_logits(rows_used(hidden), weight, bias, opts.softcap, opts.logit_scale, opts)
     logp_all = F.log_softmax(z, dim=-1)
     stats = {}
     if opts.wants("logp"):
-        stats["logp"] = at_label(logp_all)
+        stats["logp"] = label_log_prob(logp_all, z)
     if opts.wants("entropy"):
         stats["entropy"] = -(logp_all.exp() * logp_all).sum(-1)
     with torch.no_grad():  # metric statistics carry no gradient
@@ -53,12 +65,12 @@ def reference_token_stats(
     if ref_hidden is not None:
         # The reference is frozen: no gradient reaches it, even through a shared weight.
         z_ref = reference_logits(
-            ref_hidden.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach(),
+            rows_used(ref_hidden.detach()), ref_weight.detach(), None if ref_bias is None else ref_bias.detach(),
             opts.ref_softcap, opts.ref_logit_scale, opts,
         )
         logq_all = F.log_softmax(z_ref, dim=-1)
         if opts.wants("ref_logp"):
-            stats["ref_logp"] = at_label(logq_all)
+            stats["ref_logp"] = label_log_prob(logq_all, z_ref)
         if opts.wants("kl"):
             stats["kl"] = (logq_all.exp() * (logq_all - logp_all)).sum(-1)
         if opts.wants("reverse_kl"):

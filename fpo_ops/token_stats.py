@@ -1,14 +1,16 @@
 """`token_stats`: the public op. Validates, resolves autocast, flattens and dispatches on `impl`."""
+import contextlib
 import functools
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
 from .chunked import chunked_token_stats
+from .custom_op import op_token_stats
 from .options import HeadOptions
 from .stats import TokenStats
 from .validation import (
-    normalize_outputs, validate_grad_filter_eps, validate_process_group, validate_token_stats_args,
+    int64_labels, normalize_outputs, validate_grad_filter_eps, validate_process_group, validate_token_stats_args,
 )
 
 StatsFn = Callable[..., Dict[str, torch.Tensor]]
@@ -73,8 +75,9 @@ def token_stats(
     Args:
         hidden: [..., H] policy hidden states (already aligned with ``labels``).
         weight: [V, H] policy LM-head weight.
-        labels: [...] int token ids, ``labels[i]`` being predicted at ``hidden[i]``; positions equal
-            to ``ignore_index`` are skipped and get statistic 0 and gradient 0.
+        labels: [...] token ids of any integer dtype (compared as int64), ``labels[i]`` being
+            predicted at ``hidden[i]``; positions equal to ``ignore_index`` are skipped and get
+            statistic 0 and gradient 0, whatever their hidden states (NaN included).
         ref_hidden: [..., H'] reference hidden states (H' may differ from H), or None.
         ref_weight: [V, H'] reference LM-head weight; None with ``ref_hidden`` shares the policy's
             head (weight and, unless ``ref_bias`` is given, bias). The reference gets no gradient.
@@ -83,6 +86,7 @@ def token_stats(
         temperature: divides both models' logits.
         softcap, ref_softcap: tanh logit cap of each model (Gemma-2's ``final_logit_softcapping``).
         logit_scale, ref_logit_scale: multiply each model's logits before the cap.
+            ``temperature``, the caps and the scales must lie in [2^-40, 2^40].
         outputs: names of the statistics to compute: ``logp`` (log p[y]), ``ref_logp`` (log q[y]),
             ``kl`` (KL(q||p)), ``reverse_kl`` (KL(p||q)), ``entropy`` (H(p)), ``jsd``
             (beta KL(q||m) + (1-beta) KL(p||m), m = beta q + (1-beta) p), and the gradient-free
@@ -90,7 +94,9 @@ def token_stats(
         jsd_beta: beta of ``jsd``, in [0, 1].
         impl: ``"auto"`` (Triton on CUDA, else ``"torch"``), ``"triton"``, ``"torch"`` (streaming
             PyTorch) or ``"reference"`` (materialises logits; the test oracle).
-        check_labels: check that labels lie in [0, V) (one host sync).
+        check_labels: check that labels lie in [0, V) (one host sync). Unchecked, a label outside
+            [0, V) other than ``ignore_index`` counts with label logit 0 (log p = -lse), in forward
+            and backward alike.
         check_finite: check that the hidden states are finite (one host sync).
         process_group: a ``torch.distributed`` group over which the vocabulary is split: each
             process passes the same ``hidden``/``labels`` (global ids) and its own contiguous slice
@@ -106,23 +112,40 @@ def token_stats(
         TokenStats with the requested fields set, each shaped like ``labels``: float32 (float64 for
         float64 inputs), 0 at ignored positions. Gradients flow to ``hidden``, ``weight``, ``bias``.
         Under ``torch.autocast`` the GEMMs run in the autocast dtype; the statistics stay fp32.
+        Gradients are first-order: differentiating them again raises. On meta tensors only the
+        shapes and dtypes are computed. Under ``torch.compile`` the call is one graph node for
+        any N (see the README).
     """
     outputs = normalize_outputs(outputs)
+    labels = int64_labels(labels)
+    # Under torch.compile, and on meta tensors, the streaming and fused implementations run as
+    # custom ops (`fpo_ops.custom_op`) whose forward checks the data itself.
+    compiling = torch.compiler.is_compiling()
     validate_token_stats_args(
         hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias, outputs=outputs,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
         ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, jsd_beta=jsd_beta, impl=impl,
-        check_labels=check_labels and process_group is None, check_finite=check_finite,
+        check_labels=check_labels and process_group is None and not compiling,
+        check_finite=check_finite and not compiling, sliced_vocab=process_group is not None,
     )
     validate_grad_filter_eps(grad_filter_eps)
     if process_group is not None:
         validate_process_group(process_group, impl)
+    impl = _resolve_impl_name(impl, hidden.device)
+    as_op = process_group is None and impl != "reference" and (compiling or hidden.device.type == "meta")
+    if compiling and not as_op and (check_labels or check_finite):
+        flag = "check_labels" if check_labels else "check_finite"
+        where = f"impl={impl!r}" + (" with a process_group" if process_group is not None else "")
+        raise ValueError(f"{flag}: expected False under torch.compile for {where}, got True (the check "
+                         f"reads the data: a host sync that cannot be compiled; impl='torch' and 'triton' "
+                         f"without a process_group run it inside their compiled op)")
     if ref_hidden is not None and ref_weight is None:
         ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
 
     device_type = hidden.device.type
+    has_autocast = torch.amp.is_autocast_available(device_type)  # not for meta tensors
     compute_dtype = hidden.dtype
-    if torch.is_autocast_enabled(device_type):
+    if has_autocast and torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
     opts = HeadOptions(
         outputs=outputs, ignore_index=ignore_index, temperature=float(temperature),
@@ -138,14 +161,16 @@ def token_stats(
     def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if t is None else t.to(compute_dtype)
 
-    if process_group is None:
+    if as_op:
+        fn = functools.partial(op_token_stats, impl=impl, check_labels=check_labels, check_finite=check_finite)
+    elif process_group is None:
         fn = _resolve_impl(impl, hidden.device)
     else:
         from .distributed.vocab_parallel import vocab_parallel_token_stats
         fn = functools.partial(vocab_parallel_token_stats, group=process_group, check_labels=check_labels,
-                               impl=_resolve_impl_name(impl, hidden.device))
+                               impl=impl)
     # The GEMMs run in compute_dtype with every sum in fp32: autocast must not recast inside.
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(device_type, enabled=False) if has_autocast else contextlib.nullcontext():
         stats = fn(
             flat(hidden), cast(weight), bias, labels.reshape(-1),
             flat(ref_hidden), cast(ref_weight), ref_bias, opts,

@@ -18,7 +18,10 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import triton
 
-from .function_io import kept_names, masked_outputs, reference_if_needed, upstream_coefficients
+from .function_io import (
+    first_order_backward, kept_names, mark_outputs, masked_outputs, reference_if_needed, save_inputs,
+    saved_inputs, tile_gradients,
+)
 from .kernels.token_stats_bwd import GRAD_KEYS, SAVED_KEYS, token_stats_bwd_chunk
 from .kernels.token_stats_fwd import PARTIAL_KEYS, token_stats_fwd, token_stats_jsd_fwd
 from .kernels.utils import TileConfig, tile_config
@@ -193,44 +196,58 @@ def triton_backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, 
     return grad_h, grad_w, grad_b
 
 
+def triton_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
+                   opts: HeadOptions) -> Tuple[Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]:
+    """(the requested statistics [N] each, {name: [N]} per-token values backward reads).
+
+    ``labels`` [N] int64, ``opts.ignore_index`` at ignored tokens; other shapes as in
+    `triton_token_stats`.
+    """
+    vocab = weight.shape[0]
+    ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
+    has_ref = ref_hidden is not None
+    valid = labels != opts.ignore_index
+    keys = needed_partials(opts)
+    partials = triton_vocab_partials(hidden, ref_hidden, labels, weight, bias, ref_weight,
+                                     ref_bias, keys, opts, valid=valid)
+    stats = finalize(partials, vocab)
+    if opts.wants("jsd"):
+        stats.update(triton_jsd_pass(hidden, ref_hidden, weight, bias, ref_weight, ref_bias,
+                                     stats, opts, valid=valid))
+    zero = torch.zeros((), dtype=opts.accum_dtype, device=hidden.device)
+    # placeholders at ignored tokens never reach backward
+    kept = {name: torch.where(valid, stats[name], zero) for name in kept_names(opts, has_ref)}
+    return masked_outputs(stats, valid, opts), kept
+
+
+def triton_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
+                    kept: Dict[str, torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
+                    opts: HeadOptions, need_h: bool, need_w: bool, need_b: bool):
+    """(dhidden, dweight, dbias) for the inputs and kept values of `triton_forward`
+    (`fpo_ops.function_io.tile_gradients`)."""
+    return tile_gradients(triton_backward_tiles, hidden, weight, bias, labels, ref_hidden, ref_weight,
+                          ref_bias, kept, grads, opts, need_h, need_w, need_b)
+
+
 class TritonTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: HeadOptions):
-        vocab = weight.shape[0]
-        ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
-        has_ref = ref_hidden is not None
-        valid = labels != opts.ignore_index
-        keys = needed_partials(opts)
-        partials = triton_vocab_partials(hidden, ref_hidden, labels, weight, bias, ref_weight,
-                                         ref_bias, keys, opts, valid=valid)
-        stats = finalize(partials, vocab)
-        if opts.wants("jsd"):
-            stats.update(triton_jsd_pass(hidden, ref_hidden, weight, bias, ref_weight, ref_bias,
-                                         stats, opts, valid=valid))
-
-        zero = torch.zeros((), dtype=opts.accum_dtype, device=hidden.device)
+        results, kept = triton_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts)
         ctx.opts = opts
-        ctx.kept_names = kept_names(opts, has_ref)
-        # placeholders at ignored tokens never reach backward
-        ctx.save_for_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
-                              *(torch.where(valid, stats[name], zero) for name in ctx.kept_names))
-        return masked_outputs(ctx, stats, valid, opts)
+        ctx.kept_names = tuple(kept)
+        refs = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
+        save_inputs(ctx, hidden, weight, bias, labels, *refs, *kept.values())
+        mark_outputs(ctx, results, opts)
+        return results
 
     @staticmethod
+    @first_order_backward
     def backward(ctx, *grads):
-        opts: HeadOptions = ctx.opts
-        hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, *kept = ctx.saved_tensors
-        saved = dict(zip(ctx.kept_names, kept))
-        valid = labels != opts.ignore_index
-        coef = upstream_coefficients(grads, valid, opts)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if not coef or not (need_h or need_w or need_b):
-            return (None,) * 8
-        grad_h, grad_w, grad_b = triton_backward_tiles(
-            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, coef, saved, opts,
-            need_h, need_w, need_b and bias is not None, valid=valid,
+        hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, *kept = saved_inputs(ctx)
+        grad_h, grad_w, grad_b = triton_backward(
+            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, dict(zip(ctx.kept_names, kept)),
+            grads, ctx.opts, *ctx.needs_input_grad[:3],
         )
-        grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None
 
 

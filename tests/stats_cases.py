@@ -103,6 +103,23 @@ def assert_matches_reference(case: Case, impl: str, outputs: Sequence[str] = ALL
         assert max_rel_err(got, want) < rtol
 
 
+def assert_float32_within_budget(low: Case, impl: str, outputs: Sequence[str] = ALL_STATS,
+                                 floor: float = 1e-6) -> None:
+    """``impl`` on low-precision inputs: finite, and its error against the float64 oracle (on the
+    same rounded inputs) at most 2x that of plain same-dtype PyTorch plus ``floor``."""
+    exact_stats, exact_grads = run(low.cast(torch.float64), "reference", outputs)
+    plain_stats, plain_grads = run(low, "reference", outputs)
+    stats, grads = run(low, impl, outputs)
+    for stat in outputs:
+        got, want = getattr(stats, stat), getattr(exact_stats, stat)
+        assert torch.isfinite(got).all(), stat
+        plain = max_abs_err(getattr(plain_stats, stat), want)
+        assert max_abs_err(got, want) <= 2 * plain + floor * max(1.0, want.abs().max().item()), stat
+    for got, plain, want in zip(grads, plain_grads, exact_grads):
+        assert torch.isfinite(got).all()
+        assert max_abs_err(got, want) <= 2 * max_abs_err(plain, want) + floor * want.abs().max().item()
+
+
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |a - e| / max(max |e|, tiny): one scale for a whole tensor."""
     scale = expected.abs().max().clamp_min(1e-30)

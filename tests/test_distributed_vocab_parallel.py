@@ -105,6 +105,51 @@ def _all_cases_worker(rank: int, world: int) -> None:
     _check_collectives(rank, world)
     _check_no_tokens(rank, world)
     _check_bad_input(rank, world, dist.group.WORLD)
+    _check_hostile_values(rank, world)
+
+
+def _check_hostile_values(rank: int, world: int) -> None:
+    """Inputs that must not give a silent wrong number, on a vocabulary split as on one process:
+    NaN hidden states at ignored rows, a reference made under inference mode, narrow integer
+    labels, unchecked labels outside the vocabulary; and a second derivative raises."""
+    chunked.TOKEN_BLOCK, chunked.VOCAB_BLOCK = 5, 4
+    group = dist.group.WORLD
+    case = make_case(shape=(13,), bias=True, ref_bias=True, seed=60)
+    start, stop = _even(37, world, rank)
+    ignored = case.labels == -100
+    hidden = case.hidden.detach().clone()
+    hidden[ignored] = float("nan")
+    with torch.inference_mode():
+        frozen = {name: getattr(case, name).clone() for name in ("ref_hidden", "ref_weight", "ref_bias")}
+    labels = case.labels.clone()
+    labels[:2] = torch.tensor([-3, 40])
+    variants = {
+        "nan_at_ignored": (dict(hidden=hidden), {}),
+        "inference_reference": (frozen, {}),
+        "int8_labels": (dict(labels=case.labels.to(torch.int8)), {}),
+        "unchecked_out_of_range": (dict(labels=labels), dict(check_labels=False)),
+    }
+    for impl in ("torch", "triton"):
+        for name, (fields, extra) in variants.items():
+            local = _slice_case(case, start, stop)
+            for field, value in fields.items():
+                setattr(local, field, value[start:stop] if field in ("ref_weight", "ref_bias") else value)
+            local.hidden = local.hidden.detach().clone().requires_grad_()
+            oracle = case if name != "unchecked_out_of_range" else Case(
+                case.hidden, case.weight, labels, case.ref_hidden, case.ref_weight, case.bias, case.ref_bias)
+            want_stats, want_grads = run(oracle, "reference", ALL_STATS, **extra)
+            stats, grads = run(local, impl, ALL_STATS, process_group=group, **extra)
+            for stat in ALL_STATS:
+                assert max_rel_err(getattr(stats, stat), getattr(want_stats, stat)) < TOL, (impl, name, stat)
+            for i, (got, want) in enumerate(zip(grads, want_grads)):
+                rows = slice(None) if i == 0 else slice(start, stop)
+                assert torch.isfinite(got).all() and max_rel_err(got, want[rows]) < TOL, (impl, name, i)
+        local = _slice_case(case, start, stop)
+        stats = fpo_ops.token_stats(local.hidden, local.weight, case.labels, case.ref_hidden, local.ref_weight,
+                                    bias=local.bias, outputs=("logp", "kl"), impl=impl, process_group=group)
+        (grad_h,) = torch.autograd.grad((stats.logp + stats.kl).sum(), local.hidden, create_graph=True)
+        with pytest.raises(RuntimeError, match=r"^token_stats: double backward is not supported"):
+            torch.autograd.grad((grad_h ** 2).sum(), local.weight)
 
 
 def _check_no_tokens(rank: int, world: int) -> None:

@@ -155,3 +155,16 @@ def test_modules_equal_the_functions(batch):
     distill_direct = fpo_ops.distill_loss(batch.hidden, batch.weight, batch.labels, batch.ref_hidden,
                                           batch.ref_weight, beta=0.2, temperature=0.5, impl="torch")
     assert distill.item() == distill_direct.item()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
+def test_spo_samples_without_a_sample_dimension(batch, impl):
+    """One sample given as [T'] labels (and [T', H] states) is a shape error naming sample_labels."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(5, batch.hidden.shape[-1], generator=g, dtype=torch.float64)
+    ref_hidden = torch.randn(5, batch.ref_hidden.shape[-1], generator=g, dtype=torch.float64)
+    labels = torch.randint(0, batch.weight.shape[0], (5,), generator=g)
+    with pytest.raises(ValueError, match=r"^sample_labels: expected shape \[S, T'\].*got \(5,\)"):
+        fpo_ops.preference_loss(batch.hidden, batch.weight, batch.labels, batch.ref_hidden, batch.ref_weight,
+                                loss_type="spo", sample_hidden=hidden, sample_ref_hidden=ref_hidden,
+                                sample_labels=labels, impl=impl)

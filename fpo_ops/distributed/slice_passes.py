@@ -10,7 +10,7 @@ function of local tensors plus (after the all-reduces) global per-token scalars:
 Labels passed to a pass are relative to the slice: ``label - slice_start``, outside ``[0, V_local)``
 where another process owns the label or the token is ignored. ``valid`` ([N] bool) marks the tokens
 whose results are used: the Triton passes skip the others, the PyTorch ones compute them anyway
-(their values are masked by the caller either way).
+(their values are masked by the caller either way; their gradient is exactly 0 in both).
 """
 from typing import Callable, Dict, NamedTuple, Tuple
 
@@ -58,7 +58,7 @@ def _torch_backward(hidden, weight, bias, local_labels, ref_hidden, ref_weight, 
                     opts: HeadOptions, need_h: bool, need_w: bool, need_b: bool, valid=None):
     """(dhidden share [N, H] in the accumulation dtype, dweight [V_r, H], dbias [V_r])."""
     return chunked.backward_tiles(hidden, weight, bias, local_labels, ref_hidden, ref_weight, ref_bias,
-                                  coef, saved, opts, need_h, need_w, need_b)
+                                  coef, saved, opts, need_h, need_w, need_b, valid=valid)
 
 
 TORCH_PASSES = SlicePasses(partials=_torch_partials, jsd=_torch_jsd, backward=_torch_backward)

@@ -22,7 +22,10 @@ from typing import Any, Dict, Tuple
 import torch
 import torch.distributed as dist
 
-from ..function_io import kept_names, masked_outputs, reference_if_needed, upstream_coefficients
+from ..function_io import (
+    first_order_backward, kept_names, mark_outputs, masked_outputs, reference_if_needed, save_inputs,
+    saved_inputs, upstream_coefficients,
+)
 from ..online import MAXIMA, Partials, finalize, needed_partials, shift_partials
 from ..options import HeadOptions
 from .slice_passes import SlicePasses, passes_for
@@ -128,14 +131,17 @@ class VocabParallelTokenStats(torch.autograd.Function):
         ctx.kept_names = kept_names(opts, ref_hidden is not None)
         # At ignored tokens these are real values (torch) or placeholders that backward skips
         # (triton); zeros would not do for torch, whose backward computes exp(z - lse) everywhere.
-        ctx.save_for_backward(hidden, weight, bias, local_labels, valid, ref_hidden, ref_weight, ref_bias,
-                              *(stats[name] for name in ctx.kept_names))
-        return masked_outputs(ctx, stats, valid, opts)
+        save_inputs(ctx, hidden, weight, bias, local_labels, valid, ref_hidden, ref_weight, ref_bias,
+                    *(stats[name] for name in ctx.kept_names))
+        results = masked_outputs(stats, valid, opts)
+        mark_outputs(ctx, results, opts)
+        return results
 
     @staticmethod
+    @first_order_backward
     def backward(ctx, *grads):
         opts: HeadOptions = ctx.opts
-        hidden, weight, bias, local_labels, valid, ref_hidden, ref_weight, ref_bias, *kept = ctx.saved_tensors
+        hidden, weight, bias, local_labels, valid, ref_hidden, ref_weight, ref_bias, *kept = saved_inputs(ctx)
         coef = upstream_coefficients(grads, valid, opts)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         none_for_rest = (None,) * 6

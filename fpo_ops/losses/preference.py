@@ -289,6 +289,11 @@ def _check_reference(chosen_set, ref_hidden, ref_chosen_logps, ref_rejected_logp
                 "sample_hidden, sample_ref_hidden, sample_labels: expected all three tensors for SPO's on-policy "
                 f"samples, got {['tensor' if a is not None else 'None' for a in sample_args]}"
             )
+        if not isinstance(sample_labels, torch.Tensor):
+            raise TypeError(f"sample_labels: expected a torch.Tensor, got {type(sample_labels).__name__}")
+        if sample_labels.dim() != 2:
+            raise ValueError(f"sample_labels: expected shape [S, T'] (one row per sample), got "
+                             f"{tuple(sample_labels.shape)}")
     elif "spo" in chosen_set and ref_hidden is None:
         raise ValueError(
             "ref_hidden: 'spo' needs the token-level KL(policy || reference) over the full vocabulary: expected "
