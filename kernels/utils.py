@@ -5,11 +5,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .interpreter_compat import ensure_interpreter_scalars
+
 
 def interpreted() -> bool:
     """True when kernels run through the Triton interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+
+if interpreted():
+    ensure_interpreter_scalars()
 
 def upcast_dot_operands(dtype: torch.dtype) -> bool:
     # The interpreter multiplies the raw uint16 storage of bf16 operands in tl.dot; fp32 operands
@@ -134,17 +139,45 @@ class TileConfig:
         return min(chunk, triton.cdiv(vocab, self.BV) * self.BV)
 
 
+# Forward programs resident per SM at the CUDA launch shape. tests/kernel_compile_check.py reports
+# 255 registers per thread for the forward (and the logit-gradient) kernel at 8 warps: 65280 of an
+# SM's 65536 registers, so one program per SM; the compile test checks the two agree.
+PROGRAMS_PER_SM = 1
+# Registers and shared memory of one Hopper SM (H100, H200), for that occupancy check.
+SM_REGISTERS = 65536
+SM_SHARED_BYTES = 233472
+
+
+def resident_programs(registers: int, shared_bytes: int, num_warps: int) -> int:
+    """Programs of one kernel that fit on a Hopper SM at once (register- and shared-memory-bound).
+
+    Args:
+        registers: registers per thread (as the compiler reports them).
+        shared_bytes: shared memory per program.
+        num_warps: warps per program.
+
+    Returns:
+        The count (0 if one program does not fit).
+    """
+    # registers are allocated per warp in units of 256 (8 per thread)
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = SM_REGISTERS // (per_warp * num_warps)
+    by_shared = SM_SHARED_BYTES // max(1, shared_bytes)
+    return min(by_registers, by_shared, 64 // num_warps)
+
+
 def tile_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
     """Heuristic launch shape; the CUDA values are chosen for H100-class GPUs (not autotuned).
 
-    Forward, per wave of ~2 programs per SM and BN=64, BV=128: with S splits running together the
-    hidden states of 2*SMs/S token blocks stay in L2 while S weight tiles stream per step, which
-    balances at S ~ sqrt(2*SMs*BN/BV) ~ 11 on an H100; 8 keeps the partials at 8 sets per token.
+    Forward, per wave of `PROGRAMS_PER_SM` (1) program per SM and BN=64, BV=128: with S splits
+    running together the hidden states of SMs/S token blocks stay in L2 while S weight tiles stream
+    per step, which balances at S ~ sqrt(SMs*BN/BV) ~ 8 on an H100 or H200 (132 SMs); 8 splits also
+    keep the partials at 8 sets per token.
     Wider dtypes get narrower hidden blocks and fewer stages to stay within shared memory.
     """
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        common = dict(target_programs=2 * sms, min_splits=8, dz_buffer_bytes=128 << 20,
+        common = dict(target_programs=PROGRAMS_PER_SM * sms, min_splits=8, dz_buffer_bytes=128 << 20,
                       min_vocab_chunk=1024)
         if dtype in (torch.bfloat16, torch.float16):
             return TileConfig(BN=64, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3,
