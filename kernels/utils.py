@@ -1,5 +1,7 @@
 """Device functions shared by the token-statistics kernels: the logit tile and its transforms."""
+import contextlib
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -119,6 +121,16 @@ class TileConfig:
         self.dz_buffer_bytes = dz_buffer_bytes
         self.min_vocab_chunk = min_vocab_chunk
 
+    def as_kwargs(self) -> dict:
+        """The constructor's arguments, so a tuned shape can be written back into `tile_config`."""
+        return dict(BN=self.BN, BV=self.BV, BH_reduce=self.BH_reduce, BH_grad=self.BH_grad,
+                    num_warps=self.num_warps, num_stages=self.num_stages,
+                    target_programs=self.target_programs, min_splits=self.min_splits,
+                    dz_buffer_bytes=self.dz_buffer_bytes, min_vocab_chunk=self.min_vocab_chunk)
+
+    def __repr__(self) -> str:
+        return "TileConfig(" + ", ".join(f"{k}={v}" for k, v in self.as_kwargs().items()) + ")"
+
     def vocab_splits(self, n_tokens: int, vocab: int):
         """(splits, columns per split): enough programs to fill the device when N is small.
 
@@ -166,6 +178,24 @@ def resident_programs(registers: int, shared_bytes: int, num_warps: int) -> int:
     return min(by_registers, by_shared, 64 // num_warps)
 
 
+# Set only inside `override_tile_config` (the benchmark's tile-shape sweep).
+_OVERRIDE: Optional[TileConfig] = None
+
+
+@contextlib.contextmanager
+def override_tile_config(cfg: TileConfig):
+    """Within the block every launch uses ``cfg`` instead of `tile_config`'s choice.
+
+    For timing candidate launch shapes through the public ``token_stats`` path; not thread-safe.
+    """
+    global _OVERRIDE
+    previous, _OVERRIDE = _OVERRIDE, cfg
+    try:
+        yield cfg
+    finally:
+        _OVERRIDE = previous
+
+
 def tile_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
     """Heuristic launch shape; the CUDA values are chosen for H100-class GPUs (not autotuned).
 
@@ -175,6 +205,8 @@ def tile_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Ti
     keep the partials at 8 sets per token.
     Wider dtypes get narrower hidden blocks and fewer stages to stay within shared memory.
     """
+    if _OVERRIDE is not None:
+        return _OVERRIDE
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         common = dict(target_programs=PROGRAMS_PER_SM * sms, min_splits=8, dz_buffer_bytes=128 << 20,
