@@ -109,7 +109,10 @@ def _validate(args, device: torch.device) -> None:
         raise SystemExit(f"fpo-bench: --sizes: expected even token counts >= 2, got {bad}")
 
 
-def _check_all(args, device, dtype, emit) -> Tuple[Dict[Tuple[str, str, str], str], Dict[Tuple[str, str, str], str]]:
+CaseKey = Tuple[str, str, str]  # (head, workload, provider)
+
+
+def _check_all(args, device, dtype, emit) -> Tuple[Dict[CaseKey, str], Dict[CaseKey, str]]:
     """Check every runnable (head, workload, provider) against fpo-torch; each check is emitted.
 
     Returns two dicts keyed by (head, workload, provider): providers that fail to run at all (a

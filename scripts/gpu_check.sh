@@ -68,7 +68,7 @@ stage() {  # stage NAME LIMIT_S LOG COMMAND...: run it under a time limit, its o
 wheels=("${FPO_WHEELHOUSE:-wheelhouse}"/*.whl)
 if [ -e "${wheels[0]}" ]; then
   site="${TMPDIR:-/tmp}/fpo-gpu-site"
-  stage wheels "${FPO_LIMIT_WHEELS:-60}" setup.log \
+  stage wheels "${FPO_LIMIT_WHEELS:-30}" setup.log \
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "${wheels[@]}"
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 else
@@ -85,11 +85,11 @@ then
   echo "fpo-ops already imports from this checkout" | tee -a "$out/setup.log"
   record install skipped 0 0 setup.log
 else
-  stage install "${FPO_LIMIT_INSTALL:-90}" setup.log \
+  stage install "${FPO_LIMIT_INSTALL:-60}" setup.log \
     "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e .
 fi
 
-stage env "${FPO_LIMIT_ENV:-60}" setup.log "$PYTHON" - <<'PY'
+stage env "${FPO_LIMIT_ENV:-30}" setup.log "$PYTHON" - <<'PY'
 import importlib, platform
 import numpy, torch, triton
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -112,10 +112,10 @@ else  # never the whole suite by accident
   record tests failed 1 0 tests.log
 fi
 
-stage bench "${FPO_LIMIT_BENCH:-270}" bench.log \
+stage bench "${FPO_LIMIT_BENCH:-240}" bench.log \
   "$PYTHON" -m fpo_ops.benchmarks.gpu_plan bench --plan "$plan" --out "$out" "$@"
 
-stage sweep "${FPO_LIMIT_SWEEP:-90}" bench.log \
+stage sweep "${FPO_LIMIT_SWEEP:-75}" bench.log \
   "$PYTHON" -m fpo_ops.benchmarks.gpu_plan sweep --plan "$plan" --out "$out"
 
 name="${FPO_RESULTS_NAME:-}"
@@ -126,7 +126,7 @@ from fpo_ops.benchmarks.report import device_slug
 dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 print(f'{device_slug(dev)}-{datetime.date.today():%Y-%m-%d}-gpu-check')" 2>/dev/null || echo results)"
 fi
-stage summary "${FPO_LIMIT_SUMMARY:-45}" bench.log \
+stage summary "${FPO_LIMIT_SUMMARY:-30}" bench.log \
   "$PYTHON" -m fpo_ops.benchmarks.summary --cases "$out/cases.jsonl" --sweep "$out/sweep.jsonl" \
   --stages "$stages" --out "$out" --name "$name"
 if [ -f "$out/$name.json" ]; then

@@ -60,6 +60,18 @@ def test_estimate_follows_the_performance_model():
         gpu_plan.get_plan("weekly")
 
 
+def test_stage_limits_fit_in_one_command_of_the_lent_machine():
+    """Even if every stage ran to its time limit the script would end inside 10 minutes."""
+    limits = [int(n) for n in re.findall(r"FPO_LIMIT_[A-Z]+:-(\d+)", SCRIPT.read_text())]
+    assert len(limits) == 7 and sum(limits) + 15 <= 600, limits
+    # and the plan's estimate of each stage leaves room under its limit
+    rows = gpu_plan.estimate(gpu_plan.PLANS["default"])
+    text = SCRIPT.read_text()
+    for stage in ("tests", "bench", "sweep"):
+        limit = int(re.search(rf"FPO_LIMIT_{stage.upper()}:-(\d+)", text).group(1))
+        assert sum(s for st, _, s in rows if st == stage) <= 0.7 * limit, stage
+
+
 def _bad_wheelhouse(tmp_path: Path) -> Path:
     wheelhouse = tmp_path / "wheelhouse"
     wheelhouse.mkdir()
