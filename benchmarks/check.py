@@ -29,8 +29,9 @@ class CheckResult:
     tolerance: float
 
 
-def _loss_and_grads(provider_name: str, workload: Workload, head: HeadSpec, n_tokens: int,
-                    dtype: torch.dtype, device: torch.device, seed: int) -> Dict[str, torch.Tensor]:
+def loss_and_grads(provider_name: str, workload: Workload, head: HeadSpec, n_tokens: int,
+                   dtype: torch.dtype, device: torch.device, seed: int) -> Dict[str, torch.Tensor]:
+    """One step of ``provider_name``: {"loss": [1], "grad_hidden": [B, T, H], "grad_weight": [V, H]} in fp32."""
     inputs = make_inputs(head, workload, n_tokens, dtype, device, seed)
     loss = get_provider(provider_name).build(workload, inputs)()
     loss.backward()
@@ -69,10 +70,10 @@ def check_provider(provider_name: str, workload: Workload, head: HeadSpec, n_tok
     Raises:
         ProviderMismatch: when any relative error exceeds the dtype's tolerance.
     """
-    got = _loss_and_grads(provider_name, workload, head, n_tokens, dtype, device, seed)
+    got = loss_and_grads(provider_name, workload, head, n_tokens, dtype, device, seed)
     if provider_name == CHECK_BASELINE:
         return CheckResult(provider_name, {}, 0.0)
-    expected = _loss_and_grads(CHECK_BASELINE, workload, head, n_tokens, dtype, device, seed)
+    expected = loss_and_grads(CHECK_BASELINE, workload, head, n_tokens, dtype, device, seed)
     tolerance = CHECK_RTOL[dtype]
     errors = {key: relative_error(got[key], expected[key]) for key in expected}
     bad = {key: err for key, err in errors.items() if not err <= tolerance}

@@ -14,11 +14,14 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from fpo_ops import chunked
+
 from .check import ProviderMismatch, check_provider
 from .heads import get_head
 from .measure import DTYPES, CaseSpec, gemm_tflops, run_case, run_case_isolated
 from .providers import CHECK_BASELINE, get_provider, provider_names
 from .report import device_info, format_table, results_path, versions, write_results
+from .summary import append_jsonl, build_payload, save_plot
 from .workloads import WORKLOADS, get_workload
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -70,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="file stem of the results (default <device>-<date>)")
     parser.add_argument("--threads", type=int, help="torch CPU threads per case (default: torch's own choice)")
     parser.add_argument("--no-save", action="store_true", help="print the table only")
+    parser.add_argument("--jsonl", type=Path, metavar="PATH",
+                        help="append one JSON line per check and per case as each ends (a killed run keeps them)")
     parser.add_argument("--show", type=Path, metavar="JSON",
                         help="print the Markdown table of a saved results file and exit")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per isolated case")
@@ -104,15 +109,19 @@ def _validate(args, device: torch.device) -> None:
         raise SystemExit(f"fpo-bench: --sizes: expected even token counts >= 2, got {bad}")
 
 
-def _check_all(args, device, dtype) -> Tuple[List[dict], Dict[Tuple[str, str, str], str]]:
-    """Check every runnable (head, workload, provider) against fpo-torch.
+CaseKey = Tuple[str, str, str]  # (head, workload, provider)
 
-    A mismatch stops the run (`ProviderMismatch` propagates). A provider that fails to run at all
-    (a missing compiler for torch.compile, say) is returned in the second value with the reason, and
-    its cases are recorded as errors instead of timed.
+
+def _check_all(args, device, dtype, emit) -> Tuple[Dict[CaseKey, str], Dict[CaseKey, str]]:
+    """Check every runnable (head, workload, provider) against fpo-torch; each check is emitted.
+
+    Returns two dicts keyed by (head, workload, provider): providers that fail to run at all (a
+    missing compiler for torch.compile, say), whose cases are recorded as errors instead of timed,
+    and providers that disagree beyond the dtype's tolerance, whose cases are still timed and
+    carry the mismatch, so one wrong provider never costs the others' results.
     """
     n_check = args.check_tokens or min(min(args.sizes), 1024)
-    checks, broken = [], {}
+    broken, mismatched = {}, {}
     for head_name in args.heads:
         head = get_head(head_name)
         for workload_name in args.workloads:
@@ -120,22 +129,27 @@ def _check_all(args, device, dtype) -> Tuple[List[dict], Dict[Tuple[str, str, st
             for provider_name in args.providers:
                 if provider_name == CHECK_BASELINE or get_provider(provider_name).unsupported(workload, head, device):
                     continue
+                key = (head_name, workload_name, provider_name)
+                record = dict(kind="check", head=head_name, workload=workload_name, provider=provider_name,
+                              n_tokens=n_check, dtype=args.dtype)
                 print(f"check {provider_name:>13} vs {CHECK_BASELINE} on {head_name}/{workload_name} N={n_check} ... ",
                       end="", flush=True)
                 try:
                     result = check_provider(provider_name, workload, head, n_check, dtype, device)
-                except ProviderMismatch:
-                    print("MISMATCH", flush=True)
-                    raise
+                except ProviderMismatch as exc:
+                    print("MISMATCH " + str(exc), flush=True)
+                    mismatched[key] = str(exc)[:500]
+                    emit({**record, "status": "mismatch", "reason": mismatched[key]})
+                    continue
                 except Exception as exc:  # the provider cannot run here; the others still can
                     reason = f"check failed: {type(exc).__name__}: {exc}"[:500]
                     print("ERROR " + reason, flush=True)
-                    broken[(head_name, workload_name, provider_name)] = reason
+                    broken[key] = reason
+                    emit({**record, "status": "error", "reason": reason})
                     continue
                 print("ok  " + ", ".join(f"{k} {v:.1e}" for k, v in result.errors.items()), flush=True)
-                checks.append(dict(head=head_name, workload=workload_name, provider=provider_name,
-                                   n_tokens=n_check, tolerance=result.tolerance, relative_errors=result.errors))
-    return checks, broken
+                emit({**record, "status": "ok", "tolerance": result.tolerance, "relative_errors": result.errors})
+    return broken, mismatched
 
 
 def _add_flops(record: dict, rate_tflops: Optional[float]) -> None:
@@ -150,6 +164,8 @@ def _add_flops(record: dict, rate_tflops: Optional[float]) -> None:
 
 def _progress_line(index: int, total: int, record: dict) -> str:
     name = f"[{index}/{total}] {record['head']}/{record['workload']} N={record['n_tokens']} {record['provider']}"
+    if record.get("check") == "mismatch":
+        name += " [check MISMATCH]"
     if record["status"] != "ok":
         return f"{name}: {record['status']} ({record.get('reason', '')})"
     mem = record.get("mem_fwd_bwd_mib")
@@ -181,10 +197,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"fpo-bench on {device_info(device)['name']} ({device}), {args.dtype}; heads {args.heads}, "
           f"workloads {args.workloads}, providers {args.providers}, N {args.sizes}", flush=True)
 
-    checks, broken = ([], {}) if args.no_check else _check_all(args, device, dtype)
+    lines: List[dict] = []
+
+    def emit(line: dict) -> None:
+        lines.append(line)
+        append_jsonl(args.jsonl, line)
+
     rate = gemm_tflops(device, dtype) if device.type == "cuda" else None
     if rate:
         print(f"GEMM floor rate: {rate:.0f} TFLOP/s ({args.dtype} [4096, 4096] x [4096, 16384])", flush=True)
+    emit(dict(kind="run", device=device_info(device), versions=versions(),
+              date=started.isoformat(timespec="seconds"), command=shlex.join(["fpo-bench", *argv]),
+              dtype=args.dtype, gemm_floor_tflops=rate))
+    broken, mismatched = ({}, {}) if args.no_check else _check_all(args, device, dtype, emit)
 
     specs = [CaseSpec(head=h, workload=w, provider=p, n_tokens=n, dtype=args.dtype, device=str(device),
                       warmup=args.warmup, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
@@ -192,11 +217,12 @@ def main(argv: Optional[List[str]] = None) -> int:
              for h in args.heads for w in args.workloads for n in args.sizes for p in args.providers]
     records = []
     for index, spec in enumerate(specs, 1):
+        key = (spec.head, spec.workload, spec.provider)
         reason = get_provider(spec.provider).unsupported(get_workload(spec.workload), get_head(spec.head), device)
         if reason:
             record = {**vars(spec), "status": "unsupported", "reason": reason}
-        elif (spec.head, spec.workload, spec.provider) in broken:
-            record = {**vars(spec), "status": "error", "reason": broken[(spec.head, spec.workload, spec.provider)]}
+        elif key in broken:
+            record = {**vars(spec), "status": "error", "reason": broken[key]}
         elif isolate:
             record = run_case_isolated(spec, timeout_s=args.timeout)
         else:
@@ -206,34 +232,36 @@ def main(argv: Optional[List[str]] = None) -> int:
                 record = {**vars(spec), "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:500]}
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the next case starts from an empty cache, not this one's blocks
+        if key in mismatched:
+            record["check"] = "mismatch"
         _add_flops(record, rate)
         records.append(record)
+        emit({"kind": "case", **record})
         if record["status"] != "unsupported":
             print(_progress_line(index, len(specs), record), flush=True)
 
+    # whether fpo-torch's low-precision GEMMs returned fp32 natively (False: it fell back to fp32 GEMMs)
+    emit(dict(kind="run_end", duration_s=round(time.time() - started.timestamp(), 1),
+              gemm_fp32_native=dict(chunked._NATIVE_FP32_OUT)))
     print()
     print(format_table(records, with_flops=device.type == "cuda"))
     skipped = sorted({(r["provider"], r["workload"], r["reason"]) for r in records if r["status"] == "unsupported"})
     for provider, workload, reason in skipped:
         print(f"  not run: {provider} on {workload}: {reason}")
+    for (head, workload, provider), reason in mismatched.items():
+        print(f"  MISMATCH (timed anyway, marked in the results): {reason}")
 
     if not args.no_save:
         path = results_path(args.out, device, started, args.name)
-        payload = dict(
-            device=device_info(device), versions=versions(), date=started.isoformat(timespec="seconds"),
-            command=shlex.join(["fpo-bench", *argv]), dtype=args.dtype, gemm_floor_tflops=rate,
-            duration_s=round(time.time() - started.timestamp(), 1), checks=checks, results=records,
-        )
+        payload = build_payload(lines)
         write_results(path, payload)
         print(f"\nwrote {path}")
-        try:
-            from .plot import plot_results
-        except ImportError:
-            plot_results = None
-        if plot_results is not None:
-            png = plot_results(records, path.with_suffix(".png"),
-                               f"fpo-bench on {device_info(device)['name']} ({args.dtype}), {started:%Y-%m-%d}")
+        png = save_plot(records, path.with_suffix(".png"),
+                        f"fpo-bench on {device_info(device)['name']} ({args.dtype}), {started:%Y-%m-%d}")
+        if png is not None:
             print(f"wrote {png}")
+    # a disagreement is a finding, not a crash: everything was still measured and saved
+    return 3 if mismatched else 0
     return 0
 
 

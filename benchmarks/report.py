@@ -117,7 +117,8 @@ def format_table(records: Iterable[dict], markdown: bool = False, with_flops: bo
     for r in records:
         if r["status"] == "unsupported":
             continue
-        row = [r["head"], r["workload"], str(r["n_tokens"]), r["provider"]]
+        provider = r["provider"] + (" (MISMATCH)" if r.get("check") == "mismatch" else "")
+        row = [r["head"], r["workload"], str(r["n_tokens"]), provider]
         if r["status"] != "ok":
             row += [r["status"].upper()] + [""] * (len(header) - len(row) - 1)
             rows.append(row)

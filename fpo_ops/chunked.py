@@ -4,6 +4,7 @@ Tiles tokens and vocabulary so that only one [BN, BV] block of logits per model 
 Forward keeps a few floats per token (log-normalisers and the statistic values the gradient
 formula needs); backward recomputes the tiles. Runs on any device PyTorch runs on.
 """
+import warnings
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -32,7 +33,15 @@ def gemm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     A bf16 result would round each tile's sum over H (or over a token block, for dweight) to bf16
     before it is added to the fp32 accumulators: that error grows with the number of tiles.
-    Low-precision operands multiply natively where the backend returns fp32, else after an upcast.
+    Low-precision operands multiply natively where the backend returns fp32 (CUDA), else after an
+    upcast (CPU has no such kernel). A backend expected to have it that fails warns once, naming
+    the error, since the upcast GEMMs run at the fp32 rate, several times slower.
+
+    Args:
+        a: [M, K]; b: [K, L], of one dtype and device.
+
+    Returns:
+        [M, L] in fp32 (fp64 for fp64 operands).
     """
     if a.dtype in (torch.float32, torch.float64) and b.dtype == a.dtype:
         return a @ b
@@ -42,8 +51,13 @@ def gemm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             out = torch.mm(a, b, out_dtype=torch.float32)
             _NATIVE_FP32_OUT[device_type] = True
             return out
-        except (TypeError, RuntimeError, NotImplementedError):
+        except (TypeError, RuntimeError, NotImplementedError) as exc:
             _NATIVE_FP32_OUT[device_type] = False
+            warnings.warn(
+                f"gemm_fp32: torch.mm(..., out_dtype=torch.float32) failed on {device_type} for "
+                f"{a.dtype} operands ({type(exc).__name__}: {str(exc)[:200]}); the streaming op "
+                f"upcasts its GEMM operands to fp32 on this device from now on (slower)",
+                RuntimeWarning, stacklevel=2)
     return a.float() @ b.float()
 
 

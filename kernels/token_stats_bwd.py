@@ -117,7 +117,8 @@ def token_stats_bwd_kernel(
 def _dh_step(dz_ptr, w_ptr, acc, idx, row_mask, hs, h_mask, v0, C, stride_dz, stride_w,
              BV: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # acc [BN, BH] += dz[idx, v0:v0+BV] @ w[v0:v0+BV, hs]
-    cols = v0 + tl.arange(0, BV)
+    # int64 before `cols * stride_w`: the loop's v0 is int32, and chunk x H can pass 2^31
+    cols = v0 + tl.arange(0, BV).to(tl.int64)
     col_mask = cols < C
     dz = tl.load(dz_ptr + idx[:, None] * stride_dz + cols[None, :],
                  mask=row_mask[:, None] & col_mask[None, :], other=0.0)

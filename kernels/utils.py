@@ -1,15 +1,22 @@
 """Device functions shared by the token-statistics kernels: the logit tile and its transforms."""
+import contextlib
 import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from .interpreter_compat import ensure_interpreter_scalars
 
 
 def interpreted() -> bool:
     """True when kernels run through the Triton interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+
+if interpreted():
+    ensure_interpreter_scalars()
 
 def upcast_dot_operands(dtype: torch.dtype) -> bool:
     # The interpreter multiplies the raw uint16 storage of bf16 operands in tl.dot; fp32 operands
@@ -114,6 +121,16 @@ class TileConfig:
         self.dz_buffer_bytes = dz_buffer_bytes
         self.min_vocab_chunk = min_vocab_chunk
 
+    def as_kwargs(self) -> dict:
+        """The constructor's arguments, so a tuned shape can be written back into `tile_config`."""
+        return dict(BN=self.BN, BV=self.BV, BH_reduce=self.BH_reduce, BH_grad=self.BH_grad,
+                    num_warps=self.num_warps, num_stages=self.num_stages,
+                    target_programs=self.target_programs, min_splits=self.min_splits,
+                    dz_buffer_bytes=self.dz_buffer_bytes, min_vocab_chunk=self.min_vocab_chunk)
+
+    def __repr__(self) -> str:
+        return "TileConfig(" + ", ".join(f"{k}={v}" for k, v in self.as_kwargs().items()) + ")"
+
     def vocab_splits(self, n_tokens: int, vocab: int):
         """(splits, columns per split): enough programs to fill the device when N is small.
 
@@ -134,17 +151,65 @@ class TileConfig:
         return min(chunk, triton.cdiv(vocab, self.BV) * self.BV)
 
 
+# Forward programs resident per SM at the CUDA launch shape. tests/kernel_compile_check.py reports
+# 255 registers per thread for the forward (and the logit-gradient) kernel at 8 warps: 65280 of an
+# SM's 65536 registers, so one program per SM; the compile test checks the two agree.
+PROGRAMS_PER_SM = 1
+# Registers and shared memory of one Hopper SM (H100, H200), for that occupancy check.
+SM_REGISTERS = 65536
+SM_SHARED_BYTES = 233472
+
+
+def resident_programs(registers: int, shared_bytes: int, num_warps: int) -> int:
+    """Programs of one kernel that fit on a Hopper SM at once (register- and shared-memory-bound).
+
+    Args:
+        registers: registers per thread (as the compiler reports them).
+        shared_bytes: shared memory per program.
+        num_warps: warps per program.
+
+    Returns:
+        The count (0 if one program does not fit).
+    """
+    # registers are allocated per warp in units of 256 (8 per thread)
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = SM_REGISTERS // (per_warp * num_warps)
+    by_shared = SM_SHARED_BYTES // max(1, shared_bytes)
+    return min(by_registers, by_shared, 64 // num_warps)
+
+
+# Set only inside `override_tile_config` (the benchmark's tile-shape sweep).
+_OVERRIDE: Optional[TileConfig] = None
+
+
+@contextlib.contextmanager
+def override_tile_config(cfg: TileConfig):
+    """Within the block every launch uses ``cfg`` instead of `tile_config`'s choice.
+
+    For timing candidate launch shapes through the public ``token_stats`` path; not thread-safe.
+    """
+    global _OVERRIDE
+    previous, _OVERRIDE = _OVERRIDE, cfg
+    try:
+        yield cfg
+    finally:
+        _OVERRIDE = previous
+
+
 def tile_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
     """Heuristic launch shape; the CUDA values are chosen for H100-class GPUs (not autotuned).
 
-    Forward, per wave of ~2 programs per SM and BN=64, BV=128: with S splits running together the
-    hidden states of 2*SMs/S token blocks stay in L2 while S weight tiles stream per step, which
-    balances at S ~ sqrt(2*SMs*BN/BV) ~ 11 on an H100; 8 keeps the partials at 8 sets per token.
+    Forward, per wave of `PROGRAMS_PER_SM` (1) program per SM and BN=64, BV=128: with S splits
+    running together the hidden states of SMs/S token blocks stay in L2 while S weight tiles stream
+    per step, which balances at S ~ sqrt(SMs*BN/BV) ~ 8 on an H100 or H200 (132 SMs); 8 splits also
+    keep the partials at 8 sets per token.
     Wider dtypes get narrower hidden blocks and fewer stages to stay within shared memory.
     """
+    if _OVERRIDE is not None:
+        return _OVERRIDE
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        common = dict(target_programs=2 * sms, min_splits=8, dz_buffer_bytes=128 << 20,
+        common = dict(target_programs=PROGRAMS_PER_SM * sms, min_splits=8, dz_buffer_bytes=128 << 20,
                       min_vocab_chunk=1024)
         if dtype in (torch.bfloat16, torch.float16):
             return TileConfig(BN=64, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3,

@@ -2,8 +2,10 @@
 
 Run as a script (it must not run under TRITON_INTERPRET=1):
     python tests/kernel_compile_check.py [bf16|fp16|fp32]
-Prints one JSON line per kernel with its shared memory and, when the bundled cuobjdump can read
-the cubin, registers and spill bytes; exits non-zero if a kernel fails to compile. The launch
+Prints one JSON line per kernel with its shared memory, the count of 32-bit integer multiplies of
+index tensors in its Triton IR (an ``offsets * stride`` in int32 overflows once the product passes
+2^31, so there should be none) and, when the bundled cuobjdump can read the cubin, registers and
+spill bytes; exits non-zero if a kernel fails to compile. The launch
 shapes are those `fpo_ops.kernels.utils.tile_config` picks on CUDA, and every integer argument
 that a real launch would see as a multiple of 16 is declared so, as Triton would specialise it.
 """
@@ -56,6 +58,15 @@ def _resource_usage(cubin: bytes) -> dict:
     return {"registers": found.get("REG"), "stack_bytes": found.get("STACK")}
 
 
+# an arith.muli whose operands are int32 tensors, e.g. "tensor<128x1xi32>"
+_INT32_TENSOR_MULTIPLY = re.compile(r"arith\.muli .*: tensor<[0-9x]+xi32>")
+
+
+def int32_tensor_multiplies(ttir: str) -> int:
+    """Lines of the Triton IR that multiply int32 tensors (scalar x small constant is not counted)."""
+    return sum(1 for line in ttir.splitlines() if _INT32_TENSOR_MULTIPLY.search(line))
+
+
 def compile_kernel(kernel, dtype: str, constexprs: dict, cfg: TileConfig) -> dict:
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else _arg_type(n, dtype) for n in names}
@@ -66,6 +77,7 @@ def compile_kernel(kernel, dtype: str, constexprs: dict, cfg: TileConfig) -> dic
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     return {"kernel": kernel.fn.__name__, "shared_bytes": compiled.metadata.shared,
+            "int32_tensor_multiplies": int32_tensor_multiplies(compiled.asm["ttir"]),
             **_resource_usage(compiled.asm["cubin"])}
 
 

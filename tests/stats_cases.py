@@ -77,8 +77,9 @@ def run(case: Case, impl: str, outputs: Sequence[str], upstream_seed: int = 1, *
     for name in outputs:
         value = getattr(stats, name)
         if name in DIFFERENTIABLE_STATS:
-            loss = loss + (value * torch.randn(value.shape, generator=g, dtype=torch.float64)
-                           .to(value.dtype)).sum()
+            # drawn on the CPU generator, so every device and dtype sees the same upstream values
+            upstream = torch.randn(value.shape, generator=g, dtype=torch.float64)
+            loss = loss + (value * upstream.to(device=value.device, dtype=value.dtype)).sum()
     grads = ()
     if torch.is_tensor(loss) and loss.requires_grad:
         grads = torch.autograd.grad(loss, case.leaves(), allow_unused=True)

@@ -156,7 +156,9 @@ class _CrashingProvider(NaiveProvider):
         raise RuntimeError("no C++ compiler")
 
 
-def test_cli_records_a_provider_that_cannot_run_and_stops_on_a_mismatch(tmp_path, monkeypatch, capsys):
+def test_cli_records_a_provider_that_cannot_run_and_one_that_mismatches(tmp_path, monkeypatch, capsys):
+    """Neither stops the run: the broken provider's cases are errors, the mismatching one's are timed
+    and marked, the JSON lines and the results file hold both, and the exit code says so."""
     monkeypatch.setitem(PROVIDERS, "crashes", _CrashingProvider)
     monkeypatch.setitem(PROVIDERS, "wrong-kl", _ReverseKLProvider)
     common = ["--device", "cpu", "--heads", "tiny", "--workloads", "tdpo", "--sizes", "32", "--isolate", "none",
@@ -165,9 +167,50 @@ def test_cli_records_a_provider_that_cannot_run_and_stops_on_a_mismatch(tmp_path
     assert "ERROR check failed: RuntimeError: no C++ compiler" in capsys.readouterr().out
     records = {r["provider"]: r for r in json.loads((tmp_path / "crash.json").read_text())["results"]}
     assert records["crashes"]["status"] == "error" and records["fpo-torch"]["status"] == "ok"
-    with pytest.raises(ProviderMismatch):
-        cli.main(common + ["--providers", "wrong-kl,fpo-torch", "--name", "mismatch"])
-    assert not (tmp_path / "mismatch.json").exists()
+
+    jsonl = tmp_path / "mismatch.jsonl"
+    code = cli.main(common + ["--providers", "wrong-kl,fpo-torch", "--name", "mismatch", "--jsonl", str(jsonl)])
+    assert code == 3
+    shown = capsys.readouterr().out
+    assert "MISMATCH wrong-kl disagrees with fpo-torch" in shown and "wrong-kl (MISMATCH)" in shown
+    payload = json.loads((tmp_path / "mismatch.json").read_text())
+    (check,) = payload["checks"]
+    assert check["status"] == "mismatch" and "relative errors" in check["reason"]
+    wrong = next(r for r in payload["results"] if r["provider"] == "wrong-kl")
+    assert wrong["status"] == "ok" and wrong["check"] == "mismatch" and wrong["fwd_bwd_ms"] > 0
+    kinds = [json.loads(line)["kind"] for line in jsonl.read_text().splitlines()]
+    assert kinds == ["run", "check", "case", "case", "run_end"]
+    assert payload["gemm_fp32_native"] == {}  # fp32 operands never need it
+
+
+@pytest.mark.parametrize("workload_name", ["dpo", "tdpo", "jsd"])
+def test_bf16_checks_pass_for_agreeing_providers(workload_name):
+    """The bf16 tolerance sits above bf16 rounding of every anchor that follows our conventions (GPU runs
+    check in bf16; the CPU default is fp32), and still below a wrong KL direction."""
+    workload, head = WORKLOADS[workload_name], get_head("h256v4099")
+    for provider in ("naive", "trl", "liger"):
+        if get_provider(provider).unsupported(workload, head, CPU):
+            continue
+        result = check_provider(provider, workload, head, 256, torch.bfloat16, CPU)
+        assert max(result.errors.values()) <= result.tolerance / 2, (provider, result.errors)
+    if workload_name == "tdpo":
+        with pytest.raises(ProviderMismatch):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setitem(PROVIDERS, "wrong-kl", _ReverseKLProvider)
+                check_provider("wrong-kl", workload, head, 256, torch.bfloat16, CPU)
+
+
+def test_cli_without_matplotlib_writes_the_json_and_says_no_plot(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    assert cli.main(["--device", "cpu", "--heads", "tiny", "--workloads", "logp", "--sizes", "32",
+                     "--providers", "fpo-torch", "--isolate", "none", "--min-repeats", "1", "--max-repeats", "1",
+                     "--out", str(tmp_path), "--name", "noplot"]) == 0
+    assert "no plot: matplotlib is not installed" in capsys.readouterr().out
+    assert (tmp_path / "noplot.json").exists() and not (tmp_path / "noplot.png").exists()
 
 
 def test_triton_provider_agrees_with_fpo_torch():

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fpo_ops
 from fpo_ops import chunked, online
-from fpo_ops.kernels.utils import TileConfig, tile_config
+from fpo_ops.kernels.utils import PROGRAMS_PER_SM, TileConfig, resident_programs, tile_config
 from fpo_ops.options import HeadOptions
 from fpo_ops.reference import reference_logits
 from fpo_ops.stats import DIFFERENTIABLE_STATS
@@ -348,6 +348,14 @@ def test_kernels_compile_for_hopper_within_shared_memory():
     assert len(reports) == 10
     for report in reports:
         assert 0 < report["shared_bytes"] <= H100_SHARED_MEMORY_PER_BLOCK, report
+        # offsets * stride in int32 would overflow once the product passes 2^31
+        assert report["int32_tensor_multiplies"] == 0, report
+    # tile_config's forward launch shape assumes PROGRAMS_PER_SM resident programs per SM
+    forward = [r for r in reports if r["kernel"] == "token_stats_fwd_kernel"]
+    if forward[0].get("registers") is not None:
+        for report in forward:
+            assert resident_programs(report["registers"], report["shared_bytes"],
+                                     report["num_warps"]) == PROGRAMS_PER_SM, report
 
 
 def _gpu_case(n_tokens, hidden_size, vocab, dtype, seed=0, **kwargs):
