@@ -9,7 +9,7 @@ log-prob precomputation (``compute_ref_log_probs``) are replaced; data processin
 handling, ``precompute_ref_log_probs``, gradient accumulation, metrics and logging are TRL's own.
 """
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -19,7 +19,8 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from ..losses import PreferenceOutput, preference_loss
-from ..losses.config import LOSS_TYPES, NEEDS_REFERENCE_LOGPS, NEEDS_REFERENCE_MODEL
+from ..losses.config import LossConfig
+from ..losses.registry import EXTRA_HYPER_PARAMETERS, HYPER_PARAMETERS, LOSS_TYPES, needs_reference, token_level_types
 from ..losses.sequence import ld_token_weights
 from ..token_stats import token_stats
 from .hf import (
@@ -32,10 +33,6 @@ _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps") 
 # Loss types the trainer cannot feed.
 _UNSUPPORTED_LOSS_TYPES = frozenset()
 TRAINER_LOSS_TYPES = tuple(name for name in LOSS_TYPES if name not in _UNSUPPORTED_LOSS_TYPES)
-
-
-def _needs_reference(loss_types) -> bool:
-    return bool(set(loss_types) & (NEEDS_REFERENCE_LOGPS | NEEDS_REFERENCE_MODEL))
 
 
 @contextlib.contextmanager
@@ -53,8 +50,22 @@ def _reference_not_loaded():
         trl_dpo_trainer.create_model_from_path = load
 
 
+def _check_loss_fields(self) -> None:
+    super(LossArguments, self).__post_init__()
+    for param in EXTRA_HYPER_PARAMETERS:
+        param.check(param.name, getattr(self, param.name))
+
+
+# The hyper-parameters of the loss registry that DPOConfig lacks, with their defaults, help and checks.
+LossArguments = make_dataclass(
+    "LossArguments",
+    [(p.name, p.type, field(default=p.default, metadata={"help": p.help})) for p in EXTRA_HYPER_PARAMETERS],
+    namespace={"__post_init__": _check_loss_fields, "__module__": __name__},
+)
+
+
 @dataclass
-class FusedDPOConfig(SeedLossArguments, DPOConfig):
+class FusedDPOConfig(SeedLossArguments, LossArguments, DPOConfig):
     r"""`trl.DPOConfig` plus the parameters of the extra loss types of `fpo_ops.preference_loss`.
 
     ``loss_type`` accepts every TRL name and ``"tdpo1"``, ``"tdpo2"``, ``"spo"``, ``"sppo"``,
@@ -76,10 +87,6 @@ class FusedDPOConfig(SeedLossArguments, DPOConfig):
             autocast dtype, with fp32 accumulation and fp32 statistics.
     """
 
-    tdpo_alpha: float = field(default=0.5, metadata={"help": "α of TDPO2 (weight of the rejected token-level KL)."})
-    spo_alpha: float = field(default=1.0, metadata={"help": "Softmax exponent α of SPO's preference term."})
-    simpo_gamma: float = field(default=0.5, metadata={"help": "Target reward margin γ of SimPO."})
-    cpo_alpha: float = field(default=1.0, metadata={"help": "Weight of the NLL term of CPO."})
     fused_impl: str = field(
         default="auto",
         metadata={"help": "fpo_ops.token_stats implementation: 'auto', 'triton', 'torch' or 'reference'."},
@@ -98,7 +105,7 @@ class FusedDPOConfig(SeedLossArguments, DPOConfig):
             raise ValueError(
                 f"fused_impl: expected 'auto', 'triton', 'torch' or 'reference', got {self.fused_impl!r}"
             )
-        token_level = sorted(set(self.loss_type) & NEEDS_REFERENCE_MODEL)
+        token_level = token_level_types(self.loss_type)
         if token_level and self.precompute_ref_log_probs:
             raise ValueError(
                 f"precompute_ref_log_probs: loss types {token_level} need the reference model's token "
@@ -133,11 +140,11 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
                     raise ValueError(f"loss_type: expected names among {list(TRAINER_LOSS_TYPES)}, got {name!r}")
         # A policy given by name is loaded through the same function, so it is left alone.
         reference_free = (args is not None and ref_model is None and not isinstance(model, str)
-                          and not _needs_reference(args.loss_type))
+                          and not needs_reference(args.loss_type))
         with _reference_not_loaded() if reference_free else contextlib.nullcontext():
             super().__init__(model, ref_model, args, *rest, **kwargs)
         self._loss_kwargs = self._preference_kwargs(self.args)
-        self._needs_reference = _needs_reference(self.loss_types)
+        self._needs_reference = needs_reference(self.loss_types)
         if not self._needs_reference:
             # Reference-free losses (SimPO, CPO, ORPO, SFT) never run it: free its memory.
             self.ref_model = None
@@ -148,17 +155,12 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
 
     @staticmethod
     def _preference_kwargs(args: DPOConfig) -> Dict[str, Any]:
-        extra = {}
-        for name in ("tdpo_alpha", "spo_alpha", "simpo_gamma", "cpo_alpha"):
-            if hasattr(args, name):
-                extra[name] = getattr(args, name)
-        return dict(
-            loss_type=list(args.loss_type), loss_weights=args.loss_weights, beta=args.beta,
-            label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
-            f_alpha_divergence_coef=args.f_alpha_divergence_coef, ld_alpha=args.ld_alpha,
-            use_weighting=args.use_weighting, discopop_tau=args.discopop_tau,
-            impl=getattr(args, "fused_impl", "auto"), **extra,
-        )
+        # Every registry hyper-parameter the config has (a plain DPOConfig lacks the extra ones),
+        # checked together with the loss types as preference_loss will check them.
+        options = {p.name: getattr(args, p.name) for p in HYPER_PARAMETERS if hasattr(args, p.name)}
+        LossConfig(loss_type=list(args.loss_type), loss_weights=args.loss_weights, **options)
+        return dict(loss_type=list(args.loss_type), loss_weights=args.loss_weights,
+                    impl=getattr(args, "fused_impl", "auto"), **options)
 
     # ----------------------------------------------------------------------------------------------
     # Model calls

@@ -38,16 +38,17 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from trl.models.utils import unwrap_model_for_generation
 
+from ..losses.registry import LOSSES, users_of
 from .hf import HeadInputs, is_zero3_param
 
 # Per-pair dataset columns (names of the official SPPO code) and the preference_loss argument each feeds.
 PAIR_COLUMNS = ("chosen_probs", "chosen_probs_win", "chosen_probs_lose", "spo_weight")
 _COLUMN_ARGUMENTS = {"chosen_probs_win": "chosen_win_prob", "chosen_probs_lose": "rejected_win_prob",
                      "chosen_probs": "pair_win_prob", "spo_weight": "spo_weight"}
-# Columns each loss type requires; spo_weight is optional.
-_REQUIRED_COLUMNS = {"sppo": ("chosen_probs_win", "chosen_probs_lose"), "sppo_single": ("chosen_probs",)}
-_COLUMN_USER = {"chosen_probs_win": "sppo", "chosen_probs_lose": "sppo", "chosen_probs": "sppo_single",
-                "spo_weight": "spo"}
+_ARGUMENT_COLUMNS = {argument: column for column, argument in _COLUMN_ARGUMENTS.items()}
+# Columns each loss type requires (from the registry's required per-pair inputs); the rest are optional.
+_REQUIRED_COLUMNS = {name: tuple(_ARGUMENT_COLUMNS[argument] for argument in spec.requires)
+                     for name, spec in LOSSES.items() if spec.requires}
 
 
 @dataclass
@@ -170,7 +171,7 @@ class SeedLossesMixin:
         if set(self.loss_types) & set(_REQUIRED_COLUMNS):
             self._check_pair_columns("inputs", list(inputs))
         for column, argument in _COLUMN_ARGUMENTS.items():
-            if column in inputs and _COLUMN_USER[column] in self.loss_types:
+            if column in inputs and set(users_of(argument)) & set(self.loss_types):
                 extra[argument] = inputs[column].to(policy.hidden.device, torch.float32)
         if self._spo_on_policy:
             extra.update(self._spo_sample_inputs(model, inputs, policy))

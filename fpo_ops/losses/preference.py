@@ -1,21 +1,26 @@
-"""`preference_loss`: every pairwise preference loss on top of `token_stats`, without [N, V] logits."""
-from typing import Optional, Sequence, Union
+"""`preference_loss`: every pairwise preference loss on top of `token_stats`, without [N, V] logits.
+
+One call runs request -> statistics -> per-pair terms -> loss: the loss types' registry entries
+(`registry.LOSSES`) say which token statistics and reference they need, `token_stats` computes them
+in one pass, `_pair_terms` sums them per sequence, and each entry's formula gives the per-pair loss.
+"""
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
+from ..stats import REFERENCE_STATS
 from ..token_stats import token_stats
-from .config import (
-    MARGIN_LOSS_TYPES, MEAN_LOGP_LOSS_TYPES, NEEDS_REFERENCE_LOGPS, REFERENCE_FREE_LOSS_TYPES,
-    normalize_loss_types, validate_options, validate_pair_labels, validate_pair_tensor,
-)
+from .checks import check_bool, validate_pair_labels, validate_pair_tensor
+from .config import LossConfig
 from .fdivergence import f_divergence_score
-from .heads import LossConfig, PairTerms, per_pair_loss
-from .metrics import optional_mean, reward_metrics, token_metrics
+from .heads import PairTerms
+from .metrics import reward_metrics, token_metrics
 from .output import PreferenceOutput
-from .reference_free import orpo_log_odds, sft_loss
+from .reference_free import sft_loss
+from .registry import LOGRATIO, LOGRATIO_KL, LOSSES, OFFSET, PAIR_INPUTS, POLICY, types_where, users_of
 from .sequence import completion_mask, ld_token_weights, sequence_mean, sequence_sum, split_pairs
-from .token_level import spo_regularizer, spo_sample_terms
+from .token_level import spo_sample_terms
 
 
 def preference_loss(
@@ -146,118 +151,114 @@ def preference_loss(
         sequence KL) for TDPO (official code), β·(mean log-prob) for SimPO/ORPO, β·(log-prob) for CPO
         or without a reference, else β·(log-ratio) as TRL.
     """
-    types, weights = normalize_loss_types(loss_type, loss_weights)
-    validate_options(
-        types, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha, use_weighting=use_weighting,
-        discopop_tau=discopop_tau, tdpo_alpha=tdpo_alpha, spo_alpha=spo_alpha, simpo_gamma=simpo_gamma,
-        cpo_alpha=cpo_alpha,
+    config = LossConfig(
+        loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
+        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha,
+        use_weighting=use_weighting, discopop_tau=discopop_tau, tdpo_alpha=tdpo_alpha, spo_alpha=spo_alpha,
+        simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha,
     )
-    n_pairs = validate_pair_labels(labels)
-    chosen_set = set(types)
-    device = labels.device
-    for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
-                        ("margin", margin), ("chosen_win_prob", chosen_win_prob),
-                        ("rejected_win_prob", rejected_win_prob), ("pair_win_prob", pair_win_prob),
-                        ("spo_weight", spo_weight)):
-        validate_pair_tensor(name, value, n_pairs, device)
-    precomputed_ref = _check_reference(
-        chosen_set, ref_hidden, ref_chosen_logps, ref_rejected_logps, sample_hidden, sample_ref_hidden, sample_labels,
-    )
-    _check_spo_options(chosen_set, sample_labels, sample_weights, spo_score_function, spo_weight)
-    # the SFT term has no pair to offset and simply ignores the margin in a combination
-    without_margin = chosen_set - MARGIN_LOSS_TYPES - {"sft"}
-    if margin is not None and without_margin:
-        raise ValueError(
-            f"margin: expected None with loss types outside {sorted(MARGIN_LOSS_TYPES)}, got a tensor with "
-            f"{sorted(without_margin)}"
-        )
-    _check_win_probs(chosen_set, chosen_win_prob, rejected_win_prob, pair_win_prob, check_inputs)
-
-    spo_on_pair = "spo" in chosen_set and sample_hidden is None
-    outputs = ["logp"]
-    # TRL logs rewards as β·log-ratio whenever a reference is at hand, even for "sft" alone
-    if ref_hidden is not None and not precomputed_ref and not chosen_set <= REFERENCE_FREE_LOSS_TYPES:
-        outputs.append("ref_logp")
-    if chosen_set & {"tdpo1", "tdpo2"}:
-        outputs.append("kl")
-    if spo_on_pair:
-        outputs.append("reverse_kl")
-    if use_weighting:
-        outputs.append("log_sum_p2")
-    if compute_metrics:
-        outputs += ["entropy", "mean_logit", "top1_correct"]
-    head_options = dict(
-        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, impl=impl, check_labels=check_inputs,
-    )
-    uses_ref_model = any(name in outputs for name in ("ref_logp", "kl", "reverse_kl"))
+    head = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, impl=impl, check_labels=check_inputs)
+    pair_inputs = dict(chosen_win_prob=chosen_win_prob, rejected_win_prob=rejected_win_prob,
+                       pair_win_prob=pair_win_prob, spo_weight=spo_weight)
+    samples = _Samples(sample_hidden, sample_ref_hidden, sample_labels, sample_weights, spo_score_function)
+    request = _request(config, labels, ref_hidden, ref_chosen_logps, ref_rejected_logps, margin, pair_inputs,
+                       samples, compute_metrics, check_inputs)
+    # request -> statistics
+    uses_ref_model = any(name in request.outputs for name in REFERENCE_STATS)
     stats = token_stats(
         hidden, weight, labels, ref_hidden if uses_ref_model else None, ref_weight if uses_ref_model else None,
-        bias=bias, ref_bias=ref_bias, outputs=tuple(outputs), **head_options,
+        bias=bias, ref_bias=ref_bias, outputs=request.outputs, **head,
     )
-
-    mask = completion_mask(labels, ignore_index)
-    dtype = stats.logp.dtype
-    token_weights = ld_token_weights(mask, ld_alpha, dtype)
-    logps = (stats.logp * token_weights).sum(dim=1)
-    avg_logps = sequence_mean(stats.logp, mask)
-    lengths = mask.sum(dim=1).to(dtype)
-    chosen_mask, _ = split_pairs(mask)
-    chosen_token_logps, _ = split_pairs(stats.logp)
-    nll = sft_loss(chosen_token_logps, chosen_mask)
-
-    terms = PairTerms(*split_pairs(logps), *split_pairs(avg_logps), *split_pairs(lengths), nll=nll)
-    if precomputed_ref:
-        terms.ref_chosen_logps = ref_chosen_logps.detach().to(dtype)
-        terms.ref_rejected_logps = ref_rejected_logps.detach().to(dtype)
-    elif stats.ref_logp is not None:
-        terms.ref_chosen_logps, terms.ref_rejected_logps = split_pairs((stats.ref_logp * token_weights).sum(dim=1))
-    has_ref = terms.ref_chosen_logps is not None
-    if has_ref:
-        terms.chosen_scores = f_divergence_score(terms.chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
-        terms.rejected_scores = f_divergence_score(terms.rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
-    if stats.kl is not None:
-        terms.chosen_seq_kl, terms.rejected_seq_kl = split_pairs(sequence_sum(stats.kl, mask))
-    if spo_on_pair:
-        terms.spo_reverse_kl = sequence_sum(stats.reverse_kl, mask)
-    elif "spo" in chosen_set:
+    # statistics -> per-pair terms
+    terms, mask = _pair_terms(stats, labels, config, ignore_index, ref_chosen_logps, ref_rejected_logps,
+                              pair_inputs)
+    if request.on_samples:
         # the global regulariser: the KL along sequences the policy generated, through the same heads
         sample_stats = token_stats(
             sample_hidden, weight, sample_labels, sample_ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
-            outputs=("reverse_kl", "logp") if spo_score_function else ("reverse_kl",), **head_options,
+            outputs=("reverse_kl", "logp") if spo_score_function else ("reverse_kl",), **head,
         )
         terms.spo_reverse_kl = spo_sample_terms(
             sample_stats.reverse_kl, sample_stats.logp, completion_mask(sample_labels, ignore_index),
         )
         terms.spo_sample_weights = sample_weights
-    terms.spo_weight = None if spo_weight is None else spo_weight.to(dtype)
-    terms.chosen_win_prob = None if chosen_win_prob is None else chosen_win_prob.to(dtype)
-    terms.rejected_win_prob = None if rejected_win_prob is None else rejected_win_prob.to(dtype)
-    terms.pair_win_prob = None if pair_win_prob is None else pair_win_prob.to(dtype)
-
-    config = LossConfig(
-        beta=float(beta), label_smoothing=float(label_smoothing), discopop_tau=float(discopop_tau),
-        tdpo_alpha=float(tdpo_alpha), spo_alpha=float(spo_alpha), simpo_gamma=float(simpo_gamma),
-        cpo_alpha=float(cpo_alpha),
-    )
+    # per-pair terms -> loss
+    dtype = terms.chosen_logps.dtype
     pair_margin = 0.0 if margin is None else margin.to(dtype)
-    pair_weights = _wpo_weights(stats, mask) if use_weighting else None
-    loss = torch.zeros((), dtype=dtype, device=device)
-    per_sequence = torch.zeros(n_pairs, dtype=dtype, device=device)
-    for name, loss_weight in zip(types, weights):
-        per_pair = per_pair_loss(name, terms, config, pair_margin)
+    pair_weights = _wpo_weights(stats, mask) if config.use_weighting else None
+    loss = torch.zeros((), dtype=dtype, device=labels.device)
+    per_sequence = torch.zeros(request.n_pairs, dtype=dtype, device=labels.device)
+    for name, loss_weight in zip(config.loss_type, config.loss_weights):
+        per_pair = LOSSES[name].formula(terms, config, pair_margin)
         if pair_weights is not None:
             per_pair = per_pair * pair_weights
         loss = loss + per_pair.mean() * loss_weight
         per_sequence = per_sequence + per_pair.detach() * loss_weight
-
-    return _build_output(types[0], chosen_set, terms, config, loss, per_sequence, has_ref,
-                         stats if compute_metrics else None, mask)
+    return _build_output(config, terms, loss, per_sequence, stats if compute_metrics else None, mask)
 
 
-def _check_reference(chosen_set, ref_hidden, ref_chosen_logps, ref_rejected_logps,
-                     sample_hidden, sample_ref_hidden, sample_labels) -> bool:
+@dataclass(frozen=True)
+class _Samples:
+    """SPO's on-policy samples and their options (all None / False without samples)."""
+
+    hidden: Optional[torch.Tensor]
+    ref_hidden: Optional[torch.Tensor]
+    labels: Optional[torch.Tensor]
+    weights: Optional[torch.Tensor]
+    score_function: bool
+
+    @property
+    def given(self) -> bool:
+        return any(t is not None for t in (self.hidden, self.ref_hidden, self.labels))
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What one call computes: the token statistics of the pair batch and where the reference comes from."""
+
+    n_pairs: int
+    outputs: Tuple[str, ...]
+    precomputed_ref: bool
+    on_samples: bool     # a loss type's token statistics come from policy samples
+
+
+def _request(config, labels, ref_hidden, ref_chosen_logps, ref_rejected_logps, margin, pair_inputs,
+             samples: _Samples, compute_metrics: bool, check_inputs: bool) -> _Request:
+    """Checks the tensors against the loss types and derives the statistics to request."""
+    n_pairs = validate_pair_labels(labels)
+    specs = [LOSSES[name] for name in dict.fromkeys(config.loss_type)]
+    chosen_set = {spec.name for spec in specs}
+    for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
+                        ("margin", margin), *pair_inputs.items()):
+        validate_pair_tensor(name, value, n_pairs, labels.device)
+    precomputed_ref = _check_reference(specs, ref_hidden, ref_chosen_logps, ref_rejected_logps, samples)
+    _check_samples(chosen_set, samples)
+    # a loss type without a pair to offset (SFT) simply ignores the margin in a combination
+    without_margin = sorted(spec.name for spec in specs if spec.margin is None)
+    if margin is not None and without_margin:
+        offset = sorted(types_where(lambda spec: spec.margin == OFFSET))
+        raise ValueError(
+            f"margin: expected None with loss types outside {offset}, got a tensor with {without_margin}"
+        )
+    _check_pair_inputs(specs, pair_inputs, check_inputs)
+
+    on_samples = samples.given
+    outputs = ["logp"]
+    # TRL logs rewards as β·log-ratio whenever a reference is at hand, even for "sft" alone
+    if ref_hidden is not None and not precomputed_ref and any(spec.reward != POLICY for spec in specs):
+        outputs.append("ref_logp")
+    for spec in specs:
+        if not (spec.on_policy_samples and on_samples):
+            outputs += [name for name in spec.token_stats if name not in outputs]
+    if config.use_weighting:
+        outputs.append("log_sum_p2")
+    if compute_metrics:
+        outputs += ["entropy", "mean_logit", "top1_correct"]
+    return _Request(n_pairs, tuple(outputs), precomputed_ref, on_samples)
+
+
+def _check_reference(specs, ref_hidden, ref_chosen_logps, ref_rejected_logps, samples: _Samples) -> bool:
     """Checks that every loss has the reference it needs; returns whether precomputed log-probs are used."""
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError(
@@ -266,84 +267,114 @@ def _check_reference(chosen_set, ref_hidden, ref_chosen_logps, ref_rejected_logp
             f"{'a tensor' if ref_rejected_logps is not None else 'None'}"
         )
     precomputed = ref_chosen_logps is not None
-    needs_logps = sorted(chosen_set & NEEDS_REFERENCE_LOGPS)
+    needs_logps = sorted(spec.name for spec in specs if spec.reference_logps)
     if needs_logps and ref_hidden is None and not precomputed:
         raise ValueError(
             f"ref_hidden: loss types {needs_logps} need reference log-probs: expected ref_hidden (with ref_weight) "
             "or ref_chosen_logps and ref_rejected_logps, got neither"
         )
-    token_level = sorted(chosen_set & {"tdpo1", "tdpo2"})
+    token_level = sorted(spec.name for spec in specs if spec.reference_model and not spec.on_policy_samples)
     if token_level and ref_hidden is None:
         raise ValueError(
             f"ref_hidden: loss types {token_level} need the token-level KL to the reference over the full "
             "vocabulary, which precomputed log-probs cannot give: expected a tensor, got None"
         )
-    sample_args = (sample_hidden, sample_ref_hidden, sample_labels)
-    if any(a is not None for a in sample_args):
-        if "spo" not in chosen_set:
+    on_samples = [spec.name for spec in specs if spec.reference_model and spec.on_policy_samples]
+    if on_samples and ref_hidden is None and not samples.given:
+        raise ValueError(
+            f"ref_hidden: {_names(on_samples)} needs the token-level KL(policy || reference) over the full "
+            "vocabulary: expected ref_hidden (or sample_hidden, sample_ref_hidden, sample_labels), got None"
+        )
+    return precomputed
+
+
+def _names(names) -> str:
+    return ", ".join(repr(name) for name in names)
+
+
+def _check_samples(chosen_set, samples: _Samples) -> None:
+    users = sorted(types_where(lambda spec: spec.on_policy_samples))
+    sample_args = (samples.hidden, samples.ref_hidden, samples.labels)
+    if samples.given:
+        if not chosen_set & set(users):
             raise ValueError(
-                f"sample_hidden: on-policy samples are only used by 'spo', got loss types {sorted(chosen_set)}"
+                f"sample_hidden: on-policy samples are only used by {_names(users)}, got loss types "
+                f"{sorted(chosen_set)}"
             )
         if any(a is None for a in sample_args):
             raise ValueError(
                 "sample_hidden, sample_ref_hidden, sample_labels: expected all three tensors for SPO's on-policy "
                 f"samples, got {['tensor' if a is not None else 'None' for a in sample_args]}"
             )
-        if not isinstance(sample_labels, torch.Tensor):
-            raise TypeError(f"sample_labels: expected a torch.Tensor, got {type(sample_labels).__name__}")
-        if sample_labels.dim() != 2:
+        if not isinstance(samples.labels, torch.Tensor):
+            raise TypeError(f"sample_labels: expected a torch.Tensor, got {type(samples.labels).__name__}")
+        if samples.labels.dim() != 2:
             raise ValueError(f"sample_labels: expected shape [S, T'] (one row per sample), got "
-                             f"{tuple(sample_labels.shape)}")
-    elif "spo" in chosen_set and ref_hidden is None:
-        raise ValueError(
-            "ref_hidden: 'spo' needs the token-level KL(policy || reference) over the full vocabulary: expected "
-            "ref_hidden (or sample_hidden, sample_ref_hidden, sample_labels), got None"
-        )
-    return precomputed
-
-
-def _check_spo_options(chosen_set, sample_labels, sample_weights, spo_score_function, spo_weight) -> None:
-    if not isinstance(spo_score_function, bool):
-        raise TypeError(f"spo_score_function: expected a bool, got {type(spo_score_function).__name__}")
-    if spo_score_function and sample_labels is None:
+                             f"{tuple(samples.labels.shape)}")
+    check_bool("spo_score_function", samples.score_function)
+    if samples.score_function and samples.labels is None:
         raise ValueError(
             "spo_score_function: the score-function term needs sequences sampled from the policy: expected "
             "sample_hidden, sample_ref_hidden and sample_labels, got None"
         )
-    if sample_weights is not None:
-        if sample_labels is None:
+    if samples.weights is not None:
+        if samples.labels is None:
             raise ValueError("sample_weights: expected None without sample_labels, got a tensor")
-        validate_pair_tensor("sample_weights", sample_weights, sample_labels.shape[0], sample_labels.device)
-    if spo_weight is not None and "spo" not in chosen_set:
-        raise ValueError(f"spo_weight: the pair weight μ is only used by 'spo', got loss types {sorted(chosen_set)}")
+        validate_pair_tensor("sample_weights", samples.weights, samples.labels.shape[0], samples.labels.device)
 
 
-# Per-pair probability inputs and the loss types that read them.
-_WIN_PROB_USERS = {"chosen_win_prob": "sppo", "rejected_win_prob": "sppo", "pair_win_prob": "sppo_single"}
-
-
-def _check_win_probs(chosen_set, chosen_win_prob, rejected_win_prob, pair_win_prob, check_inputs: bool) -> None:
-    values = {"chosen_win_prob": chosen_win_prob, "rejected_win_prob": rejected_win_prob,
-              "pair_win_prob": pair_win_prob}
-    if "sppo" in chosen_set and (chosen_win_prob is None or rejected_win_prob is None):
-        raise ValueError(
-            "chosen_win_prob, rejected_win_prob: 'sppo' expects both win-probability tensors, got "
-            f"{['tensor' if v is not None else 'None' for v in (chosen_win_prob, rejected_win_prob)]}"
-        )
-    if "sppo_single" in chosen_set and pair_win_prob is None:
-        raise ValueError("pair_win_prob: 'sppo_single' expects P(chosen beats rejected) per pair, got None")
-    for name, value in values.items():
+def _check_pair_inputs(specs, pair_inputs, check_inputs: bool) -> None:
+    """Per-pair inputs: each loss type's required ones present, none given that no chosen type reads."""
+    chosen_set = sorted(spec.name for spec in specs)
+    for spec in specs:
+        missing = [name for name in spec.requires if pair_inputs[name] is None]
+        if missing:
+            got = ["tensor" if pair_inputs[name] is not None else "None" for name in spec.requires]
+            raise ValueError(f"{', '.join(spec.requires)}: {spec.name!r} expects {spec.inputs_help}, got "
+                             f"{got if len(got) > 1 else got[0]}")
+    for name, value in pair_inputs.items():
         if value is None:
             continue
-        if _WIN_PROB_USERS[name] not in chosen_set:
-            raise ValueError(
-                f"{name}: win probabilities are only used by {_WIN_PROB_USERS[name]!r}, got loss types "
-                f"{sorted(chosen_set)}"
-            )
-        if check_inputs and not bool(((value >= 0) & (value <= 1)).all()):
+        users = users_of(name)
+        if not set(users) & set(chosen_set):
+            raise ValueError(f"{name}: {PAIR_INPUTS[name].what} only used by {_names(users)}, got loss types "
+                             f"{chosen_set}")
+        if PAIR_INPUTS[name].probability and check_inputs and not bool(((value >= 0) & (value <= 1)).all()):
             raise ValueError(
                 f"{name}: expected values in [0, 1], got min {value.min().item()} max {value.max().item()}"
             )
+
+
+def _pair_terms(stats, labels, config, ignore_index, ref_chosen_logps, ref_rejected_logps,
+                pair_inputs) -> Tuple[PairTerms, torch.Tensor]:
+    """Per-token statistics -> the per-sequence terms of every loss formula, and the completion mask."""
+    mask = completion_mask(labels, ignore_index)
+    dtype = stats.logp.dtype
+    token_weights = ld_token_weights(mask, config.ld_alpha, dtype)
+    logps = (stats.logp * token_weights).sum(dim=1)
+    avg_logps = sequence_mean(stats.logp, mask)
+    lengths = mask.sum(dim=1).to(dtype)
+    chosen_mask, _ = split_pairs(mask)
+    chosen_token_logps, _ = split_pairs(stats.logp)
+    nll = sft_loss(chosen_token_logps, chosen_mask)
+
+    terms = PairTerms(*split_pairs(logps), *split_pairs(avg_logps), *split_pairs(lengths), nll=nll)
+    if ref_chosen_logps is not None:
+        terms.ref_chosen_logps = ref_chosen_logps.detach().to(dtype)
+        terms.ref_rejected_logps = ref_rejected_logps.detach().to(dtype)
+    elif stats.ref_logp is not None:
+        terms.ref_chosen_logps, terms.ref_rejected_logps = split_pairs((stats.ref_logp * token_weights).sum(dim=1))
+    if terms.ref_chosen_logps is not None:
+        f_type, alpha = config.f_divergence_type, config.f_alpha_divergence_coef
+        terms.chosen_scores = f_divergence_score(terms.chosen_logratios, f_type, alpha)
+        terms.rejected_scores = f_divergence_score(terms.rejected_logratios, f_type, alpha)
+    if stats.kl is not None:
+        terms.chosen_seq_kl, terms.rejected_seq_kl = split_pairs(sequence_sum(stats.kl, mask))
+    if stats.reverse_kl is not None:
+        terms.spo_reverse_kl = sequence_sum(stats.reverse_kl, mask)
+    for name, value in pair_inputs.items():
+        setattr(terms, name, None if value is None else value.to(dtype))
+    return terms, mask
 
 
 def _wpo_weights(stats, mask) -> torch.Tensor:
@@ -356,17 +387,19 @@ def _wpo_weights(stats, mask) -> torch.Tensor:
         return chosen_weights * rejected_weights
 
 
-def _build_output(primary, chosen_set, terms: PairTerms, config: LossConfig, loss, per_sequence, has_ref,
-                  stats, mask) -> PreferenceOutput:
+def _build_output(config, terms: PairTerms, loss, per_sequence, stats, mask) -> PreferenceOutput:
+    """Rewards by the first loss type's rule, TRL's metrics, and each chosen type's own metrics."""
+    primary = LOSSES[config.loss_type[0]]
     beta = config.beta
-    if primary in MEAN_LOGP_LOSS_TYPES:
+    has_ref = terms.ref_chosen_logps is not None
+    if primary.mean_logps:
         chosen_logps, rejected_logps = terms.chosen_avg_logps, terms.rejected_avg_logps
     else:
         chosen_logps, rejected_logps = terms.chosen_logps, terms.rejected_logps
-    if primary in ("tdpo1", "tdpo2"):
+    if primary.reward == LOGRATIO_KL:
         chosen_rewards = beta * (terms.chosen_logratios + terms.chosen_seq_kl).detach()
         rejected_rewards = beta * (terms.rejected_logratios + terms.rejected_seq_kl).detach()
-    elif has_ref and primary not in ("simpo", "orpo", "cpo"):
+    elif has_ref and primary.reward == LOGRATIO:
         chosen_rewards = beta * terms.chosen_logratios.detach()
         rejected_rewards = beta * terms.rejected_logratios.detach()
     else:
@@ -375,17 +408,9 @@ def _build_output(primary, chosen_set, terms: PairTerms, config: LossConfig, los
     metrics = reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
     if stats is not None:
         metrics.update(token_metrics(stats, mask))
-    if chosen_set & {"tdpo1", "tdpo2"}:
-        metrics["kl/chosen"] = optional_mean(terms.chosen_seq_kl)
-        metrics["kl/rejected"] = optional_mean(terms.rejected_seq_kl)
-    if "spo" in chosen_set:
-        metrics["reverse_kl"] = spo_regularizer(terms.spo_reverse_kl.detach(), terms.spo_sample_weights)
-    if chosen_set & {"cpo", "orpo", "sft"}:
-        metrics["nll_loss"] = terms.nll.detach()
-    if "orpo" in chosen_set:
-        log_odds = orpo_log_odds(terms.chosen_avg_logps, terms.rejected_avg_logps).detach()
-        metrics["log_odds_ratio"] = F.logsigmoid(log_odds).mean()
-        metrics["log_odds_chosen"] = log_odds.mean()
+    for name in dict.fromkeys(config.loss_type):
+        if LOSSES[name].metrics is not None:
+            metrics.update(LOSSES[name].metrics(terms))
     return PreferenceOutput(
         loss=loss, metrics=metrics, chosen_logps=chosen_logps, rejected_logps=rejected_logps,
         ref_chosen_logps=None if not has_ref else terms.ref_chosen_logps.detach(),
