@@ -6,7 +6,7 @@ those of each hyper-parameter, of each chosen loss type, and of their compatibil
 names its argument.
 """
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 from .checks import check_number, validate_pair_labels, validate_pair_tensor  # noqa: F401 (re-exported)
 from .registry import HYPER_PARAMETERS, LOSS_TYPES, LOSSES, types_where  # noqa: F401 (LOSS_TYPES re-exported)

@@ -1,11 +1,33 @@
 """`distill_loss`: generalized Jensen-Shannon distillation of TRL's ``GKDTrainer``, without logits."""
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 from ..token_stats import token_stats
-from .config import check_number
+from .checks import check_number
+from .options import HeadConfig
 from .sequence import completion_mask
+
+
+# Keywords of distill_loss that fill a differently named HeadConfig field.
+TEACHER_RENAMES = {"teacher_softcap": "ref_softcap", "teacher_logit_scale": "ref_logit_scale"}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The loss option of `distill_loss`: β of the generalized JSD, in [0, 1] (checked at construction)."""
+
+    beta: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_number("beta", self.beta, low=0.0, high=1.0)
+        object.__setattr__(self, "beta", float(self.beta))
+
+    @property
+    def statistic(self) -> str:
+        """The token statistic: β = 0 is KL(q ‖ p), β = 1 is KL(p ‖ q), as TRL special-cases them."""
+        return "kl" if self.beta == 0 else "reverse_kl" if self.beta == 1 else "jsd"
 
 
 def distill_loss(
@@ -27,6 +49,9 @@ def distill_loss(
     num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
     impl: str = "auto",
     check_inputs: bool = True,
+    check_finite: bool = False,
+    process_group=None,
+    grad_filter_eps: float = 0.0,
 ) -> torch.Tensor:
     """Generalized JSD between student p and teacher q per completion token, averaged over tokens.
 
@@ -48,19 +73,25 @@ def distill_loss(
         num_items_in_batch: divide the token sum by this instead of the local completion-token count
             (gradient accumulation across micro-batches, as TRL).
         impl: `token_stats` implementation. check_inputs: check label ranges (host sync).
+        check_finite, process_group, grad_filter_eps: as in `token_stats` (``process_group``: each
+            process holds its slice of the rows of both heads).
 
     Returns:
         [] scalar: sum of the per-token divergences / max(number of completion tokens, 1).
     """
-    check_number("beta", beta, low=0.0, high=1.0)
+    config = DistillConfig(beta=beta)
+    head = HeadConfig.pick(dict(
+        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        teacher_softcap=teacher_softcap, teacher_logit_scale=teacher_logit_scale, impl=impl,
+        check_inputs=check_inputs, check_finite=check_finite, process_group=process_group,
+        grad_filter_eps=grad_filter_eps,
+    ), TEACHER_RENAMES)
     if teacher_hidden is None:
         raise ValueError("teacher_hidden: expected the teacher's hidden states, got None")
-    stat = "kl" if beta == 0 else "reverse_kl" if beta == 1 else "jsd"
+    stat = config.statistic
     stats = token_stats(
         hidden, weight, labels, teacher_hidden, teacher_weight, bias=bias, ref_bias=teacher_bias,
-        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        ref_softcap=teacher_softcap, ref_logit_scale=teacher_logit_scale, outputs=(stat,),
-        jsd_beta=float(beta), impl=impl, check_labels=check_inputs,
+        outputs=(stat,), jsd_beta=config.beta, **head.token_stats_kwargs(),
     )
     total = getattr(stats, stat).sum()  # 0 at ignored positions
     if num_items_in_batch is not None:

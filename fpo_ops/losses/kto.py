@@ -1,15 +1,34 @@
 """`kto_loss`: Kahneman-Tversky Optimisation on unpaired examples, with TRL ``KTOTrainer`` semantics."""
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..token_stats import token_stats
-from .config import check_number
+from .checks import check_number
+from .options import HeadConfig
 from .metrics import masked_mean
 from .output import PreferenceOutput
 from .sequence import completion_mask, sequence_sum
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+@dataclass(frozen=True)
+class KTOConfig:
+    """The loss options of `kto_loss`, checked at construction (see `kto_loss` for their meaning)."""
+
+    loss_type: str = "kto"
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in KTO_LOSS_TYPES:
+            raise ValueError(f"loss_type: expected one of {list(KTO_LOSS_TYPES)}, got {self.loss_type!r}")
+        check_number("beta", self.beta, low=0.0, low_open=True)
+        check_number("desirable_weight", self.desirable_weight, low=0.0)
+        check_number("undesirable_weight", self.undesirable_weight, low=0.0)
 
 
 def kto_loss(
@@ -40,6 +59,9 @@ def kto_loss(
     compute_metrics: bool = True,
     impl: str = "auto",
     check_inputs: bool = True,
+    check_finite: bool = False,
+    process_group=None,
+    grad_filter_eps: float = 0.0,
 ) -> PreferenceOutput:
     """KTO loss of an LM head on B unpaired completions labelled desirable or undesirable.
 
@@ -70,6 +92,8 @@ def kto_loss(
         ignore_index, temperature, softcap, logit_scale, ref_softcap, ref_logit_scale: head options.
         compute_metrics: also compute ``entropy`` and ``logits/*``.
         impl: `token_stats` implementation. check_inputs: check label ranges (host sync).
+        check_finite, process_group, grad_filter_eps: as in `token_stats` (``process_group``: each
+            process holds its slice of the rows of both heads).
 
     Returns:
         PreferenceOutput with ``loss`` [] and TRL's KTO metrics: ``kl``, ``rewards/chosen``,
@@ -78,11 +102,15 @@ def kto_loss(
         ``logits/chosen``, ``logits/rejected``. ``chosen_*``/``rejected_*`` fields hold the [B]
         per-example values masked to each side (0 elsewhere), to keep shapes static.
     """
-    if loss_type not in KTO_LOSS_TYPES:
-        raise ValueError(f"loss_type: expected one of {list(KTO_LOSS_TYPES)}, got {loss_type!r}")
-    check_number("beta", beta, low=0.0, low_open=True)
-    check_number("desirable_weight", desirable_weight, low=0.0)
-    check_number("undesirable_weight", undesirable_weight, low=0.0)
+    config = KTOConfig(loss_type=loss_type, beta=beta, desirable_weight=desirable_weight,
+                       undesirable_weight=undesirable_weight)
+    head_config = HeadConfig(
+        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, impl=impl, check_inputs=check_inputs,
+        check_finite=check_finite, process_group=process_group, grad_filter_eps=grad_filter_eps,
+    )
+    loss_type, beta = config.loss_type, config.beta
+    desirable_weight, undesirable_weight = config.desirable_weight, config.undesirable_weight
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         raise ValueError(f"labels: expected a tensor of shape [B, T], got {getattr(labels, 'shape', type(labels))}")
     n = labels.shape[0]
@@ -104,9 +132,7 @@ def kto_loss(
         if value is not None and tuple(value.shape) != (n,):
             raise ValueError(f"{name}: expected shape ({n},), got {tuple(value.shape)}")
 
-    head = dict(bias=bias, ref_bias=ref_bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                logit_scale=logit_scale, ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, impl=impl,
-                check_labels=check_inputs)
+    head = dict(bias=bias, ref_bias=ref_bias, **head_config.token_stats_kwargs())
     use_ref_model = ref_logps is None
     outputs = ["logp"] + (["ref_logp"] if use_ref_model else [])
     if compute_metrics:

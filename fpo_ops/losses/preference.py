@@ -16,6 +16,7 @@ from .config import LossConfig
 from .fdivergence import f_divergence_score
 from .heads import PairTerms
 from .metrics import reward_metrics, token_metrics
+from .options import HeadConfig
 from .output import PreferenceOutput
 from .reference_free import sft_loss
 from .registry import LOGRATIO, LOGRATIO_KL, LOSSES, OFFSET, PAIR_INPUTS, POLICY, types_where, users_of
@@ -66,6 +67,9 @@ def preference_loss(
     compute_metrics: bool = True,
     impl: str = "auto",
     check_inputs: bool = True,
+    check_finite: bool = False,
+    process_group=None,
+    grad_filter_eps: float = 0.0,
 ) -> PreferenceOutput:
     """Pairwise preference loss of an LM head (DPO family, TDPO, SPO, SPPO, SimPO, CPO, ORPO).
 
@@ -142,6 +146,11 @@ def preference_loss(
         compute_metrics: also compute ``entropy``, ``logits/*`` and ``mean_token_accuracy``.
         impl: `token_stats` implementation.
         check_inputs: check label ranges (via `token_stats`) and win-probability ranges (host syncs).
+        check_finite: check that the hidden states are finite (a host sync; `token_stats`).
+        process_group: vocabulary-parallel head: each process passes the same batch and its own
+            contiguous slice of the rows of ``weight``/``bias`` (and ``ref_weight``/``ref_bias``), in
+            rank order; loss and metrics come out identical on every process (see `token_stats`).
+        grad_filter_eps: ``impl="triton"``'s approximate backward threshold (0, the default, is exact).
 
     Returns:
         PreferenceOutput: ``loss`` [] and ``metrics`` under TRL's names (plus ``kl/chosen``,
@@ -157,8 +166,11 @@ def preference_loss(
         use_weighting=use_weighting, discopop_tau=discopop_tau, tdpo_alpha=tdpo_alpha, spo_alpha=spo_alpha,
         simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha,
     )
-    head = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, impl=impl, check_labels=check_inputs)
+    head = HeadConfig(
+        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, impl=impl, check_inputs=check_inputs,
+        check_finite=check_finite, process_group=process_group, grad_filter_eps=grad_filter_eps,
+    ).token_stats_kwargs()
     pair_inputs = dict(chosen_win_prob=chosen_win_prob, rejected_win_prob=rejected_win_prob,
                        pair_win_prob=pair_win_prob, spo_weight=spo_weight)
     samples = _Samples(sample_hidden, sample_ref_hidden, sample_labels, sample_weights, spo_score_function)
@@ -184,18 +196,24 @@ def preference_loss(
         )
         terms.spo_sample_weights = sample_weights
     # per-pair terms -> loss
-    dtype = terms.chosen_logps.dtype
-    pair_margin = 0.0 if margin is None else margin.to(dtype)
     pair_weights = _wpo_weights(stats, mask) if config.use_weighting else None
-    loss = torch.zeros((), dtype=dtype, device=labels.device)
-    per_sequence = torch.zeros(request.n_pairs, dtype=dtype, device=labels.device)
+    loss, per_sequence = _combine(config, terms, margin, pair_weights)
+    return _build_output(config, terms, loss, per_sequence, stats if compute_metrics else None, mask)
+
+
+def _combine(config, terms: PairTerms, margin, pair_weights):
+    """``Σ_k loss_weights[k] · mean_pairs(loss_k)`` ([]) and the detached per-pair sum ([B])."""
+    dtype, device = terms.chosen_logps.dtype, terms.chosen_logps.device
+    pair_margin = 0.0 if margin is None else margin.to(dtype)
+    loss = torch.zeros((), dtype=dtype, device=device)
+    per_sequence = torch.zeros(terms.chosen_logps.shape[0], dtype=dtype, device=device)
     for name, loss_weight in zip(config.loss_type, config.loss_weights):
         per_pair = LOSSES[name].formula(terms, config, pair_margin)
         if pair_weights is not None:
             per_pair = per_pair * pair_weights
         loss = loss + per_pair.mean() * loss_weight
         per_sequence = per_sequence + per_pair.detach() * loss_weight
-    return _build_output(config, terms, loss, per_sequence, stats if compute_metrics else None, mask)
+    return loss, per_sequence
 
 
 @dataclass(frozen=True)
@@ -217,7 +235,6 @@ class _Samples:
 class _Request:
     """What one call computes: the token statistics of the pair batch and where the reference comes from."""
 
-    n_pairs: int
     outputs: Tuple[str, ...]
     precomputed_ref: bool
     on_samples: bool     # a loss type's token statistics come from policy samples
@@ -255,7 +272,7 @@ def _request(config, labels, ref_hidden, ref_chosen_logps, ref_rejected_logps, m
         outputs.append("log_sum_p2")
     if compute_metrics:
         outputs += ["entropy", "mean_logit", "top1_correct"]
-    return _Request(n_pairs, tuple(outputs), precomputed_ref, on_samples)
+    return _Request(tuple(outputs), precomputed_ref, on_samples)
 
 
 def _check_reference(specs, ref_hidden, ref_chosen_logps, ref_rejected_logps, samples: _Samples) -> bool:
