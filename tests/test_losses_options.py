@@ -1,4 +1,6 @@
 """Head and loss options: collected into dataclasses, checked once, and at module construction."""
+import inspect
+
 import pytest
 import torch
 
@@ -44,9 +46,9 @@ def test_module_options_are_the_dataclasses(batch):
 
 
 def test_head_config_forwards_every_token_stats_option():
-    kwargs = HeadConfig(temperature=0.5, check_inputs=False, check_finite=True, grad_filter_eps=1e-6).token_stats_kwargs()
+    head = HeadConfig(temperature=0.5, check_inputs=False, check_finite=True, grad_filter_eps=1e-6)
+    kwargs = head.token_stats_kwargs()
     assert kwargs["check_labels"] is False and kwargs["check_finite"] is True and kwargs["grad_filter_eps"] == 1e-6
-    import inspect
     accepted = inspect.signature(fpo_ops.token_stats).parameters
     assert set(kwargs) <= set(accepted)
 
