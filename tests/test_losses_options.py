@@ -82,3 +82,22 @@ def test_loss_functions_forward_check_finite_and_grad_filter_eps(batch):
         filtered = call(batch.hidden, grad_filter_eps=1e-3)
         loss = (lambda out: out if isinstance(out, torch.Tensor) else out.loss)
         assert loss(plain).item() == loss(filtered).item(), name
+
+
+def test_grad_filter_eps_reaches_the_triton_backward():
+    """Labels only in the first 32 of 100 columns, and a threshold above every probability: the
+    backward drops the label-free tiles, so the gradient changes; the forward does not."""
+    wide = make_batch(rows=4, V=100, seed=72)
+    labels = torch.where(wide.labels == -100, wide.labels, wide.labels % 32)
+
+    def run(eps):
+        hidden = wide.hidden.detach().clone().requires_grad_()
+        out = fpo_ops.preference_loss(hidden, wide.weight.detach(), labels, wide.ref_hidden, wide.ref_weight,
+                                      loss_type="sigmoid", impl="triton", grad_filter_eps=eps)
+        (grad,) = torch.autograd.grad(out.loss, hidden)
+        return out.loss.detach(), grad
+
+    exact_loss, exact = run(0.0)
+    filtered_loss, filtered = run(0.99)
+    assert exact_loss.item() == filtered_loss.item()
+    assert (exact - filtered).abs().max().item() > 1e-6
