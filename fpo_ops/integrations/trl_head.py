@@ -1,0 +1,189 @@
+"""The fused LM head that every fpo-ops TRL drop-in shares.
+
+TRL 1.16's trainers (SFT, KTO, GRPO, RLOO, ...) patch their models at ``__init__`` with
+``trl.trainer.utils.add_fused_lm_head``: afterwards ``model(..., labels=labels, fused_lm_head=True)``
+returns a ``FusedCausalLMOutput`` (per-token log-probs, entropy, ``log sum p^2``, mean logit,
+top-1, the label mask, the NLL and the MoE load-balancing loss) computed in chunks of ``[4096 x
+32768]`` fp32 logits with fp32 ``[V, H]`` gradient accumulators. `add_fused_head` gives the same
+output with the same contract from `fpo_ops.token_stats`, which holds one tile of logits at a time
+and no fp32 ``[V, H]`` scratch; `fused_head_in` makes a TRL trainer module install it instead of its
+own, so every loss, option, metric and data path of the trainer stays TRL's.
+
+Precision (the rule of every integration): the patched forward runs under the autocast the
+trainer puts around the model's forward (``bf16``/``fp16``), so the head GEMMs take the autocast
+dtype with fp32 accumulation and fp32 statistics; ``cast_lm_head_to_fp32`` runs the head in fp32.
+"""
+import contextlib
+import functools
+import types
+from typing import Any, Iterator, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..token_stats import token_stats
+from .hf import apply_gathered, find_backbone, head_scaling, lm_head_tensors, unwrap_peft
+
+# TRL's output field -> token_stats statistic.
+_TRL_OUTPUTS = {
+    "log_probs": "logp", "entropy": "entropy", "log_sum_sq_probs": "log_sum_p2",
+    "mean_logits": "mean_logit", "is_top1": "top1_correct",
+}
+IMPLS = ("auto", "triton", "torch", "reference")
+
+
+def validate_impl(impl: Any, name: str = "fused_impl") -> None:
+    """Raise a ValueError naming ``name`` unless ``impl`` is a `token_stats` implementation."""
+    if impl not in IMPLS:
+        raise ValueError(f"{name}: expected one of {list(IMPLS)}, got {impl!r}")
+
+
+def _load_balancing_loss(model: nn.Module, router_logits: Any, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    # The Mixtral loss, which every MoE family of transformers shares through its modular code; the
+    # expert counts live on the text config (older releases: on the model).
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    config = unwrap_peft(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+    if num_experts is None:
+        num_experts = getattr(model, "num_experts")
+    top_k = getattr(text, "num_experts_per_tok", None) or getattr(model, "num_experts_per_tok")
+    return load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask)
+
+
+def fused_head_stats(
+    model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, outputs: Sequence[str], *,
+    temperature: float = 1.0, cast_lm_head_to_fp32: bool = False, impl: str = "auto",
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """TRL's per-token head outputs of ``model`` at ``hidden`` from one `token_stats` call.
+
+    Args:
+        model: the causal LM owning the head (possibly PEFT-wrapped; a DTensor head is gathered,
+            a ZeRO-3 partitioned one is gathered for forward and for backward).
+        hidden: [B, T, H] final hidden states aligned with ``labels``.
+        labels: [B, T] next-token ids, -100 where ignored.
+        outputs: TRL field names among ``log_probs``, ``entropy``, ``log_sum_sq_probs``,
+            ``mean_logits``, ``is_top1``; ``log_probs`` is always computed.
+        temperature: divides the (scaled, capped) logits.
+        cast_lm_head_to_fp32: compute the head in fp32 outside autocast.
+        impl: `token_stats` implementation.
+
+    Returns:
+        (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each [B, T] (fp32; ``is_top1``
+        bool) and 0 where ignored, None for the fields not requested. ``log_probs`` and ``entropy``
+        carry gradients; the other three are metrics.
+    """
+    unknown = [name for name in outputs if name not in _TRL_OUTPUTS]
+    if unknown:
+        raise ValueError(f"outputs: expected names among {list(_TRL_OUTPUTS)}, got {unknown}")
+    wanted = ("log_probs",) + tuple(name for name in _TRL_OUTPUTS if name in outputs and name != "log_probs")
+    weight, bias = lm_head_tensors(model)
+    scaling = head_scaling(unwrap_peft(model).config)
+    hidden = hidden.to(weight.device)
+    labels = labels.to(weight.device)
+    precision = contextlib.nullcontext()
+    if cast_lm_head_to_fp32:
+        hidden = hidden.float()
+        precision = torch.autocast(hidden.device.type, enabled=False)
+
+    def run(w, *rest):
+        b = rest[0] if bias is not None else None
+        h, y = rest[-2:]
+        stats = token_stats(
+            h, w, y, bias=b, temperature=temperature, softcap=scaling.softcap, logit_scale=scaling.logit_scale,
+            outputs=tuple(_TRL_OUTPUTS[name] for name in wanted), impl=impl, check_labels=False,
+        )
+        return tuple(getattr(stats, _TRL_OUTPUTS[name]) for name in wanted)
+
+    params = [weight] + ([bias] if bias is not None else [])
+    with precision:
+        values = dict(zip(wanted, apply_gathered(run, params, hidden, labels)))
+    if "is_top1" in values:
+        values["is_top1"] = values["is_top1"] > 0.5
+    return tuple(values.get(name) for name in _TRL_OUTPUTS)
+
+
+def add_fused_head(
+    model: nn.Module, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+    outputs: Tuple[str, ...] = ("log_probs",), impl: str = "auto",
+) -> None:
+    """``trl.trainer.utils.add_fused_lm_head`` with the head computed by `fpo_ops.token_stats`.
+
+    ``model(..., labels=labels, fused_lm_head=True)`` then runs the backbone and returns TRL's
+    ``FusedCausalLMOutput``: per-token fields shaped ``[B, T-1]`` (``[B, T]`` with pre-shifted
+    ``shift_labels``, as TRL passes them under context or sequence parallelism), zero where the label
+    is -100; ``loss`` the NLL summed over valid tokens divided by ``num_items_in_batch`` (their count
+    when not given, at least 1), plus ``router_aux_loss_coef`` times the MoE load-balancing loss when
+    the config asks for router logits. Without ``fused_lm_head`` the forward is the original one.
+
+    Args:
+        model: a transformers causal LM (not PEFT-wrapped: patch it before, as TRL does).
+        temperature: divides the logits.
+        cast_lm_head_to_fp32: run the head in fp32, outside autocast.
+        outputs: the TRL fields to compute (see `fused_head_stats`).
+        impl: `token_stats` implementation.
+    """
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    validate_impl(impl, "impl")
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
+    original_forward = model.forward
+    config = unwrap_peft(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    # The wrapped signature is kept: `generate` validates its keyword arguments against it.
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            for name, value in (("labels", labels), ("shift_labels", shift_labels),
+                                ("num_items_in_batch", num_items_in_batch)):
+                if value is not None:
+                    kwargs[name] = value
+            return original_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        if getattr(text, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        # Looked up per call: FSDP and PEFT replace modules after the patch.
+        backbone_out = find_backbone(self)(*args, **kwargs)
+        hidden = backbone_out.last_hidden_state if hasattr(backbone_out, "last_hidden_state") else backbone_out[0]
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        log_probs, entropy, log_sum_sq, mean_logits, is_top1 = fused_head_stats(
+            self, hidden, labels, outputs, temperature=temperature,
+            cast_lm_head_to_fp32=cast_lm_head_to_fp32, impl=impl,
+        )
+        mask = labels.to(log_probs.device) != -100
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -log_probs.sum() / count
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = _load_balancing_loss(self, backbone_out.router_logits, kwargs.get("attention_mask"))
+            loss = loss + getattr(text, "router_aux_loss_coef", 0.0) * aux_loss
+        return FusedCausalLMOutput(
+            loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq,
+            mean_logits=mean_logits, is_top1=is_top1, label_mask=mask, aux_loss=aux_loss,
+        )
+
+    model.forward = types.MethodType(forward, model)
+
+
+@contextlib.contextmanager
+def fused_head_in(trainer_module: types.ModuleType, impl: str = "auto") -> Iterator[None]:
+    """Within it, a TRL trainer module's ``add_fused_lm_head`` installs `add_fused_head` instead.
+
+    TRL's trainers patch their models only in ``__init__``; run ``__init__`` inside this.
+
+    Args:
+        trainer_module: e.g. ``trl.trainer.sft_trainer``, which imported ``add_fused_lm_head``.
+        impl: `token_stats` implementation for every head the trainer patches.
+    """
+    original = trainer_module.add_fused_lm_head
+    trainer_module.add_fused_lm_head = functools.partial(add_fused_head, impl=impl)
+    try:
+        yield
+    finally:
+        trainer_module.add_fused_lm_head = original
