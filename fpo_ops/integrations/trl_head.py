@@ -15,7 +15,9 @@ dtype with fp32 accumulation and fp32 statistics; ``cast_lm_head_to_fp32`` runs 
 """
 import contextlib
 import functools
+import inspect
 import types
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -187,3 +189,38 @@ def fused_head_in(trainer_module: types.ModuleType, impl: str = "auto") -> Itera
         yield
     finally:
         trainer_module.add_fused_lm_head = original
+
+
+@dataclass
+class FusedHeadArguments:
+    """The option every fused trainer config adds to its TRL config (a dataclass mixin).
+
+    Parameters:
+        fused_impl (`str`, defaults to `"auto"`): `fpo_ops.token_stats` implementation: ``"auto"``
+            (Triton on CUDA, streaming PyTorch elsewhere), ``"triton"``, ``"torch"`` or ``"reference"``.
+    """
+
+    fused_impl: str = field(
+        default="auto",
+        metadata={"help": "fpo_ops.token_stats implementation: 'auto', 'triton', 'torch' or 'reference'."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate_impl(self.fused_impl)
+
+
+class FusedHeadTrainer:
+    """Mixin before a TRL trainer class: its ``__init__`` installs `add_fused_head` on every model.
+
+    Subclasses set ``trl_module`` to the TRL module that imported ``add_fused_lm_head``. The
+    implementation is ``args.fused_impl`` (``"auto"`` for a plain TRL config).
+    """
+
+    trl_module: types.ModuleType
+
+    def __init__(self, *args, **kwargs):
+        bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs)
+        config = bound.arguments.get("args")
+        with fused_head_in(self.trl_module, getattr(config, "fused_impl", "auto")):
+            super().__init__(*args, **kwargs)

@@ -9,34 +9,20 @@ Everything but the head is TRL's: the ``nll`` and ``dft`` losses, ``completion_o
 pre-shifted ``shift_labels``, the ``entropy`` and ``mean_token_accuracy`` metrics, the MoE
 load-balancing loss, PEFT and gradient accumulation.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trl.trainer.sft_trainer as trl_sft_trainer
 from trl import SFTConfig, SFTTrainer
 
-from .trl_head import fused_head_in, validate_impl
+from .trl_head import FusedHeadArguments, FusedHeadTrainer
 
 
 @dataclass
-class FusedSFTConfig(SFTConfig):
-    r"""`trl.SFTConfig` plus the choice of `fpo_ops.token_stats` implementation.
-
-    Parameters:
-        fused_impl (`str`, defaults to `"auto"`): ``"auto"`` (Triton on CUDA, streaming PyTorch
-            elsewhere), ``"triton"``, ``"torch"`` or ``"reference"``.
-    """
-
-    fused_impl: str = field(
-        default="auto",
-        metadata={"help": "fpo_ops.token_stats implementation: 'auto', 'triton', 'torch' or 'reference'."},
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        validate_impl(self.fused_impl)
+class FusedSFTConfig(FusedHeadArguments, SFTConfig):
+    r"""`trl.SFTConfig` plus ``fused_impl``, the `fpo_ops.token_stats` implementation (see `FusedHeadArguments`)."""
 
 
-class FusedSFTTrainer(SFTTrainer):
+class FusedSFTTrainer(FusedHeadTrainer, SFTTrainer):
     """`trl.SFTTrainer` whose per-token log-probs, entropy and top-1 come from `fpo_ops.token_stats`.
 
     Takes the same arguments as `trl.SFTTrainer`; ``args`` may be a `FusedSFTConfig` (a plain
@@ -49,8 +35,4 @@ class FusedSFTTrainer(SFTTrainer):
     """
 
     _tag_names = ["trl", "sft", "fpo-ops"]
-
-    def __init__(self, *args, **kwargs):
-        config = kwargs.get("args", args[1] if len(args) > 1 else None)
-        with fused_head_in(trl_sft_trainer, getattr(config, "fused_impl", "auto")):
-            super().__init__(*args, **kwargs)
+    trl_module = trl_sft_trainer

@@ -1,0 +1,143 @@
+"""Time and peak host memory of one training step of each fused TRL drop-in vs its TRL counterpart.
+
+The sibling of `trainer_memory.py` (DPO) for the other trainers. Each trainer runs in its own
+process (peak RSS is per process and never goes down), on a tiny Llama backbone with a large
+vocabulary and long sequences, so the LM head dominates; float32, CPU.
+
+    python benchmarks/trainer_step.py --kind sft                   # TRL then fused, defaults below
+    python benchmarks/trainer_step.py --kind kto --seq-len 2048 --vocab 128256
+    python benchmarks/trainer_step.py --kind sft --out benchmarks/results/trainer-step-cpu.json
+
+Prints (and with ``--out`` appends to a JSON list) one record per trainer: peak RSS, RSS just
+before the step (models, dataset and optimizer set up), their difference, and the step's wall time.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trainer_memory import current_rss_bytes, peak_rss_bytes  # noqa: E402
+
+# kind -> (TRL module attribute names, fused names, rows of the dataset, extra config).
+KINDS = {
+    "sft": (("SFTConfig", "SFTTrainer"), ("FusedSFTConfig", "FusedSFTTrainer"), 1, {}),
+    "kto": (("KTOConfig", "KTOTrainer"), ("FusedKTOConfig", "FusedKTOTrainer"), 2, {"beta": 0.1}),
+}
+
+
+def build(args):
+    import torch
+    import transformers
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(args.vocab - 3)]
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<pad>", "<eos>", "<unk>"])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    g = torch.Generator().manual_seed(0)
+
+    def text(n):
+        return " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=g))
+
+    prompt_len = 16
+    completion_len = args.seq_len - prompt_len - 1  # the trainer appends an EOS token
+    rows = KINDS[args.kind][2]
+    dataset = Dataset.from_list([
+        {"prompt": text(prompt_len), "completion": " " + text(completion_len), **({"label": i % 2 == 0}
+                                                                                 if args.kind == "kto" else {})}
+        for i in range(rows)
+    ])
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=args.seq_len, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).float(), tokenizer, dataset, rows
+
+
+def run_one(args) -> dict:
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    trl_names, fused_names, _, extra = KINDS[args.kind]
+    if args.trainer == "fused":
+        import fpo_ops.integrations.trl as module
+        names = fused_names
+    else:
+        import trl as module
+        names = trl_names
+    Config, Trainer = (getattr(module, n) for n in names)
+    model, tokenizer, dataset, rows = build(args)
+    with tempfile.TemporaryDirectory() as out:
+        config = Config(
+            output_dir=out, per_device_train_batch_size=rows, max_steps=1, learning_rate=1e-3, optim="sgd",
+            report_to="none", bf16=False, gradient_checkpointing=args.gradient_checkpointing,
+            save_strategy="no", max_length=None, use_cpu=True, disable_tqdm=True, logging_steps=1, **extra,
+        )
+        trainer = Trainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+        # Build the optimizer now so that its state is part of the baseline, not of the step.
+        trainer.create_optimizer_and_scheduler(num_training_steps=1)
+        before = current_rss_bytes()
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    return {
+        "trainer": names[1] if args.trainer == "fused" else f"trl.{names[1]}", "kind": args.kind,
+        "seq_len": args.seq_len, "rows": rows, "vocab": args.vocab, "hidden": args.hidden, "layers": args.layers,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "rss_before_step_mib": round(before / 2**20, 1), "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
+        "step_peak_above_baseline_mib": round((peak_rss_bytes() - before) / 2**20, 1),
+        "train_seconds": round(seconds, 2),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", choices=sorted(KINDS), required=True)
+    parser.add_argument("--trainer", choices=["fused", "trl"], help="run one trainer in this process")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--out", help="append the records to this JSON file (a list)")
+    args = parser.parse_args()
+    if args.trainer:
+        print(json.dumps(run_one(args)), flush=True)
+        return
+    import torch
+    import transformers
+    import trl
+
+    records = [{"device": platform.processor() or platform.machine(), "python": platform.python_version(),
+                "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "command": " ".join(["python", "benchmarks/trainer_step.py"] + sys.argv[1:])}]
+    forwarded = [a for a in sys.argv[1:] if a != "--out" and a != args.out]
+    for trainer in ("trl", "fused"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--trainer", trainer] + forwarded
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        records.append(json.loads(lines[-1]) if result.returncode == 0 and lines
+                       else {"trainer": trainer, "kind": args.kind, "error": result.stderr[-2000:]})
+    for record in records:
+        print(json.dumps(record), flush=True)
+    if args.out:
+        previous = json.load(open(args.out)) if os.path.exists(args.out) else []
+        with open(args.out, "w") as f:
+            json.dump(previous + [records], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
