@@ -6,10 +6,10 @@ pytest.importorskip("trl")
 
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-import fpo_ops  # noqa: E402
 from fpo_ops.integrations.trl import FusedSFTConfig, FusedSFTTrainer  # noqa: E402
 from trainer_fixtures import (  # noqa: E402
-    assert_same_step, assert_within_budget, completion_dataset, one_batch, step, text_dataset, trainer_pair,
+    assert_same_step, assert_within_budget, completion_dataset, one_batch, spy_head_calls, step, text_dataset,
+    trainer_pair,
 )
 
 FP32 = dict(
@@ -101,16 +101,7 @@ def test_bf16_default_config_within_budget(tmp_path):
 @pytest.mark.parametrize("bf16", [True, False])
 def test_head_sees_the_autocast_dtype(tmp_path, monkeypatch, bf16):
     _, ours = pair(tmp_path, bf16=bf16)
-    seen = []
-    original = fpo_ops.token_stats
-
-    def spy(hidden, weight, *args, **kwargs):
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
-        seen.append(dtype)
-        return original(hidden, weight, *args, **kwargs)
-
-    import fpo_ops.integrations.trl_head as trl_head
-    monkeypatch.setattr(trl_head, "token_stats", spy)
+    seen = spy_head_calls(monkeypatch)
     step(ours, one_batch(ours))
     assert seen == [torch.bfloat16 if bf16 else torch.float32]
 

@@ -85,13 +85,33 @@ def assert_same_step(ours, theirs, tol=1e-5):
 
 
 def assert_within_budget(ours, theirs, exact, floor=1e-4):
-    """Each of loss, metrics, gradients: |ours - exact| <= 2 |theirs - exact| + floor * scale."""
-    for a, b, e, name in zip(ours[:1], theirs[:1], exact[:1], ["loss"]):
-        assert (a - e).abs().item() <= 2 * (b - e).abs().item() + floor * max(e.abs().item(), 1.0), name
-    for name, e in exact[1].items():
-        err_a, err_b = abs(ours[1][name] - e), abs(theirs[1][name] - e)
-        assert err_a <= 2 * err_b + floor * max(abs(e), 1.0), (name, err_a, err_b)
+    """Error against the fp32 step ``exact``: ours at most 2x TRL's own, plus ``floor`` on the scale.
+
+    Under bf16 both heads round their GEMM operands to bf16 (TRL also rounds the logits), so each
+    scalar's error is one draw of that rounding noise; the loss and metrics are therefore compared
+    as one vector of errors (its norm), each gradient as the norm over its elements.
+    """
+    names = sorted(exact[1])
+    values = lambda step: torch.tensor([step[0].item()] + [float(step[1][n]) for n in names], dtype=torch.float64)
+    truth = values(exact)
+    err_a, err_b = (values(ours) - truth).norm().item(), (values(theirs) - truth).norm().item()
+    assert err_a <= 2 * err_b + floor * max(truth.norm().item(), 1.0), ("loss and metrics", err_a, err_b)
     for name, e in exact[2].items():
         err_a = (ours[2][name].float() - e).norm().item()
         err_b = (theirs[2][name].float() - e).norm().item()
         assert err_a <= 2 * err_b + floor * max(e.norm().item(), 1.0), (name, err_a, err_b)
+
+
+def spy_head_calls(monkeypatch):
+    """Record the GEMM operand dtype of every `token_stats` call the fused heads make."""
+    import fpo_ops.integrations.trl_head as trl_head
+
+    seen = []
+    original = trl_head.token_stats
+
+    def spy(hidden, weight, *args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype)
+        return original(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(trl_head, "token_stats", spy)
+    return seen
