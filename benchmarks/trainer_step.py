@@ -23,10 +23,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trainer_memory import current_rss_bytes, peak_rss_bytes  # noqa: E402
 
-# kind -> (TRL module attribute names, fused names, rows of the dataset, extra config).
+# kind -> (TRL module attribute names, fused names, rows of the dataset, a reference model?, extra config).
 KINDS = {
-    "sft": (("SFTConfig", "SFTTrainer"), ("FusedSFTConfig", "FusedSFTTrainer"), 1, {}),
-    "kto": (("KTOConfig", "KTOTrainer"), ("FusedKTOConfig", "FusedKTOTrainer"), 2, {"beta": 0.1}),
+    "sft": (("SFTConfig", "SFTTrainer"), ("FusedSFTConfig", "FusedSFTTrainer"), 1, False, {}),
+    "kto": (("KTOConfig", "KTOTrainer"), ("FusedKTOConfig", "FusedKTOTrainer"), 2, True, {"beta": 0.1}),
 }
 
 
@@ -62,14 +62,15 @@ def build(args):
         max_position_embeddings=args.seq_len, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
     )
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).float(), tokenizer, dataset, rows
+    models = [transformers.LlamaForCausalLM(config).float() for _ in range(1 + KINDS[args.kind][3])]
+    return models, tokenizer, dataset, rows
 
 
 def run_one(args) -> dict:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
-    trl_names, fused_names, _, extra = KINDS[args.kind]
+    trl_names, fused_names, _, _, extra = KINDS[args.kind]
     if args.trainer == "fused":
         import fpo_ops.integrations.trl as module
         names = fused_names
@@ -77,14 +78,16 @@ def run_one(args) -> dict:
         import trl as module
         names = trl_names
     Config, Trainer = (getattr(module, n) for n in names)
-    model, tokenizer, dataset, rows = build(args)
+    models, tokenizer, dataset, rows = build(args)
+    reference = {"ref_model": models[1]} if len(models) > 1 else {}
     with tempfile.TemporaryDirectory() as out:
         config = Config(
             output_dir=out, per_device_train_batch_size=rows, max_steps=1, learning_rate=1e-3, optim="sgd",
             report_to="none", bf16=False, gradient_checkpointing=args.gradient_checkpointing,
             save_strategy="no", max_length=None, use_cpu=True, disable_tqdm=True, logging_steps=1, **extra,
         )
-        trainer = Trainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+        trainer = Trainer(model=models[0], args=config, train_dataset=dataset, processing_class=tokenizer,
+                          **reference)
         # Build the optimizer now so that its state is part of the baseline, not of the step.
         trainer.create_optimizer_and_scheduler(num_training_steps=1)
         before = current_rss_bytes()
