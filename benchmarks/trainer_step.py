@@ -23,10 +23,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trainer_memory import current_rss_bytes, peak_rss_bytes  # noqa: E402
 
-# kind -> (TRL module attribute names, fused names, rows of the dataset, a reference model?, extra config).
+# kind -> (TRL names, fused names, rows of the dataset, keyword of the second model or None, extra config).
 KINDS = {
-    "sft": (("SFTConfig", "SFTTrainer"), ("FusedSFTConfig", "FusedSFTTrainer"), 1, False, {}),
-    "kto": (("KTOConfig", "KTOTrainer"), ("FusedKTOConfig", "FusedKTOTrainer"), 2, True, {"beta": 0.1}),
+    "sft": (("SFTConfig", "SFTTrainer"), ("FusedSFTConfig", "FusedSFTTrainer"), 1, None, {}),
+    "kto": (("KTOConfig", "KTOTrainer"), ("FusedKTOConfig", "FusedKTOTrainer"), 2, "ref_model", {"beta": 0.1}),
+    # On-policy: the step generates a completion of max_completion_length (set from --seq-len) first.
+    "distill": (("DistillationConfig", "DistillationTrainer"),
+                ("FusedDistillationConfig", "FusedDistillationTrainer"), 1, "teacher_model", {"beta": 0.5}),
 }
 
 
@@ -56,13 +59,15 @@ def build(args):
                                                                                  if args.kind == "kto" else {})}
         for i in range(rows)
     ])
+    if args.kind == "distill":
+        dataset = dataset.remove_columns("completion")
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
         max_position_embeddings=args.seq_len, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
     )
     torch.manual_seed(0)
-    models = [transformers.LlamaForCausalLM(config).float() for _ in range(1 + KINDS[args.kind][3])]
+    models = [transformers.LlamaForCausalLM(config).float() for _ in range(1 + bool(KINDS[args.kind][3]))]
     return models, tokenizer, dataset, rows
 
 
@@ -70,7 +75,9 @@ def run_one(args) -> dict:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
-    trl_names, fused_names, _, _, extra = KINDS[args.kind]
+    trl_names, fused_names, _, second, extra = KINDS[args.kind]
+    if args.kind == "distill":
+        extra = dict(extra, max_completion_length=args.seq_len - 16)
     if args.trainer == "fused":
         import fpo_ops.integrations.trl as module
         names = fused_names
@@ -79,12 +86,13 @@ def run_one(args) -> dict:
         names = trl_names
     Config, Trainer = (getattr(module, n) for n in names)
     models, tokenizer, dataset, rows = build(args)
-    reference = {"ref_model": models[1]} if len(models) > 1 else {}
+    reference = {second: models[1]} if second else {}
     with tempfile.TemporaryDirectory() as out:
         config = Config(
             output_dir=out, per_device_train_batch_size=rows, max_steps=1, learning_rate=1e-3, optim="sgd",
             report_to="none", bf16=False, gradient_checkpointing=args.gradient_checkpointing,
-            save_strategy="no", max_length=None, use_cpu=True, disable_tqdm=True, logging_steps=1, **extra,
+            save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1,
+            **({} if args.kind == "distill" else {"max_length": None}), **extra,
         )
         trainer = Trainer(model=models[0], args=config, train_dataset=dataset, processing_class=tokenizer,
                           **reference)

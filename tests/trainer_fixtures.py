@@ -30,8 +30,11 @@ def text_dataset(num_rows: int = 6, seed: int = 0):
 
 
 def trainer_pair(trl_cls, fused_cls, config_cls, fused_config_cls, tmp_path, dataset, family="llama",
-                 with_ref=False, **config):
-    """(TRL trainer, fused trainer) on equal copies of one tiny model, with equal configs."""
+                 with_ref=False, ref_kwarg="ref_model", **config):
+    """(TRL trainer, fused trainer) on equal copies of one tiny model, with equal configs.
+
+    ``with_ref`` adds, as ``ref_kwarg``, a perturbed copy of the model (reference or teacher).
+    """
     model = tiny_model(family)
     made = []
     for trainer_cls, cfg_cls, name in ((trl_cls, config_cls, "trl"), (fused_cls, fused_config_cls, "fused")):
@@ -42,7 +45,7 @@ def trainer_pair(trl_cls, fused_cls, config_cls, fused_config_cls, tmp_path, dat
                 g = torch.Generator().manual_seed(3)
                 for p in ref.parameters():
                     p.add_(0.05 * torch.randn(p.shape, generator=g))
-            kwargs["ref_model"] = ref
+            kwargs[ref_kwarg] = ref
         made.append(trainer_cls(
             model=copy.deepcopy(model), args=cfg_cls(output_dir=str(tmp_path / name), **config),
             train_dataset=dataset, processing_class=tiny_tokenizer(), **kwargs,
@@ -102,16 +105,17 @@ def assert_within_budget(ours, theirs, exact, floor=1e-4):
         assert err_a <= 2 * err_b + floor * max(e.norm().item(), 1.0), (name, err_a, err_b)
 
 
-def spy_head_calls(monkeypatch):
-    """Record the GEMM operand dtype of every `token_stats` call the fused heads make."""
+def spy_head_calls(monkeypatch, module=None):
+    """Record the GEMM operand dtype of every `token_stats` call made from ``module`` (the fused head's)."""
     import fpo_ops.integrations.trl_head as trl_head
 
+    module = trl_head if module is None else module
     seen = []
-    original = trl_head.token_stats
+    original = module.token_stats
 
     def spy(hidden, weight, *args, **kwargs):
         seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype)
         return original(hidden, weight, *args, **kwargs)
 
-    monkeypatch.setattr(trl_head, "token_stats", spy)
+    monkeypatch.setattr(module, "token_stats", spy)
     return seen

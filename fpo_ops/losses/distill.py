@@ -1,5 +1,5 @@
 """`distill_loss`: generalized Jensen-Shannon distillation of TRL's ``GKDTrainer``, without logits."""
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -27,7 +27,8 @@ def distill_loss(
     num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
     impl: str = "auto",
     check_inputs: bool = True,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Generalized JSD between student p and teacher q per completion token, averaged over tokens.
 
     ``JSD_β = β KL(q ‖ m) + (1-β) KL(p ‖ m)`` with ``m = β q + (1-β) p``, both distributions at
@@ -48,9 +49,12 @@ def distill_loss(
         num_items_in_batch: divide the token sum by this instead of the local completion-token count
             (gradient accumulation across micro-batches, as TRL).
         impl: `token_stats` implementation. check_inputs: check label ranges (host sync).
+        return_entropy: also return the student's per-token entropy H(p) from the same pass (the
+            metric TRL's ``DistillationTrainer`` logs; differentiable like any statistic).
 
     Returns:
-        [] scalar: sum of the per-token divergences / max(number of completion tokens, 1).
+        [] scalar: sum of the per-token divergences / max(number of completion tokens, 1); with
+        ``return_entropy``, the pair (that scalar, [...] entropy, 0 at ignored positions).
     """
     check_number("beta", beta, low=0.0, high=1.0)
     if teacher_hidden is None:
@@ -59,12 +63,15 @@ def distill_loss(
     stats = token_stats(
         hidden, weight, labels, teacher_hidden, teacher_weight, bias=bias, ref_bias=teacher_bias,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        ref_softcap=teacher_softcap, ref_logit_scale=teacher_logit_scale, outputs=(stat,),
+        ref_softcap=teacher_softcap, ref_logit_scale=teacher_logit_scale,
+        outputs=(stat, "entropy") if return_entropy else (stat,),
         jsd_beta=float(beta), impl=impl, check_labels=check_inputs,
     )
     total = getattr(stats, stat).sum()  # 0 at ignored positions
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
-    return total / completion_mask(labels, ignore_index).sum().clamp(min=1)
+        loss = total / num_items_in_batch
+    else:
+        loss = total / completion_mask(labels, ignore_index).sum().clamp(min=1)
+    return (loss, stats.entropy) if return_entropy else loss
