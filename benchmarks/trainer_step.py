@@ -30,7 +30,15 @@ KINDS = {
     # On-policy: the step generates a completion of max_completion_length (set from --seq-len) first.
     "distill": (("DistillationConfig", "DistillationTrainer"),
                 ("FusedDistillationConfig", "FusedDistillationTrainer"), 1, "teacher_model", {"beta": 0.5}),
+    # Two completions of one prompt, TRL's default beta 0 (no reference), a length reward.
+    "grpo": (("GRPOConfig", "GRPOTrainer"), ("FusedGRPOConfig", "FusedGRPOTrainer"), 2, None, {"num_generations": 2}),
+    "rloo": (("RLOOConfig", "RLOOTrainer"), ("FusedRLOOConfig", "FusedRLOOTrainer"), 2, None, {"num_generations": 2}),
 }
+ON_POLICY = ("distill", "grpo", "rloo")
+
+
+def reward_length(completions, **kwargs):
+    return [float(len(c)) for c in completions]
 
 
 def build(args):
@@ -59,7 +67,7 @@ def build(args):
                                                                                  if args.kind == "kto" else {})}
         for i in range(rows)
     ])
-    if args.kind == "distill":
+    if args.kind in ON_POLICY:
         dataset = dataset.remove_columns("completion")
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
@@ -76,8 +84,11 @@ def run_one(args) -> dict:
 
     torch.set_num_threads(max(1, args.threads))
     trl_names, fused_names, _, second, extra = KINDS[args.kind]
-    if args.kind == "distill":
+    trainer_kwargs = {}
+    if args.kind in ON_POLICY:
         extra = dict(extra, max_completion_length=args.seq_len - 16)
+    if args.kind in ("grpo", "rloo"):
+        trainer_kwargs = {"reward_funcs": reward_length}
     if args.trainer == "fused":
         import fpo_ops.integrations.trl as module
         names = fused_names
@@ -86,16 +97,16 @@ def run_one(args) -> dict:
         names = trl_names
     Config, Trainer = (getattr(module, n) for n in names)
     models, tokenizer, dataset, rows = build(args)
-    reference = {second: models[1]} if second else {}
+    trainer_kwargs = {second: models[1]} if second else trainer_kwargs
     with tempfile.TemporaryDirectory() as out:
         config = Config(
             output_dir=out, per_device_train_batch_size=rows, max_steps=1, learning_rate=1e-3, optim="sgd",
             report_to="none", bf16=False, gradient_checkpointing=args.gradient_checkpointing,
             save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1,
-            **({} if args.kind == "distill" else {"max_length": None}), **extra,
+            **({} if args.kind in ON_POLICY else {"max_length": None}), **extra,
         )
         trainer = Trainer(model=models[0], args=config, train_dataset=dataset, processing_class=tokenizer,
-                          **reference)
+                          **trainer_kwargs)
         # Build the optimizer now so that its state is part of the baseline, not of the step.
         trainer.create_optimizer_and_scheduler(num_training_steps=1)
         before = current_rss_bytes()
