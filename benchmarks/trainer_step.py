@@ -30,7 +30,8 @@ KINDS = {
     # On-policy: the step generates a completion of max_completion_length (set from --seq-len) first.
     "distill": (("DistillationConfig", "DistillationTrainer"),
                 ("FusedDistillationConfig", "FusedDistillationTrainer"), 1, "teacher_model", {"beta": 0.5}),
-    # Two completions of one prompt, TRL's default beta 0 (no reference), a length reward.
+    # Two completions of one prompt and a length reward, TRL's default beta (GRPO 0: no reference;
+    # RLOO 0.05: the reference is loaded from the policy's saved copy).
     "grpo": (("GRPOConfig", "GRPOTrainer"), ("FusedGRPOConfig", "FusedGRPOTrainer"), 2, None, {"num_generations": 2}),
     "rloo": (("RLOOConfig", "RLOOTrainer"), ("FusedRLOOConfig", "FusedRLOOTrainer"), 2, None, {"num_generations": 2}),
 }
@@ -105,7 +106,11 @@ def run_one(args) -> dict:
             save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1,
             **({} if args.kind in ON_POLICY else {"max_length": None}), **extra,
         )
-        trainer = Trainer(model=models[0], args=config, train_dataset=dataset, processing_class=tokenizer,
+        model = models[0]
+        if args.kind in ("grpo", "rloo"):
+            model.save_pretrained(os.path.join(out, "policy"))
+            model = os.path.join(out, "policy")
+        trainer = Trainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                           **trainer_kwargs)
         # Build the optimizer now so that its state is part of the baseline, not of the step.
         trainer.create_optimizer_and_scheduler(num_training_steps=1)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..token_stats import token_stats
-from .hf import apply_gathered, find_backbone, head_scaling, lm_head_tensors, unwrap_peft
+from .hf import HeadInputs, apply_gathered, find_backbone, head_scaling, lm_head_tensors, unwrap_peft
 
 # TRL's output field -> token_stats statistic.
 _TRL_OUTPUTS = {
@@ -57,6 +57,7 @@ def _load_balancing_loss(model: nn.Module, router_logits: Any, attention_mask: O
 def fused_head_stats(
     model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, outputs: Sequence[str], *,
     temperature: float = 1.0, cast_lm_head_to_fp32: bool = False, impl: str = "auto",
+    reference: Optional[HeadInputs] = None,
 ) -> Tuple[Optional[torch.Tensor], ...]:
     """TRL's per-token head outputs of ``model`` at ``hidden`` from one `token_stats` call.
 
@@ -70,11 +71,14 @@ def fused_head_stats(
         temperature: divides the (scaled, capped) logits.
         cast_lm_head_to_fp32: compute the head in fp32 outside autocast.
         impl: `token_stats` implementation.
+        reference: a frozen reference's `HeadInputs` with ``hidden`` [B, T, H'] aligned like
+            ``hidden``: adds the exact per-token KL(policy ‖ reference) over the vocabulary, both
+            distributions at ``temperature``, from the same pass.
 
     Returns:
-        (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each [B, T] (fp32; ``is_top1``
-        bool) and 0 where ignored, None for the fields not requested. ``log_probs`` and ``entropy``
-        carry gradients; the other three are metrics.
+        (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1, kl), each [B, T] (fp32;
+        ``is_top1`` bool) and 0 where ignored, None for the fields not requested (``kl`` without a
+        reference). ``log_probs``, ``entropy`` and ``kl`` carry gradients; the others are metrics.
     """
     unknown = [name for name in outputs if name not in _TRL_OUTPUTS]
     if unknown:
@@ -89,21 +93,36 @@ def fused_head_stats(
         hidden = hidden.float()
         precision = torch.autocast(hidden.device.type, enabled=False)
 
-    def run(w, *rest):
-        b = rest[0] if bias is not None else None
-        h, y = rest[-2:]
-        stats = token_stats(
-            h, w, y, bias=b, temperature=temperature, softcap=scaling.softcap, logit_scale=scaling.logit_scale,
-            outputs=tuple(_TRL_OUTPUTS[name] for name in wanted), impl=impl, check_labels=False,
-        )
-        return tuple(getattr(stats, _TRL_OUTPUTS[name]) for name in wanted)
-
+    names = tuple(_TRL_OUTPUTS[name] for name in wanted) + (("reverse_kl",) if reference is not None else ())
     params = [weight] + ([bias] if bias is not None else [])
+    if reference is not None:
+        params += [reference.weight] + ([reference.bias] if reference.bias is not None else [])
+        ref_hidden = reference.hidden.detach().to(weight.device)
+        ref_hidden = ref_hidden.float() if cast_lm_head_to_fp32 else ref_hidden
+
+    def run(*tensors):
+        tensors = list(tensors)
+        w = tensors.pop(0)
+        b = tensors.pop(0) if bias is not None else None
+        ref = {}
+        if reference is not None:
+            ref["ref_weight"] = tensors.pop(0).detach()
+            ref["ref_bias"] = tensors.pop(0).detach() if reference.bias is not None else None
+            ref.update(ref_softcap=reference.softcap, ref_logit_scale=reference.logit_scale)
+        h, y, rh = tensors
+        stats = token_stats(
+            h, w, y, rh, bias=b, temperature=temperature, softcap=scaling.softcap, logit_scale=scaling.logit_scale,
+            outputs=names, impl=impl, check_labels=False, **ref,
+        )
+        return tuple(getattr(stats, name) for name in names)
+
     with precision:
-        values = dict(zip(wanted, apply_gathered(run, params, hidden, labels)))
-    if "is_top1" in values:
-        values["is_top1"] = values["is_top1"] > 0.5
-    return tuple(values.get(name) for name in _TRL_OUTPUTS)
+        values = apply_gathered(run, params, hidden, labels, None if reference is None else ref_hidden)
+    by_name = dict(zip(wanted, values))
+    if "is_top1" in by_name:
+        by_name["is_top1"] = by_name["is_top1"] > 0.5
+    kl = values[-1] if reference is not None else None
+    return tuple(by_name.get(name) for name in _TRL_OUTPUTS) + (kl,)
 
 
 def add_fused_head(
@@ -150,14 +169,21 @@ def add_fused_head(
         # Looked up per call: FSDP and PEFT replace modules after the patch.
         backbone_out = find_backbone(self)(*args, **kwargs)
         hidden = backbone_out.last_hidden_state if hasattr(backbone_out, "last_hidden_state") else backbone_out[0]
+        # A trainer that wants the exact KL to its reference (`exact_kl_of`) asks through this attribute.
+        request = getattr(self, "_fpo_exact_kl", None)
+        reference = request.reference(*args, **kwargs) if request is not None else None
         if shift_labels is None:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
+            if reference is not None:
+                reference.hidden = reference.hidden[:, :-1]
         else:
             labels = shift_labels
-        log_probs, entropy, log_sum_sq, mean_logits, is_top1 = fused_head_stats(
+        log_probs, entropy, log_sum_sq, mean_logits, is_top1, kl = fused_head_stats(
             self, hidden, labels, outputs, temperature=temperature,
-            cast_lm_head_to_fp32=cast_lm_head_to_fp32, impl=impl,
+            cast_lm_head_to_fp32=cast_lm_head_to_fp32, impl=impl, reference=reference,
         )
+        if request is not None:
+            request.kl = kl
         mask = labels.to(log_probs.device) != -100
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / count
@@ -171,6 +197,32 @@ def add_fused_head(
         )
 
     model.forward = types.MethodType(forward, model)
+
+
+class ExactKLRequest:
+    """What a trainer hands the fused head to get the exact KL(policy ‖ reference) of one forward.
+
+    Attributes:
+        reference: called with the forward's arguments, returns the reference's `HeadInputs`
+            (hidden [B, T, H'], no graph) for the same inputs.
+        kl: set by the forward: [B, T-1] per-token KL (0 where ignored), differentiable in the policy.
+    """
+
+    def __init__(self, reference):
+        self.reference = reference
+        self.kl: Optional[torch.Tensor] = None
+
+
+@contextlib.contextmanager
+def exact_kl_of(model: nn.Module, request: ExactKLRequest) -> Iterator[ExactKLRequest]:
+    """Within it, every ``fused_lm_head=True`` forward of ``model`` (patched by `add_fused_head`) also
+    computes the exact KL to the reference of ``request`` and stores it in ``request.kl``."""
+    target = unwrap_peft(model)
+    target._fpo_exact_kl = request
+    try:
+        yield request
+    finally:
+        target._fpo_exact_kl = None
 
 
 @contextlib.contextmanager
