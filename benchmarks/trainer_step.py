@@ -21,6 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import trainer_memory  # noqa: E402
 from trainer_memory import current_rss_bytes, peak_rss_bytes  # noqa: E402
 
 # kind -> (TRL names, fused names, rows of the dataset, keyword of the second model or None, extra config).
@@ -43,18 +44,12 @@ def reward_length(completions, **kwargs):
 
 
 def build(args):
+    """The models and tokenizer of `trainer_memory.build` (the same seeded Llama) and this kind's dataset."""
     import torch
-    import transformers
     from datasets import Dataset
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
+    policy, second, tokenizer, _ = trainer_memory.build(args)
     words = [f"w{i}" for i in range(args.vocab - 3)]
-    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>"] + words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<pad>", "<eos>", "<unk>"])
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     g = torch.Generator().manual_seed(0)
 
     def text(n):
@@ -70,13 +65,7 @@ def build(args):
     ])
     if args.kind in ON_POLICY:
         dataset = dataset.remove_columns("completion")
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=args.seq_len, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-    )
-    torch.manual_seed(0)
-    models = [transformers.LlamaForCausalLM(config).float() for _ in range(1 + bool(KINDS[args.kind][3]))]
+    models = [policy, second] if KINDS[args.kind][3] else [policy]
     return models, tokenizer, dataset, rows
 
 

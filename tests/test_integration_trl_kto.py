@@ -8,7 +8,8 @@ from trl import KTOConfig, KTOTrainer  # noqa: E402
 
 from fpo_ops.integrations.trl import FusedKTOConfig, FusedKTOTrainer  # noqa: E402
 from trainer_fixtures import (  # noqa: E402
-    assert_same_step, assert_within_budget, completion_dataset, one_batch, spy_head_calls, step, trainer_pair,
+    assert_default_precision_within_budget, assert_same_step, completion_dataset, one_batch, spy_head_calls,
+    step, trainer_pair,
 )
 
 FP32 = dict(
@@ -82,12 +83,7 @@ def test_training_equals_trl(tmp_path):
 
 def test_bf16_default_config_within_budget(tmp_path):
     """TRL's default precision (bf16 autocast, gradient checkpointing) against the fp32 step."""
-    exact_trainer, _ = pair(tmp_path / "fp32")
-    defaults = {k: v for k, v in FP32.items() if k not in ("bf16", "gradient_checkpointing")}
-    theirs, ours = pair(tmp_path / "bf16", base=defaults)
-    assert theirs.args.bf16 and theirs.args.gradient_checkpointing and ours.args.bf16
-    batch = one_batch(theirs)
-    assert_within_budget(step(ours, batch), step(theirs, batch), step(exact_trainer, batch))
+    assert_default_precision_within_budget(pair, tmp_path, FP32, one_batch)
 
 
 @pytest.mark.parametrize("bf16", [True, False])

@@ -8,8 +8,8 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from fpo_ops.integrations.trl import FusedSFTConfig, FusedSFTTrainer  # noqa: E402
 from trainer_fixtures import (  # noqa: E402
-    assert_same_step, assert_within_budget, completion_dataset, one_batch, spy_head_calls, step, text_dataset,
-    trainer_pair,
+    assert_default_precision_within_budget, assert_same_step, completion_dataset, one_batch, spy_head_calls,
+    step, text_dataset, trainer_pair,
 )
 
 FP32 = dict(
@@ -89,13 +89,7 @@ def test_all_ignored_batch_gives_a_zero_that_backpropagates(tmp_path):
 
 def test_bf16_default_config_within_budget(tmp_path):
     """TRL's default precision (bf16 autocast, gradient checkpointing) against the fp32 step."""
-    exact_trainer, _ = pair(tmp_path / "fp32")
-    defaults = {k: v for k, v in FP32.items() if k not in ("bf16", "gradient_checkpointing")}
-    theirs, ours = pair(tmp_path / "bf16", base=defaults)
-    assert theirs.args.bf16 and theirs.args.gradient_checkpointing and ours.args.bf16
-    batch = one_batch(theirs)
-    exact = step(exact_trainer, batch)
-    assert_within_budget(step(ours, batch), step(theirs, batch), exact)
+    assert_default_precision_within_budget(pair, tmp_path, FP32, one_batch)
 
 
 @pytest.mark.parametrize("bf16", [True, False])
@@ -109,3 +103,26 @@ def test_head_sees_the_autocast_dtype(tmp_path, monkeypatch, bf16):
 def test_bad_fused_impl_names_the_option(tmp_path):
     with pytest.raises(ValueError, match="fused_impl"):
         FusedSFTConfig(output_dir=str(tmp_path), fused_impl="cuda", use_cpu=True, report_to="none")
+
+
+def test_zero3_partitioned_head_gives_the_same_step(tmp_path, monkeypatch):
+    import sys
+
+    from hf_fixtures import FakeZero3
+
+    _, ours = pair(tmp_path)
+    batch = one_batch(ours)
+    expected = step(ours, batch)
+    fake = FakeZero3()
+    monkeypatch.setitem(sys.modules, "deepspeed", fake.module())
+    head = ours.model.lm_head.weight
+    fake.partition(head, ours.model.lm_head)
+    got = step(ours, batch)
+    # Gathered once for the forward and once for the recomputation in backward; empty again after.
+    assert fake.gathers == 2 and head.numel() == 0
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)
+    for name in ("entropy", "mean_token_accuracy"):
+        assert got[1][name] == pytest.approx(expected[1][name], rel=1e-6, abs=1e-6), name
+    assert set(got[2]) == set(expected[2])
+    for name in expected[2]:
+        torch.testing.assert_close(got[2][name], expected[2][name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -87,6 +87,23 @@ def assert_same_step(ours, theirs, tol=1e-5):
                                    msg=lambda m: f"{name}: {m}")
 
 
+def assert_default_precision_within_budget(pair, tmp_path, fp32_config, make_batch, **overrides):
+    """Under TRL's default precision (bf16 autocast, gradient checkpointing) the fused step is within
+    the bf16 budget of the fp32 step (`assert_within_budget`).
+
+    Args:
+        pair: ``pair(tmp_path, base=config, **overrides) -> (TRL trainer, fused trainer)``.
+        fp32_config: the tests' fp32 config; its ``bf16`` and ``gradient_checkpointing`` are dropped.
+        make_batch: ``make_batch(trainer) -> batch``.
+    """
+    exact_trainer, _ = pair(tmp_path / "fp32", base=fp32_config, **overrides)
+    defaults = {k: v for k, v in fp32_config.items() if k not in ("bf16", "gradient_checkpointing")}
+    theirs, ours = pair(tmp_path / "bf16", base=defaults, **overrides)
+    assert theirs.args.bf16 and theirs.args.gradient_checkpointing and ours.args.bf16
+    batch = make_batch(theirs)
+    assert_within_budget(step(ours, batch), step(theirs, batch), step(exact_trainer, batch))
+
+
 def assert_within_budget(ours, theirs, exact, floor=1e-4):
     """Error against the fp32 step ``exact``: ours at most 2x TRL's own, plus ``floor`` on the scale.
 

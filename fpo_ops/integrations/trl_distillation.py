@@ -24,7 +24,7 @@ from .trl_head import FusedHeadArguments
 
 @dataclass
 class FusedDistillationConfig(FusedHeadArguments, DistillationConfig):
-    r"""`trl.DistillationConfig` plus ``fused_impl``, the `fpo_ops.token_stats` implementation (see `FusedHeadArguments`)."""
+    r"""`trl.DistillationConfig` plus ``fused_impl``, the `token_stats` implementation (`FusedHeadArguments`)."""
 
 
 def fused_divergence_loss(

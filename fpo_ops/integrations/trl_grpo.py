@@ -45,7 +45,7 @@ class FusedGRPOConfig(FusedHeadArguments, GRPOConfig):
 
     kl_estimator: str = field(
         default="k3",
-        metadata={"help": "Per-token KL penalty: 'k3' (TRL's sampled-token estimator) or 'exact' (over the vocabulary)."},
+        metadata={"help": "Per-token KL penalty: 'k3' (TRL's sampled-token estimator) or 'exact' (whole vocabulary)."},
     )
 
     def __post_init__(self):
@@ -53,7 +53,7 @@ class FusedGRPOConfig(FusedHeadArguments, GRPOConfig):
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator: expected one of {list(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         if self.kl_estimator == "exact" and self.beta == 0.0:
-            raise ValueError("beta: kl_estimator='exact' is the KL penalty weighted by beta: expected beta != 0, got 0.0")
+            raise ValueError("beta: kl_estimator='exact' is a penalty weighted by beta: expected beta != 0, got 0.0")
 
 
 class FusedGRPOTrainer(FusedHeadTrainer, GRPOTrainer):
@@ -75,7 +75,7 @@ class FusedGRPOTrainer(FusedHeadTrainer, GRPOTrainer):
                 return hidden_and_head(self.accelerator.unwrap_model(self.ref_model), *args, **kwargs)
             unwrapped = self.accelerator.unwrap_model(self.model)
             if not is_peft_model(unwrapped):
-                raise ValueError("kl_estimator: 'exact' needs a reference model (beta != 0) or a PEFT policy, got neither")
+                raise ValueError("kl_estimator: 'exact' needs a reference model or a PEFT policy, got neither")
             with unwrapped.disable_adapter():
                 return hidden_and_head(unwrapped, *args, **kwargs)
 
@@ -91,14 +91,17 @@ class FusedGRPOTrainer(FusedHeadTrainer, GRPOTrainer):
         finally:
             self.beta = beta
         if request.kl is None:
-            raise RuntimeError("kl_estimator: the policy forward ran without the fused head, so no exact KL was computed")
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+            raise RuntimeError("kl_estimator: the policy forward ran without the fused head: no exact KL computed")
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
         per_token_kl = request.kl[:, -mask.size(1):]
         as_logged, as_trained = self._aggregate(per_token_kl, mask, inputs, mode)
         loss = loss + beta * as_trained
         if len(self._metrics[mode].get("policy_loss", ())) > logged:
             # TRL's policy_loss metric includes the KL term.
-            self._metrics[mode]["policy_loss"][-1] += beta * self.accelerator.gather(as_logged.detach()).nanmean().item()
+            kl_part = self.accelerator.gather(as_logged.detach()).nanmean().item()
+            self._metrics[mode]["policy_loss"][-1] += beta * kl_part
         totals = self.accelerator.reduce(torch.stack([(per_token_kl.detach() * mask).sum(), mask.sum().float()]),
                                          reduction="sum")
         self._metrics[mode]["kl"].append((totals[0] / totals[1].clamp(min=1.0)).item())
