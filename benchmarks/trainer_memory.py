@@ -6,9 +6,12 @@ Llama backbone with a large vocabulary and one long preference pair, so the LM h
     python benchmarks/trainer_memory.py                       # both trainers, defaults below
     python benchmarks/trainer_memory.py --seq-len 2048 --vocab 128256 --hidden 256 --loss sigmoid
     python benchmarks/trainer_memory.py --only fused --loss tdpo2
+    python benchmarks/trainer_memory.py --bf16 --gradient-checkpointing --out benchmarks/results/x.json
 
 Prints one JSON line per trainer: peak RSS of the process, RSS just before the step (models,
-reference, dataset and optimizer set up), their difference, and the step's wall time.
+reference, dataset and optimizer set up), their difference, and the step's wall time. ``--bf16``
+trains under bf16 autocast (TRL's default): the backbones and both trainers' head GEMMs take bf16
+operands. ``--out`` also writes the lines (device and versions first) to a JSON file.
 """
 import argparse
 import json
@@ -30,7 +33,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def build(args):
+def build(args, pairs: int = 1, seed: int = 0):
     import torch
     import transformers
     from datasets import Dataset
@@ -44,7 +47,7 @@ def build(args):
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
 
     def text(n):
         return " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=g))
@@ -53,13 +56,14 @@ def build(args):
     completion_len = args.seq_len - prompt_len - 1  # the trainer appends an EOS token
     dataset = Dataset.from_list([
         {"prompt": text(prompt_len), "chosen": " " + text(completion_len), "rejected": " " + text(completion_len)}
+        for _ in range(pairs)
     ])
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
         max_position_embeddings=args.seq_len, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).float()
     ref_model = transformers.LlamaForCausalLM(config).float()
     return model, ref_model, tokenizer, dataset
@@ -77,7 +81,7 @@ def run_one(args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         config = Config(
             output_dir=out, per_device_train_batch_size=1, max_steps=1, learning_rate=1e-3, optim="sgd",
-            report_to="none", bf16=False, gradient_checkpointing=args.gradient_checkpointing,
+            report_to="none", bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
             save_strategy="no", max_length=None, use_cpu=True, disable_tqdm=True, logging_steps=1,
             loss_type=args.loss, beta=0.1,
         )
@@ -94,6 +98,7 @@ def run_one(args) -> dict:
         "trainer": "FusedDPOTrainer" if args.trainer == "fused" else "trl.DPOTrainer",
         "loss": args.loss, "seq_len": args.seq_len, "pairs": 1, "tokens": tokens, "vocab": args.vocab,
         "hidden": args.hidden, "layers": args.layers, "gradient_checkpointing": args.gradient_checkpointing,
+        "bf16": args.bf16, "threads": args.threads,
         "rss_before_step_mib": round(before / 2**20, 1), "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
         "step_peak_above_baseline_mib": round((peak_rss_bytes() - before) / 2**20, 1),
         "train_seconds": round(seconds, 2),
@@ -112,29 +117,51 @@ def main():
     parser.add_argument("--loss", default="sigmoid")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (TRL's default)")
+    parser.add_argument("--out", help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.trainer:
         print(json.dumps(run_one(args)), flush=True)
         return
-    import torch
-    import transformers
-    import trl
-
-    print(json.dumps({"device": platform.processor() or platform.machine(), "python": platform.python_version(),
-                      "torch": torch.__version__, "transformers": transformers.__version__,
-                      "trl": trl.__version__, "command": " ".join([sys.executable] + sys.argv)}), flush=True)
-    forwarded = [a for a in sys.argv[1:] if not a.startswith("--only")]
-    if "--only" in sys.argv:
-        i = sys.argv.index("--only")
-        forwarded = sys.argv[1:i] + sys.argv[i + 2:]
+    rows = [run_info()]
+    print(json.dumps(rows[0]), flush=True)
+    forwarded = _without_options(sys.argv[1:], ("--only", "--out"))
     for trainer in ([args.only] if args.only else ["trl", "fused"]):
         cmd = [sys.executable, os.path.abspath(__file__), "--trainer", trainer] + forwarded
         result = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
         if result.returncode != 0 or not lines:
-            print(json.dumps({"trainer": trainer, "error": result.stderr[-2000:]}), flush=True)
+            rows.append({"trainer": trainer, "error": result.stderr[-2000:]})
         else:
-            print(lines[-1], flush=True)
+            rows.append(json.loads(lines[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+            f.write("\n")
+
+
+def _without_options(argv, names):
+    """``argv`` without the options ``names`` and their values (``--name value`` or ``--name=value``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        elif not any(a.startswith(name + "=") for name in names):
+            out.append(a)
+    return out
+
+
+def run_info() -> dict:
+    """Device, versions, date and command of a run, the first record of a results file."""
+    import torch
+
+    from fpo_ops.benchmarks.report import device_info, versions
+
+    return {"device": device_info(torch.device("cpu")), **versions(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(["python"] + sys.argv)}
 
 
 if __name__ == "__main__":

@@ -45,11 +45,18 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
             sliding_window=16, **overrides)),
         "cohere": lambda: transformers.CohereConfig(**_common(logit_scale=0.37, **overrides)),
         "granite": lambda: transformers.GraniteConfig(**_common(logits_scaling=3.0, **overrides)),
+        # Mixture-of-Experts: 4 experts, 2 per token, so routing is uneven and the load-balancing loss matters.
+        "mixtral": lambda: transformers.MixtralConfig(**_common(
+            num_local_experts=4, num_experts_per_tok=2, **overrides)),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**_common(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+            **overrides)),
     }
     classes = {
         "llama": transformers.LlamaForCausalLM, "llama_tied": transformers.LlamaForCausalLM,
         "gemma2": transformers.Gemma2ForCausalLM, "cohere": transformers.CohereForCausalLM,
-        "granite": transformers.GraniteForCausalLM,
+        "granite": transformers.GraniteForCausalLM, "mixtral": transformers.MixtralForCausalLM,
+        "qwen2_moe": transformers.Qwen2MoeForCausalLM,
     }
     torch.manual_seed(seed)
     model = classes[family](configs[family]())

@@ -225,3 +225,44 @@ def test_importing_fpo_ops_imports_neither_trl_nor_transformers():
     )
     env = {k: v for k, v in os.environ.items()}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_patched_forward_keeps_an_autocast_wrapper_put_on_it_before():
+    """accelerate's mixed precision wraps ``forward`` in autocast; TRL does so for the reference before
+    the head patch. The head request must run inside that wrapper, not call the backbone around it."""
+    model = tiny_model("llama")
+    input_ids, attention_mask = random_batch(seed=6)
+    calls = []
+    inner = model.forward
+
+    def wrapped(*args, **kwargs):
+        calls.append(kwargs.get("logits_to_keep"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return inner(*args, **kwargs)
+
+    model.forward = wrapped
+    hf.add_head_outputs(model)
+    with torch.no_grad():
+        parts = model(input_ids=input_ids, attention_mask=attention_mask, return_head_inputs=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = hf.hidden_and_head(model, input_ids=input_ids, attention_mask=attention_mask)
+        plain = hf.hidden_and_head(model, input_ids=input_ids, attention_mask=attention_mask)
+    assert len(calls) == 1 and calls[0].numel() == 0  # through the wrapper, with logits for no position
+    assert parts.autocast_dtype == torch.bfloat16 and plain.autocast_dtype is None
+    torch.testing.assert_close(parts.hidden, expected.hidden, rtol=0, atol=0)
+    assert (parts.hidden - plain.hidden).abs().max() > 1e-4  # the bf16 backbone differs from the fp32 one
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_patched_forward_returns_the_moe_load_balancing_loss(family):
+    model = tiny_model(family)
+    input_ids, attention_mask = random_batch(seed=7)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+        hf.add_head_outputs(model)
+        parts = model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True,
+                      return_head_inputs=True)
+        dense = model(input_ids=input_ids, attention_mask=attention_mask, return_head_inputs=True)
+    torch.testing.assert_close(parts.aux_loss, expected.aux_loss, rtol=0, atol=0)
+    assert dense.aux_loss is None
+    torch.testing.assert_close(logits_from_parts(parts), expected.logits, rtol=1e-5, atol=1e-5)

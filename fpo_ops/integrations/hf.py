@@ -65,6 +65,13 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
+def _autocast(device_type: str, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype``, or autocast off for None."""
+    if dtype is None:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype)
+
+
 def _text_config(config: Any) -> Any:
     get_text_config = getattr(config, "get_text_config", None)
     return get_text_config() if callable(get_text_config) else config
@@ -231,12 +238,8 @@ class _GatheredCall(torch.autograd.Function):
         params, others = ctx.params, ctx.saved_tensors
         gather = gathered_params(*params)
         gather.__enter__()
-        if ctx.autocast_dtype is None:
-            precision = torch.autocast(ctx.device_type, enabled=False)
-        else:
-            precision = torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype)
         try:
-            with torch.enable_grad(), precision:
+            with torch.enable_grad(), _autocast(ctx.device_type, ctx.autocast_dtype):
                 leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad)
                           for t in (*params, *others)]
                 outputs = ctx.fn(*leaves)
@@ -437,10 +440,7 @@ def head_precision(parts: HeadInputs, fp32: bool = False) -> contextlib.Abstract
     Returns:
         A ``torch.autocast`` context for the device of ``parts.hidden``.
     """
-    device_type = parts.hidden.device.type
-    if fp32 or parts.autocast_dtype is None:
-        return torch.autocast(device_type, enabled=False)
-    return torch.autocast(device_type, dtype=parts.autocast_dtype)
+    return _autocast(parts.hidden.device.type, None if fp32 else parts.autocast_dtype)
 
 
 def reference_context(model: nn.Module) -> contextlib.AbstractContextManager:

@@ -223,19 +223,19 @@ class FusedDPOTrainer(DPOTrainer):
         ):
             add_head_outputs(self.accelerator.unwrap_model(model))
             parts = model(**model_kwargs)
-        hidden = self._head_hidden(parts, inputs["input_ids"].shape[1])
+            hidden = self._head_hidden(parts, inputs["input_ids"].shape[1])
 
-        def logp(weight, *rest):
-            bias = rest[0] if parts.bias is not None else None
-            return (token_stats(
-                hidden, weight, labels, bias=bias, softcap=parts.softcap, logit_scale=parts.logit_scale,
-                impl=getattr(self.args, "fused_impl", "auto"),
-            ).logp,)
+            def logp(weight, *rest):
+                bias = rest[0] if parts.bias is not None else None
+                return (token_stats(
+                    hidden, weight, labels, bias=bias, softcap=parts.softcap, logit_scale=parts.logit_scale,
+                    impl=getattr(self.args, "fused_impl", "auto"),
+                ).logp,)
 
-        # The same precision rule as the policy's head in training, not the ambient autocast.
-        params = [parts.weight] + ([parts.bias] if parts.bias is not None else [])
-        with torch.no_grad(), head_precision(parts, self._fp32_head):
-            (per_token,) = apply_gathered(logp, params)
+            params = [parts.weight] + ([parts.bias] if parts.bias is not None else [])
+            # The precision rule of the policy's head in training, not just the ambient autocast.
+            with head_precision(parts, self._fp32_head):
+                (per_token,) = apply_gathered(logp, params)
         weights = ld_token_weights(labels != -100, self.ld_alpha, per_token.dtype)
         return (per_token * weights).sum(dim=1).chunk(2, dim=0)
 
@@ -262,6 +262,12 @@ class FusedDPOTrainer(DPOTrainer):
             output = self._fused_preference_loss(policy, hidden, labels, reference, ref_hidden, ref_logps)
         loss = output.loss
         if self.aux_loss_enabled:
+            if policy.aux_loss is None:
+                raise ValueError(
+                    f"router_aux_loss_coef: expected the MoE forward of {type(self.accelerator.unwrap_model(model)).__name__} "
+                    f"to return its load-balancing loss (it takes no logits_to_keep or ignores output_router_logits); "
+                    f"set router_aux_loss_coef=0.0, got {self.router_aux_loss_coef}"
+                )
             # TRL's MoE term: the policy forward's router load-balancing loss, weighted and logged as in TRL.
             loss = loss + self.router_aux_loss_coef * policy.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(policy.aux_loss.detach()).mean().item())
