@@ -56,3 +56,27 @@ def test_gradients_equal_the_reference_impl():
         grads.append([t.grad for t in fresh.leaves()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_return_entropy_matches_the_oracle_with_gradients(beta):
+    batch = make_batch(rows=4, seed=53, ref_H=13, bias=True)
+    fresh = batch.fresh_leaves()
+    loss, entropy = fpo_ops.distill_loss(
+        fresh.hidden, fresh.weight, fresh.labels, fresh.ref_hidden, fresh.ref_weight, bias=fresh.bias,
+        teacher_bias=fresh.ref_bias, beta=beta, temperature=0.8, impl="torch", return_entropy=True)
+    expected_loss = fpo_ops.distill_loss(
+        batch.hidden, batch.weight, batch.labels, batch.ref_hidden, batch.ref_weight, bias=batch.bias,
+        teacher_bias=batch.ref_bias, beta=beta, temperature=0.8, impl="reference")
+    expected_entropy = fpo_ops.token_stats(
+        batch.hidden, batch.weight, batch.labels, bias=batch.bias, temperature=0.8, outputs=("entropy",),
+        impl="reference").entropy
+    torch.testing.assert_close(loss, expected_loss, **TOL)
+    torch.testing.assert_close(entropy, expected_entropy, **TOL)
+    assert (entropy[batch.labels == IGNORE] == 0).all() and (entropy[batch.labels != IGNORE] > 0).all()
+    upstream = torch.randn(entropy.shape, dtype=entropy.dtype, generator=torch.Generator().manual_seed(5))
+    (1.3 * loss + (upstream * entropy).sum()).backward()
+    (1.3 * expected_loss + (upstream * expected_entropy).sum()).backward()
+    for mine, ref in zip(fresh.leaves(), batch.leaves()):
+        if ref.grad is not None:
+            torch.testing.assert_close(mine.grad, ref.grad, **TOL)

@@ -336,3 +336,11 @@ def _zero3_preference_loss(heads, hidden, labels, ref_hidden, kwargs) -> Prefere
         loss=loss, metrics=dict(zip(names, values[6:])), chosen_logps=chosen, rejected_logps=rejected,
         chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, per_sequence_loss=per_sequence,
     )
+
+
+# The drop-ins for TRL's other trainers live in their own modules; one import path for all of them.
+from .trl_sft import FusedSFTConfig, FusedSFTTrainer  # noqa: E402,F401
+from .trl_kto import FusedKTOConfig, FusedKTOTrainer  # noqa: E402,F401
+from .trl_distillation import FusedDistillationConfig, FusedDistillationTrainer  # noqa: E402,F401
+from .trl_grpo import FusedGRPOConfig, FusedGRPOTrainer  # noqa: E402,F401
+from .trl_rloo import FusedRLOOConfig, FusedRLOOTrainer  # noqa: E402,F401

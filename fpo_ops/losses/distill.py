@@ -1,6 +1,6 @@
 """`distill_loss`: generalized Jensen-Shannon distillation of TRL's ``GKDTrainer``, without logits."""
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -52,7 +52,8 @@ def distill_loss(
     check_finite: bool = False,
     process_group=None,
     grad_filter_eps: float = 0.0,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Generalized JSD between student p and teacher q per completion token, averaged over tokens.
 
     ``JSD_β = β KL(q ‖ m) + (1-β) KL(p ‖ m)`` with ``m = β q + (1-β) p``, both distributions at
@@ -75,9 +76,12 @@ def distill_loss(
         impl: `token_stats` implementation. check_inputs: check label ranges (host sync).
         check_finite, process_group, grad_filter_eps: as in `token_stats` (``process_group``: each
             process holds its slice of the rows of both heads).
+        return_entropy: also return the student's per-token entropy H(p) from the same pass (the
+            metric TRL's ``DistillationTrainer`` logs; differentiable like any statistic).
 
     Returns:
-        [] scalar: sum of the per-token divergences / max(number of completion tokens, 1).
+        [] scalar: sum of the per-token divergences / max(number of completion tokens, 1); with
+        ``return_entropy``, the pair (that scalar, [...] entropy, 0 at ignored positions).
     """
     config = DistillConfig(beta=beta)
     head = HeadConfig.pick(dict(
@@ -91,11 +95,14 @@ def distill_loss(
     stat = config.statistic
     stats = token_stats(
         hidden, weight, labels, teacher_hidden, teacher_weight, bias=bias, ref_bias=teacher_bias,
-        outputs=(stat,), jsd_beta=config.beta, **head.token_stats_kwargs(),
+        outputs=(stat, "entropy") if return_entropy else (stat,), jsd_beta=config.beta,
+        **head.token_stats_kwargs(),
     )
     total = getattr(stats, stat).sum()  # 0 at ignored positions
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
-    return total / completion_mask(labels, ignore_index).sum().clamp(min=1)
+        loss = total / num_items_in_batch
+    else:
+        loss = total / completion_mask(labels, ignore_index).sum().clamp(min=1)
+    return (loss, stats.entropy) if return_entropy else loss

@@ -1,0 +1,138 @@
+"""What the tests of the fused TRL drop-ins share: in-code datasets and one-step comparisons."""
+import copy
+
+import pytest
+import torch
+
+from hf_fixtures import WORDS, tiny_model, tiny_tokenizer
+
+
+def sentence(g: torch.Generator, low: int, high: int) -> str:
+    n = int(torch.randint(low, high, (1,), generator=g))
+    return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=g))
+
+
+def completion_dataset(num_rows: int = 6, seed: int = 0, **columns):
+    """A ``datasets.Dataset`` of prompt/completion strings of varying lengths (plus constant ``columns``)."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    rows = [dict(prompt=sentence(g, 2, 7), completion=" " + sentence(g, 1, 9), **columns) for _ in range(num_rows)]
+    return Dataset.from_list(rows)
+
+
+def text_dataset(num_rows: int = 6, seed: int = 0):
+    """A ``datasets.Dataset`` of plain ``text`` rows (language modelling)."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    return Dataset.from_list([{"text": sentence(g, 3, 14)} for _ in range(num_rows)])
+
+
+def trainer_pair(trl_cls, fused_cls, config_cls, fused_config_cls, tmp_path, dataset, family="llama",
+                 with_ref=False, ref_kwarg="ref_model", **config):
+    """(TRL trainer, fused trainer) on equal copies of one tiny model, with equal configs.
+
+    ``with_ref`` adds, as ``ref_kwarg``, a perturbed copy of the model (reference or teacher).
+    """
+    model = tiny_model(family)
+    made = []
+    for trainer_cls, cfg_cls, name in ((trl_cls, config_cls, "trl"), (fused_cls, fused_config_cls, "fused")):
+        kwargs = {}
+        if with_ref:
+            ref = copy.deepcopy(model)
+            with torch.no_grad():
+                g = torch.Generator().manual_seed(3)
+                for p in ref.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+            kwargs[ref_kwarg] = ref
+        made.append(trainer_cls(
+            model=copy.deepcopy(model), args=cfg_cls(output_dir=str(tmp_path / name), **config),
+            train_dataset=dataset, processing_class=tiny_tokenizer(), **kwargs,
+        ))
+    return made
+
+
+def one_batch(trainer, rows=4):
+    examples = [trainer.train_dataset[i] for i in range(rows)]
+    return trainer._prepare_inputs(trainer.data_collator(examples))
+
+
+def step(trainer, batch, **compute_loss_kwargs):
+    """Loss, the last logged value of every metric and every parameter gradient of one batch."""
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    trainer._metrics["train"].clear()
+    # accelerate puts the mixed-precision autocast around the prepared model's forward at train();
+    # the same autocast here.
+    with trainer.compute_loss_context_manager(), trainer.accelerator.autocast():
+        loss = trainer.compute_loss(trainer.model, dict(batch), **compute_loss_kwargs)
+    loss.backward()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), metrics, grads
+
+
+def assert_same_step(ours, theirs, tol=1e-5):
+    """Loss, every metric and every gradient equal to ``tol`` (relative, and absolute on the scale)."""
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = ours, theirs
+    torch.testing.assert_close(loss_a, loss_b, rtol=tol, atol=tol)
+    assert set(metrics_a) == set(metrics_b) and metrics_b
+    for name in metrics_b:
+        assert metrics_a[name] == pytest.approx(metrics_b[name], rel=tol, abs=tol), name
+    assert set(grads_a) == set(grads_b) and grads_b
+    for name in grads_b:
+        scale = max(grads_b[name].abs().max().item(), 1.0)
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=10 * tol, atol=tol * scale,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def assert_default_precision_within_budget(pair, tmp_path, fp32_config, make_batch, **overrides):
+    """Under TRL's default precision (bf16 autocast, gradient checkpointing) the fused step is within
+    the bf16 budget of the fp32 step (`assert_within_budget`).
+
+    Args:
+        pair: ``pair(tmp_path, base=config, **overrides) -> (TRL trainer, fused trainer)``.
+        fp32_config: the tests' fp32 config; its ``bf16`` and ``gradient_checkpointing`` are dropped.
+        make_batch: ``make_batch(trainer) -> batch``.
+    """
+    exact_trainer, _ = pair(tmp_path / "fp32", base=fp32_config, **overrides)
+    defaults = {k: v for k, v in fp32_config.items() if k not in ("bf16", "gradient_checkpointing")}
+    theirs, ours = pair(tmp_path / "bf16", base=defaults, **overrides)
+    assert theirs.args.bf16 and theirs.args.gradient_checkpointing and ours.args.bf16
+    batch = make_batch(theirs)
+    assert_within_budget(step(ours, batch), step(theirs, batch), step(exact_trainer, batch))
+
+
+def assert_within_budget(ours, theirs, exact, floor=1e-4):
+    """Error against the fp32 step ``exact``: ours at most 2x TRL's own, plus ``floor`` on the scale.
+
+    Under bf16 both heads round their GEMM operands to bf16 (TRL also rounds the logits), so each
+    scalar's error is one draw of that rounding noise; the loss and metrics are therefore compared
+    as one vector of errors (its norm), each gradient as the norm over its elements.
+    """
+    names = sorted(exact[1])
+    values = lambda step: torch.tensor([step[0].item()] + [float(step[1][n]) for n in names], dtype=torch.float64)
+    truth = values(exact)
+    err_a, err_b = (values(ours) - truth).norm().item(), (values(theirs) - truth).norm().item()
+    assert err_a <= 2 * err_b + floor * max(truth.norm().item(), 1.0), ("loss and metrics", err_a, err_b)
+    for name, e in exact[2].items():
+        err_a = (ours[2][name].float() - e).norm().item()
+        err_b = (theirs[2][name].float() - e).norm().item()
+        assert err_a <= 2 * err_b + floor * max(e.norm().item(), 1.0), (name, err_a, err_b)
+
+
+def spy_head_calls(monkeypatch, module=None):
+    """Record the GEMM operand dtype of every `token_stats` call made from ``module`` (the fused head's)."""
+    import fpo_ops.integrations.trl_head as trl_head
+
+    module = trl_head if module is None else module
+    seen = []
+    original = module.token_stats
+
+    def spy(hidden, weight, *args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype)
+        return original(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(module, "token_stats", spy)
+    return seen
