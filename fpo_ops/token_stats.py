@@ -5,8 +5,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from .chunked import chunked_token_stats
 from .custom_op import op_token_stats
+from .function import function_token_stats
 from .options import HeadOptions
 from .stats import TokenStats
 from .validation import (
@@ -33,14 +33,13 @@ def _resolve_impl_name(impl: str, device: torch.device) -> str:
 
 
 def _resolve_impl(impl: str, device: torch.device) -> StatsFn:
+    """The function computing flattened inputs on one process: the oracle, or the one autograd
+    Function over the backend ``impl`` names."""
     impl = _resolve_impl_name(impl, device)
-    if impl == "torch":
-        return chunked_token_stats
     if impl == "reference":
         from .reference import reference_token_stats  # the oracle is only loaded on request
         return reference_token_stats
-    from .triton_stats import triton_token_stats
-    return triton_token_stats
+    return functools.partial(function_token_stats, impl=impl)
 
 
 def token_stats(
@@ -166,9 +165,8 @@ def token_stats(
     elif process_group is None:
         fn = _resolve_impl(impl, hidden.device)
     else:
-        from .distributed.vocab_parallel import vocab_parallel_token_stats
-        fn = functools.partial(vocab_parallel_token_stats, group=process_group, check_labels=check_labels,
-                               impl=impl)
+        # The same Function as without a group: the vocabulary split is one more option of it.
+        fn = functools.partial(function_token_stats, impl=impl, group=process_group, check_labels=check_labels)
     # The GEMMs run in compute_dtype with every sum in fp32: autocast must not recast inside.
     with torch.autocast(device_type, enabled=False) if has_autocast else contextlib.nullcontext():
         stats = fn(

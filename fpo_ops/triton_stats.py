@@ -1,4 +1,4 @@
-"""Fused Triton implementation of `token_stats` (``impl="triton"``).
+"""Fused Triton backend of `token_stats` (``impl="triton"``; `TRITON_BACKEND`).
 
 Forward: one pass over the vocabulary computes both models' logit tiles with tl.dot and folds them
 into online partial sums (``fpo_ops.online``); when N is small the vocabulary is split across
@@ -7,9 +7,10 @@ the tiles chunk by chunk over the vocabulary (see ``kernels/token_stats_bwd.py``
 atomics, so its results are reproducible bit for bit. Ignored tokens are moved to the end of the
 launch order and cost no tile work.
 
-Slice-level entry points for vocabulary-parallel training (each process holding rows of the head):
-`triton_vocab_partials`, `triton_jsd_pass` and `triton_backward_tiles` take the same arguments as
-``fpo_ops.chunked.vocab_partials``, ``jsd_pass`` and ``backward_tiles`` and return the same values.
+The passes `triton_vocab_partials`, `triton_jsd_pass` and `triton_backward_tiles` follow the
+protocol of `fpo_ops.backend` (each over the rows of the head a process holds, the whole head
+without a process group) and return what ``fpo_ops.chunked``'s passes return; `fpo_ops.function`
+drives them.
 On CPU tensors the kernels run through the Triton interpreter (TRITON_INTERPRET=1).
 """
 import contextlib
@@ -18,14 +19,11 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import triton
 
-from .function_io import (
-    first_order_backward, kept_names, mark_outputs, masked_outputs, reference_if_needed, save_inputs,
-    saved_inputs, tile_gradients,
-)
+from .backend import Backend
 from .kernels.token_stats_bwd import GRAD_KEYS, SAVED_KEYS, token_stats_bwd_chunk
 from .kernels.token_stats_fwd import PARTIAL_KEYS, token_stats_fwd, token_stats_jsd_fwd
 from .kernels.utils import TileConfig, tile_config
-from .online import MAXIMA, Partials, finalize, needed_partials, shift_partials
+from .online import MAXIMA, Partials, shift_partials
 from .options import HeadOptions
 
 # Gradients that need the reference tile.
@@ -196,75 +194,4 @@ def triton_backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, 
     return grad_h, grad_w, grad_b
 
 
-def triton_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
-                   opts: HeadOptions) -> Tuple[Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]:
-    """(the requested statistics [N] each, {name: [N]} per-token values backward reads).
-
-    ``labels`` [N] int64, ``opts.ignore_index`` at ignored tokens; other shapes as in
-    `triton_token_stats`.
-    """
-    vocab = weight.shape[0]
-    ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
-    has_ref = ref_hidden is not None
-    valid = labels != opts.ignore_index
-    keys = needed_partials(opts)
-    partials = triton_vocab_partials(hidden, ref_hidden, labels, weight, bias, ref_weight,
-                                     ref_bias, keys, opts, valid=valid)
-    stats = finalize(partials, vocab)
-    if opts.wants("jsd"):
-        stats.update(triton_jsd_pass(hidden, ref_hidden, weight, bias, ref_weight, ref_bias,
-                                     stats, opts, valid=valid))
-    zero = torch.zeros((), dtype=opts.accum_dtype, device=hidden.device)
-    # placeholders at ignored tokens never reach backward
-    kept = {name: torch.where(valid, stats[name], zero) for name in kept_names(opts, has_ref)}
-    return masked_outputs(stats, valid, opts), kept
-
-
-def triton_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
-                    kept: Dict[str, torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
-                    opts: HeadOptions, need_h: bool, need_w: bool, need_b: bool):
-    """(dhidden, dweight, dbias) for the inputs and kept values of `triton_forward`
-    (`fpo_ops.function_io.tile_gradients`)."""
-    return tile_gradients(triton_backward_tiles, hidden, weight, bias, labels, ref_hidden, ref_weight,
-                          ref_bias, kept, grads, opts, need_h, need_w, need_b)
-
-
-class TritonTokenStats(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: HeadOptions):
-        results, kept = triton_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts)
-        ctx.opts = opts
-        ctx.kept_names = tuple(kept)
-        refs = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
-        save_inputs(ctx, hidden, weight, bias, labels, *refs, *kept.values())
-        mark_outputs(ctx, results, opts)
-        return results
-
-    @staticmethod
-    @first_order_backward
-    def backward(ctx, *grads):
-        hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, *kept = saved_inputs(ctx)
-        grad_h, grad_w, grad_b = triton_backward(
-            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, dict(zip(ctx.kept_names, kept)),
-            grads, ctx.opts, *ctx.needs_input_grad[:3],
-        )
-        return grad_h, grad_w, grad_b, None, None, None, None, None
-
-
-def triton_token_stats(hidden, weight, bias, labels, ref_hidden: Optional[torch.Tensor], ref_weight,
-                       ref_bias, opts: HeadOptions) -> Dict[str, torch.Tensor]:
-    """Flattened inputs to per-token statistics through the fused Triton kernels.
-
-    Args:
-        hidden: [N, H] policy hidden states in the GEMM dtype; weight: [V, H]; bias: [V] or None.
-        labels: [N] int ids, ``opts.ignore_index`` at skipped positions (validated by the caller).
-        ref_hidden: [N, HR] or None; ref_weight: [V, HR] (None only without ref_hidden);
-            ref_bias: [V] or None.
-        opts: HeadOptions.
-
-    Returns:
-        {name: [N]} for each name in ``opts.outputs``, in the accumulation dtype, 0 at ignored
-        positions; differentiable with respect to hidden, weight and bias.
-    """
-    results = TritonTokenStats.apply(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts)
-    return dict(zip(opts.outputs, results))
+TRITON_BACKEND = Backend(partials=triton_vocab_partials, jsd=triton_jsd_pass, backward=triton_backward_tiles)
