@@ -16,6 +16,7 @@ from .online import (
     transform_logits,
 )
 from .options import HeadOptions
+from .stats import REFERENCE_GRADS
 
 # Tile sizes: a [TOKEN_BLOCK, VOCAB_BLOCK] fp32 tile is 8 MiB, large enough for efficient GEMMs.
 TOKEN_BLOCK = 512
@@ -115,7 +116,7 @@ def backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bia
     """
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc = opts.accum_dtype
-    needs_ref_tile = ref_hidden is not None and any(k in coef for k in ("kl", "reverse_kl", "jsd"))
+    needs_ref_tile = ref_hidden is not None and any(k in REFERENCE_GRADS for k in coef)
     grad_h = hidden.new_zeros(hidden.shape, dtype=acc) if need_h else None
     grad_w = torch.empty_like(weight) if need_w else None
     grad_b = torch.empty_like(bias) if need_b else None

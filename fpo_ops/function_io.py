@@ -8,10 +8,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from .options import HeadOptions
-from .stats import DIFFERENTIABLE_STATS, REFERENCE_STATS
-
-# Per-token values, besides lse/lse_ref, that the gradient of each statistic reads (DESIGN section 2).
-SAVED_FOR_GRAD = {"entropy": "entropy", "reverse_kl": "reverse_kl", "jsd": "kl_p_m"}
+from .stats import DIFFERENTIABLE_STATS, REFERENCE_STATS, SAVED_FOR_GRAD
 
 
 def reference_if_needed(opts: HeadOptions, ref_hidden, ref_weight, ref_bias) -> Tuple:

@@ -20,15 +20,12 @@ import torch
 import triton
 
 from .backend import Backend
-from .kernels.token_stats_bwd import GRAD_KEYS, SAVED_KEYS, token_stats_bwd_chunk
-from .kernels.token_stats_fwd import PARTIAL_KEYS, token_stats_fwd, token_stats_jsd_fwd
+from .kernels.token_stats_bwd import token_stats_bwd_chunk
+from .kernels.token_stats_fwd import token_stats_fwd, token_stats_jsd_fwd
 from .kernels.utils import TileConfig, tile_config
 from .online import MAXIMA, Partials, shift_partials
 from .options import HeadOptions
-
-# Gradients that need the reference tile.
-_REFERENCE_GRADS = ("kl", "reverse_kl", "jsd")
-
+from .stats import GRAD_KEYS, PARTIAL_KEYS, REFERENCE_GRADS, SAVED_KEYS, present_partials
 
 def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -49,10 +46,7 @@ def _token_order(valid: Optional[torch.Tensor], n_tokens: int, device) -> Tuple[
 
 def _merge_splits(part: torch.Tensor, keys: Sequence[str], has_ref: bool) -> Partials:
     """Exact merge of the per-split partials [S, len(PARTIAL_KEYS), N] into one {key: [N]}."""
-    present = ["m", "s", "z_label"] + [k for k in ("ent", "s2", "sum_z") if k in keys]
-    if has_ref:
-        present += ["m_ref", "s_ref", "z_ref_label"] + [k for k in ("rkl", "kl") if k in keys]
-    splits = {k: part[:, PARTIAL_KEYS.index(k)] for k in present}
+    splits = {k: part[:, PARTIAL_KEYS.index(k)] for k in present_partials(keys, has_ref)}
     if part.shape[0] == 1:
         return {k: v[0] for k, v in splits.items()}
     m = splits["m"].max(dim=0).values
@@ -151,7 +145,7 @@ def triton_backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, 
     device = hidden.device
     if not (need_h or need_w or need_b):
         return None, None, None
-    use_ref = ref_hidden is not None and any(k in coef for k in _REFERENCE_GRADS)
+    use_ref = ref_hidden is not None and any(k in REFERENCE_GRADS for k in coef)
     hidden, weight, bias, labels = map(_contiguous, (hidden, weight, bias, labels))
     if use_ref:
         ref_hidden, ref_weight, ref_bias = map(_contiguous, (ref_hidden, ref_weight, ref_bias))
