@@ -1,14 +1,14 @@
-"""The table of statistics (`fpo_ops.stats.STATS`) against the math it describes: what each entry
+"""The table of statistics (`fpo_ops.token_stats.stats.STATS`) against the math it describes: what each entry
 says about the reference, the gradient, the partial sums and the saved values is what the oracle
 and the online math actually do."""
 import pytest
 import torch
 
 import fpo_ops
-from fpo_ops import online
-from fpo_ops.reference import reference_token_stats
-from fpo_ops.options import HeadOptions
-from fpo_ops.stats import PARTIALS, STATS, TokenStats, partials_for
+from fpo_ops.token_stats import online
+from fpo_ops.token_stats.reference import reference_token_stats
+from fpo_ops.token_stats.options import HeadOptions
+from fpo_ops.token_stats.stats import PARTIALS, STATS, TokenStats, partials_for
 from stats_cases import make_case, max_rel_err
 
 # Tile sums of one [n, V] tile with every optional partial.

@@ -1,9 +1,9 @@
 """The collectives of vocabulary-parallel `token_stats` (the head's rows split over a group);
-the one autograd Function (`fpo_ops.function`) issues them when a process group is given.
+the one autograd Function (`fpo_ops.token_stats.function`) issues them when a process group is given.
 
 Every process holds the same hidden states and labels (global token ids) and a contiguous slice of
 the vocabulary rows of the policy head (and of the reference head and the biases), slices in rank
-order. Each folds its slice into the online partials of `fpo_ops.online`; the group then combines
+order. Each folds its slice into the online partials of `fpo_ops.token_stats.online`; the group then combines
 them exactly with a few all-reduces over per-token scalars, never over logits:
 
     forward   all-reduce(sum)  [world]   int64   rows per rank: where each slice starts
@@ -22,7 +22,7 @@ from typing import Dict, Tuple
 import torch
 import torch.distributed as dist
 
-from ..online import MAXIMA, Partials, shift_partials
+from ..token_stats.online import MAXIMA, Partials, shift_partials
 
 
 def vocab_range(vocab_size: int, group=None) -> Tuple[int, int]:

@@ -1,14 +1,14 @@
-"""The one autograd Function of `token_stats`: any backend (`fpo_ops.backend`), one process or a
+"""The one autograd Function of `token_stats`: any backend (`fpo_ops.token_stats.backend`), one process or a
 vocabulary split over a process group.
 
 Forward: the backend folds this process's rows of the head into online partials; with a group,
 the partials are combined exactly by a few all-reduces of per-token scalars
 (`fpo_ops.distributed.vocab_parallel`), without one nothing is communicated. The statistics follow
-(`fpo_ops.online.finalize`), then the JSD's second pass when asked for. Backward: the backend's
+(`fpo_ops.token_stats.online.finalize`), then the JSD's second pass when asked for. Backward: the backend's
 tiles give this slice's dhidden share (all-reduced with a group), dweight and dbias.
 
 `forward_pass` and `backward_pass` are also what the ``torch.library`` custom ops run
-(`fpo_ops.custom_op`), so eager and compiled calls compute the same numbers.
+(`fpo_ops.token_stats.custom_op`), so eager and compiled calls compute the same numbers.
 """
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -34,7 +34,7 @@ class RunOptions:
     # torch.distributed group holding the vocabulary; None: this process holds all of it
     group: Any = None
     # with a group: check the labels against the whole vocabulary (one host sync). Without one
-    # the caller checks them before the call (`fpo_ops.validation`).
+    # the caller checks them before the call (`fpo_ops.token_stats.validation`).
     check_labels: bool = False
 
 
@@ -58,9 +58,9 @@ def forward_pass(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
 
     Returns:
         (the requested statistics [N] each, 0 at ignored tokens; {name: [N]} per-token values
-        backward reads (`fpo_ops.function_io.kept_names`); local labels [N]; valid [N] bool).
+        backward reads (`fpo_ops.token_stats.function_io.kept_names`); local labels [N]; valid [N] bool).
     """
-    from .distributed import vocab_parallel as vp  # collectives: only issued with a group
+    from ..distributed import vocab_parallel as vp  # collectives: only issued with a group
 
     group = run.group
     ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)

@@ -5,7 +5,7 @@ without specialising on N, and data checks such as ``check_labels`` would break 
 custom ops both passes are opaque nodes with a shape-only fake implementation: a compiled
 function calling `token_stats` has no graph break and, under ``dynamic=True``, no recompile for a
 new N. The real implementations run the same forward and backward passes as the eager autograd
-Function (``fpo_ops.function``), over the same backends, so results are identical;
+Function (``fpo_ops.token_stats.function``), over the same backends, so results are identical;
 ``check_labels`` and ``check_finite`` run inside the forward op, on real data. On meta tensors
 the fake implementations answer: shapes and dtypes of the statistics and gradients, no data.
 
@@ -126,7 +126,7 @@ token_stats_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def op_token_stats(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: HeadOptions, *,
                    impl: str, check_labels: bool, check_finite: bool):
-    """Flattened inputs (as for `fpo_ops.function.function_token_stats`) to {name: [N]} through the ops.
+    """Flattened inputs (as for `fpo_ops.token_stats.function.function_token_stats`) to {name: [N]} through the ops.
 
     ``impl`` is "torch" or "triton"; the label and finiteness checks run inside the forward op.
     """

@@ -1,5 +1,5 @@
-"""What the `token_stats` autograd Function (`fpo_ops.function`) and its custom-op twin
-(`fpo_ops.custom_op`) share around the backend's passes: which inputs and per-token values they
+"""What the `token_stats` autograd Function (`fpo_ops.token_stats.function`) and its custom-op twin
+(`fpo_ops.token_stats.custom_op`) share around the backend's passes: which inputs and per-token values they
 keep, how outputs are masked and marked, and how the upstream gradients become per-token
 coefficients of the logit gradient."""
 import functools

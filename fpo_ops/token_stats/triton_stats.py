@@ -1,15 +1,15 @@
 """Fused Triton backend of `token_stats` (``impl="triton"``; `TRITON_BACKEND`).
 
 Forward: one pass over the vocabulary computes both models' logit tiles with tl.dot and folds them
-into online partial sums (``fpo_ops.online``); when N is small the vocabulary is split across
+into online partial sums (``fpo_ops.token_stats.online``); when N is small the vocabulary is split across
 programs and the splits are merged exactly here. ``jsd`` takes a second pass. Backward recomputes
 the tiles chunk by chunk over the vocabulary (see ``kernels/token_stats_bwd.py``); it uses no
 atomics, so its results are reproducible bit for bit. Ignored tokens are moved to the end of the
 launch order and cost no tile work.
 
 The passes `triton_vocab_partials`, `triton_jsd_pass` and `triton_backward_tiles` follow the
-protocol of `fpo_ops.backend` (each over the rows of the head a process holds, the whole head
-without a process group) and return what ``fpo_ops.chunked``'s passes return; `fpo_ops.function`
+protocol of `fpo_ops.token_stats.backend` (each over the rows of the head a process holds, the whole head
+without a process group) and return what ``fpo_ops.token_stats.chunked``'s passes return; `fpo_ops.token_stats.function`
 drives them.
 On CPU tensors the kernels run through the Triton interpreter (TRITON_INTERPRET=1).
 """
@@ -59,21 +59,21 @@ def _merge_splits(part: torch.Tensor, keys: Sequence[str], has_ref: bool) -> Par
 def triton_vocab_partials(h, rh, labels, weight, bias, ref_weight, ref_bias, keys: Sequence[str],
                           opts: HeadOptions, valid: Optional[torch.Tensor] = None,
                           config: Optional[TileConfig] = None) -> Partials:
-    """Partials (`fpo_ops.online`) of tokens ``h`` over every row of ``weight``, fused in Triton.
+    """Partials (`fpo_ops.token_stats.online`) of tokens ``h`` over every row of ``weight``, fused in Triton.
 
     ``weight`` may be one process's slice of the vocabulary; merge the slices' partials with
-    ``fpo_ops.online.merge_partials`` (or ``shift_partials`` + all-reduce) and ``finalize`` them.
+    ``fpo_ops.token_stats.online.merge_partials`` (or ``shift_partials`` + all-reduce) and ``finalize`` them.
 
     Args:
         h: [N, H] policy hidden states; rh: [N, HR] reference hidden states or None.
         labels: [N] int label ids relative to the rows of ``weight`` (outside [0, V) where another
             slice holds the label).
         weight: [V, H]; bias: [V] or None; ref_weight: [V, HR] or None; ref_bias: [V] or None.
-        keys: optional partial names, as from ``fpo_ops.online.needed_partials(opts)``.
+        keys: optional partial names, as from ``fpo_ops.token_stats.online.needed_partials(opts)``.
         opts: HeadOptions (softcap, scales, temperature; ``compute_dtype`` is h's dtype).
         valid: [N] bool, tokens to compute (default all); the partials of the others are finite
             placeholders to be masked by the caller.
-        config: launch shape (default: `fpo_ops.kernels.utils.tile_config` of the device).
+        config: launch shape (default: `fpo_ops.token_stats.kernels.utils.tile_config` of the device).
 
     Returns:
         {key: [N]} in the accumulation dtype with keys m, s, z_label, the requested ``keys``

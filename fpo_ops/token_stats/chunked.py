@@ -3,7 +3,7 @@
 Tiles tokens and vocabulary so that only one [BN, BV] block of logits per model exists at a time.
 Forward keeps a few floats per token (log-normalisers and the statistic values the gradient
 formula needs); backward recomputes the tiles. Runs on any device PyTorch runs on. The passes
-follow the protocol of `fpo_ops.backend`; `fpo_ops.function` drives them.
+follow the protocol of `fpo_ops.token_stats.backend`; `fpo_ops.token_stats.function` drives them.
 """
 import warnings
 from typing import Dict, Optional, Sequence, Tuple
@@ -68,7 +68,7 @@ def _logit_tile(hidden, weight, bias, v0, v1, softcap, logit_scale, opts: HeadOp
 
 
 def vocab_partials(h, rh, labels, weight, bias, ref_weight, ref_bias, keys, opts: HeadOptions):
-    """Partials (`fpo_ops.online`) of tokens ``h`` [n, H] over every row of ``weight`` [V, H].
+    """Partials (`fpo_ops.token_stats.online`) of tokens ``h`` [n, H] over every row of ``weight`` [V, H].
 
     ``weight`` may be one process's slice of the vocabulary: ``labels`` [n] are then ids relative
     to the slice (outside [0, V) where another slice holds the label, or the token is ignored).

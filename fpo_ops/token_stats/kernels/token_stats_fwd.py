@@ -3,7 +3,7 @@
 A program owns BN tokens (taken through ``order``, which lists the non-ignored tokens first, so
 blocks of ignored tokens do no work) and one split of the vocabulary. It streams over the split in
 BV-column tiles, computing the policy and reference logit tiles with tl.dot over the hidden size,
-and folds each tile into max-shifted running sums (the math of ``fpo_ops.online``). Each split
+and folds each tile into max-shifted running sums (the math of ``fpo_ops.token_stats.online``). Each split
 writes its own partials; the host merges splits exactly.
 """
 import math
@@ -16,7 +16,7 @@ import triton.language as tl
 from ..stats import PARTIAL_KEYS
 from .utils import dot_precision, head_logits, log_mixture, triton_dtype, upcast_dot_operands
 
-# Rows of the partials buffer [splits, PARTIAL_KEYS, N], from the table `fpo_ops.stats.PARTIALS`.
+# Rows of the partials buffer [splits, PARTIAL_KEYS, N], from the table `fpo_ops.token_stats.stats.PARTIALS`.
 M_ROW = tl.constexpr(PARTIAL_KEYS.index("m"))
 S_ROW = tl.constexpr(PARTIAL_KEYS.index("s"))
 Z_LABEL_ROW = tl.constexpr(PARTIAL_KEYS.index("z_label"))
@@ -199,7 +199,7 @@ def token_stats_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labe
             (hidden size HR) or None.
         labels: [N] int ids; ``labels - label_offset`` is the label's row in ``weight``.
         order: [N] int64 token rows, non-ignored first; n_valid: 0-d int32 count of them.
-        opts: HeadOptions; keys: optional partial names (fpo_ops.online.needed_partials).
+        opts: HeadOptions; keys: optional partial names (fpo_ops.token_stats.online.needed_partials).
         cfg: TileConfig.
 
     Returns:

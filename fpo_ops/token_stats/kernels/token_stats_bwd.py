@@ -236,7 +236,7 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
         labels: [N]; ``labels - label_offset`` is the label's row in ``weight``.
         order: [N] int64 token rows, tokens with a gradient first; n_valid: 0-d int32 count.
         coef: [len(GRAD_KEYS), N] upstream gradients in GRAD_KEYS order (0 at ignored tokens);
-            saved: [len(SAVED_KEYS), N] forward values in SAVED_KEYS order (`fpo_ops.stats`);
+            saved: [len(SAVED_KEYS), N] forward values in SAVED_KEYS order (`fpo_ops.token_stats.stats`);
             grad_flags: the GRAD_KEYS present.
         grad_h: [N, H] fp32 (fp64) dhidden, written (first chunk) or added to; grad_w: [C, H] or
             None; grad_b: [C] or None.

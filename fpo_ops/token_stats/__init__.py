@@ -1,4 +1,11 @@
-"""`token_stats`: the public op. Validates, resolves autocast, flattens and dispatches on `impl`."""
+"""`token_stats`: the public op. Validates, resolves autocast, flattens and dispatches on `impl`.
+
+The package holds the whole op (docs/DESIGN.md section 3): this entry; `stats` (the table of
+statistics); `options` and `validation`; `online` (the max-shifted partial sums); `function` and
+`function_io` (the one autograd Function), `backend` (the protocol its backends follow),
+`custom_op` (the same passes as torch.library ops); the backends `chunked` (streaming PyTorch)
+and `triton_stats` with the device code in `kernels/`; and `reference`, the float64 oracle.
+"""
 import contextlib
 import functools
 from typing import Callable, Dict, Optional, Sequence
@@ -8,10 +15,12 @@ import torch
 from .custom_op import op_token_stats
 from .function import function_token_stats
 from .options import HeadOptions
-from .stats import TokenStats
+from .stats import STAT_NAMES, TokenStats
 from .validation import (
     int64_labels, normalize_outputs, validate_grad_filter_eps, validate_process_group, validate_token_stats_args,
 )
+
+__all__ = ["STAT_NAMES", "TokenStats", "token_stats"]
 
 StatsFn = Callable[..., Dict[str, torch.Tensor]]
 
@@ -118,7 +127,7 @@ def token_stats(
     outputs = normalize_outputs(outputs)
     labels = int64_labels(labels)
     # Under torch.compile, and on meta tensors, the streaming and fused implementations run as
-    # custom ops (`fpo_ops.custom_op`) whose forward checks the data itself.
+    # custom ops (`fpo_ops.token_stats.custom_op`) whose forward checks the data itself.
     compiling = torch.compiler.is_compiling()
     validate_token_stats_args(
         hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias, outputs=outputs,

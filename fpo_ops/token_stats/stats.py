@@ -3,10 +3,10 @@
 Each `Stat` says what the code around the math needs to know: whether it reads the reference
 model, whether it carries a gradient to the policy, which online partial sums it is finalised
 from (`PARTIALS`), and which per-token value its gradient formula reads in backward. The names,
-`TokenStats`, the partial-sum keys a call needs (`fpo_ops.online.needed_partials`), the rows of
+`TokenStats`, the partial-sum keys a call needs (`fpo_ops.token_stats.online.needed_partials`), the rows of
 the Triton kernels' buffers (`PARTIAL_KEYS`, `GRAD_KEYS`, `SAVED_KEYS`) and what backward saves
 (`SAVED_FOR_GRAD`) all come from here. A new statistic is one `Stat` (plus, when it needs a new
-sum, one `Partial`) and its math: the tile sums and `finalize` in `fpo_ops/online.py`, the
+sum, one `Partial`) and its math: the tile sums and `finalize` in `fpo_ops/token_stats/online.py`, the
 accumulator in the forward kernel, the oracle, and, when differentiable, its term of the logit
 gradient. This module imports nothing of the package, so the kernels can read it too.
 """
@@ -16,7 +16,7 @@ import torch
 
 
 class Partial(NamedTuple):
-    """One online sum over the vocabulary (see `fpo_ops.online`)."""
+    """One online sum over the vocabulary (see `fpo_ops.token_stats.online`)."""
 
     key: str
     reads_reference: bool

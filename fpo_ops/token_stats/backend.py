@@ -1,11 +1,11 @@
 """The backend protocol: the three passes over (a slice of) the vocabulary that every
 implementation of `token_stats` provides, and which one `impl` names.
 
-The single autograd Function (`fpo_ops.function`) drives any backend through these passes, with
+The single autograd Function (`fpo_ops.token_stats.function`) drives any backend through these passes, with
 or without a process group; one process is the one-slice case:
 
 - ``partials(hidden, ref_hidden, local_labels, weight, bias, ref_weight, ref_bias, keys, opts,
-  valid=None)``: `fpo_ops.online` partials [N] of every token over the rows of ``weight``;
+  valid=None)``: `fpo_ops.token_stats.online` partials [N] of every token over the rows of ``weight``;
 - ``jsd(hidden, ref_hidden, weight, bias, ref_weight, ref_bias, stats, opts, valid=None)``: the
   JSD's second pass given the global ``lse``/``lse_ref`` in ``stats``: {"jsd", "kl_p_m"} [N],
   sums over the rows, so the slices' results add;
@@ -35,6 +35,12 @@ def backend_for(impl: str) -> Backend:
         from .chunked import TORCH_BACKEND
         return TORCH_BACKEND
     if impl == "triton":
+        try:
+            import triton  # noqa: F401  (an optional dependency)
+        except ImportError as exc:
+            raise ImportError("impl='triton' needs the triton package, which is not installed: "
+                              "pip install 'fpo-ops[triton]' (CUDA builds of torch bring it), or use "
+                              "impl='torch'") from exc
         from .triton_stats import TRITON_BACKEND
         return TRITON_BACKEND
     raise ValueError(f"impl: expected 'torch' or 'triton' for a streaming backend, got {impl!r}")

@@ -25,7 +25,7 @@ Partials = Dict[str, torch.Tensor]
 
 def needed_partials(opts: HeadOptions) -> Tuple[str, ...]:
     """Names of the sums a call needs beyond the two log-normalisers and the label logits
-    (from the table `fpo_ops.stats.STATS`)."""
+    (from the table `fpo_ops.token_stats.stats.STATS`)."""
     return partials_for(opts.outputs)
 
 
