@@ -6,7 +6,7 @@ formula needs); backward recomputes the tiles. Runs on any device PyTorch runs o
 follow the protocol of `fpo_ops.token_stats.backend`; `fpo_ops.token_stats.function` drives them.
 """
 import warnings
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
