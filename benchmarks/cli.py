@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from fpo_ops import chunked
+from fpo_ops.token_stats import chunked
 
 from .check import ProviderMismatch, check_provider
 from .heads import get_head

@@ -3,14 +3,14 @@
 A lent GPU machine gives minutes, not hours, so the default plan is sized to finish in 4 minutes of
 one H200 including every compile, and ``estimate`` says so before anything runs:
 
-    python -m fpo_ops.benchmarks.gpu_plan estimate [--plan default]   # the cases and their seconds
-    python -m fpo_ops.benchmarks.gpu_plan tests    [--plan default]   # pytest arguments of the GPU tests
-    python -m fpo_ops.benchmarks.gpu_plan bench --out DIR [--plan default] [fpo-bench arguments]
-    python -m fpo_ops.benchmarks.gpu_plan sweep --out DIR [--plan default]
+    python -m benchmarks.gpu_plan estimate [--plan default]   # the cases and their seconds
+    python -m benchmarks.gpu_plan tests    [--plan default]   # pytest arguments of the GPU tests
+    python -m benchmarks.gpu_plan bench --out DIR [--plan default] [fpo-bench arguments]
+    python -m benchmarks.gpu_plan sweep --out DIR [--plan default]
 
 ``bench`` is fpo-bench with the plan's arguments, appending ``DIR/cases.jsonl`` as each case ends;
 ``sweep`` times candidate launch shapes of ``impl="triton"`` (``DIR/sweep.jsonl``) and prints the
-fastest one in the form ``fpo_ops.kernels.utils.tile_config`` returns.
+fastest one in the form ``fpo_ops.token_stats.kernels.utils.tile_config`` returns.
 
 The estimate is the performance model of DESIGN section 5: a case's step costs its provider's head
 GEMMs (``2 N H V`` FLOPs each) at a fraction of the measured bf16 GEMM rate, plus, for providers
@@ -264,7 +264,7 @@ def run_bench(plan: Plan, out: Path, extra: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fpo_ops.benchmarks.gpu_plan", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("estimate", "tests", "bench", "sweep"))
     parser.add_argument("--plan", default="default", help=f"one of {', '.join(PLANS)}")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -173,10 +174,13 @@ def run_case_isolated(spec: CaseSpec, timeout_s: float = 1800.0) -> dict:
         does), "timeout" or "error" and a reason.
     """
     record = asdict(spec)
-    command = [sys.executable, "-m", "fpo_ops.benchmarks.run_case", json.dumps(record)]
+    command = [sys.executable, "-m", "benchmarks.run_case", json.dumps(record)]
+    # the suite is not installed: the child imports it from this checkout, whatever its cwd
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join([root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
     except subprocess.TimeoutExpired:
         return {**record, "status": "timeout", "reason": f"exceeded {timeout_s:.0f} s"}
     for line in reversed(done.stdout.splitlines()):

@@ -4,7 +4,7 @@
 finished case on disk; this module turns whatever lines exist into the same results file that a
 complete run writes, and the plot when matplotlib is installed:
 
-    python -m fpo_ops.benchmarks.summary --cases OUT/cases.jsonl [--sweep OUT/sweep.jsonl]
+    python -m benchmarks.summary --cases OUT/cases.jsonl [--sweep OUT/sweep.jsonl]
         [--stages OUT/stages.jsonl] --out OUT --name NAME
 """
 import argparse
@@ -92,7 +92,7 @@ def write_summary(cases: Path, out_dir: Path, name: str, sweep: Optional[Path] =
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fpo_ops.benchmarks.summary", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.summary", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=Path, required=True)
     parser.add_argument("--sweep", type=Path)

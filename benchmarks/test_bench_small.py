@@ -6,10 +6,10 @@ result fails instead of producing a number.
 import pytest
 import torch
 
-from fpo_ops.benchmarks.check import check_provider
-from fpo_ops.benchmarks.heads import get_head
-from fpo_ops.benchmarks.providers import get_provider, provider_names
-from fpo_ops.benchmarks.workloads import WORKLOADS, make_inputs
+from benchmarks.check import check_provider
+from benchmarks.heads import get_head
+from benchmarks.providers import get_provider, provider_names
+from benchmarks.workloads import WORKLOADS, make_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HEAD = get_head("tiny")

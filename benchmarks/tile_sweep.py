@@ -3,14 +3,14 @@
 Each candidate is ``tile_config``'s own choice with some fields replaced (BN, BV, warps, stages).
 Before it is timed its loss and gradients are compared with those of ``tile_config``'s choice on the
 same inputs, so a shape that computes something else is recorded, never ranked. The fastest correct
-shape is printed in the form ``fpo_ops.kernels.utils.tile_config`` returns, ready to be written there.
+shape is printed in the form ``fpo_ops.token_stats.kernels.utils.tile_config`` returns, ready to be written there.
 """
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
-from fpo_ops.kernels.utils import TileConfig, override_tile_config, tile_config
+from fpo_ops.token_stats.kernels.utils import TileConfig, override_tile_config, tile_config
 
 from .check import CHECK_RTOL, loss_and_grads, relative_error
 from .heads import get_head

@@ -23,6 +23,9 @@ import sys
 import tempfile
 import time
 
+# Run as a script from the checkout: the suite imports itself as `benchmarks` from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def current_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -158,7 +161,7 @@ def run_info() -> dict:
     """Device, versions, date and command of a run, the first record of a results file."""
     import torch
 
-    from fpo_ops.benchmarks.report import device_info, versions
+    from benchmarks.report import device_info, versions
 
     return {"device": device_info(torch.device("cpu")), **versions(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(["python"] + sys.argv)}

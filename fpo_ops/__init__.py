@@ -1,6 +1,5 @@
 """fpo-ops: fused LM-head statistics and preference losses without materialising logits."""
-from .stats import STAT_NAMES, TokenStats
-from .token_stats import token_stats
+from .token_stats import STAT_NAMES, TokenStats, token_stats
 from .losses import (
     DistillLoss, KTOLoss, PreferenceLoss, PreferenceOutput, distill_loss, kto_loss, preference_loss,
 )

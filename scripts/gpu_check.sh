@@ -33,7 +33,7 @@ fi
 export PYTHONUNBUFFERED=1
 
 if [ "${1:-}" = "--plan" ]; then
-  exec "$PYTHON" -m fpo_ops.benchmarks.gpu_plan estimate --plan "$plan"
+  exec "$PYTHON" -m benchmarks.gpu_plan estimate --plan "$plan"
 fi
 if [ "$#" -lt 1 ] || [ "${1#-}" != "$1" ]; then
   echo "usage: bash scripts/gpu_check.sh --plan | OUT_DIR [fpo-bench arguments...]" >&2
@@ -78,7 +78,7 @@ fi
 
 if "$PYTHON" - >/dev/null 2>&1 <<'PY'
 import os
-import fpo_ops.benchmarks, fpo_ops.kernels
+import benchmarks, fpo_ops.token_stats.kernels
 assert os.path.realpath(fpo_ops.__file__).startswith(os.path.realpath("."))
 PY
 then
@@ -105,7 +105,7 @@ for module in ("trl.kernels.chunked_divergence", "liger_kernel.chunked_loss", "c
 PY
 
 test_args=()
-read -r -a test_args < <("$PYTHON" -m fpo_ops.benchmarks.gpu_plan tests --plan "$plan" 2>>"$out/tests.log")
+read -r -a test_args < <("$PYTHON" -m benchmarks.gpu_plan tests --plan "$plan" 2>>"$out/tests.log")
 if [ "${#test_args[@]}" -gt 0 ]; then
   stage tests "${FPO_LIMIT_TESTS:-120}" tests.log "$PYTHON" -m pytest -q -p no:cacheprovider "${test_args[@]}"
 else  # never the whole suite by accident
@@ -113,24 +113,24 @@ else  # never the whole suite by accident
 fi
 
 stage bench "${FPO_LIMIT_BENCH:-240}" bench.log \
-  "$PYTHON" -m fpo_ops.benchmarks.gpu_plan bench --plan "$plan" --out "$out" "$@"
+  "$PYTHON" -m benchmarks.gpu_plan bench --plan "$plan" --out "$out" "$@"
 
 stage sweep "${FPO_LIMIT_SWEEP:-75}" bench.log \
-  "$PYTHON" -m fpo_ops.benchmarks.gpu_plan sweep --plan "$plan" --out "$out"
+  "$PYTHON" -m benchmarks.gpu_plan sweep --plan "$plan" --out "$out"
 
 name="${FPO_RESULTS_NAME:-}"
 if [ -z "$name" ]; then
   name="$("$PYTHON" -c "
 import datetime, torch
-from fpo_ops.benchmarks.report import device_slug
+from benchmarks.report import device_slug
 dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 print(f'{device_slug(dev)}-{datetime.date.today():%Y-%m-%d}-gpu-check')" 2>/dev/null || echo results)"
 fi
 stage summary "${FPO_LIMIT_SUMMARY:-30}" bench.log \
-  "$PYTHON" -m fpo_ops.benchmarks.summary --cases "$out/cases.jsonl" --sweep "$out/sweep.jsonl" \
+  "$PYTHON" -m benchmarks.summary --cases "$out/cases.jsonl" --sweep "$out/sweep.jsonl" \
   --stages "$stages" --out "$out" --name "$name"
 if [ -f "$out/$name.json" ]; then
-  "$PYTHON" -m fpo_ops.benchmarks.cli --show "$out/$name.json" 2>&1 | tail -n 80
+  "$PYTHON" -m benchmarks.cli --show "$out/$name.json" 2>&1 | tail -n 80
 fi
 echo "stages:"
 cat "$stages"

@@ -6,7 +6,7 @@ Prints one JSON line per kernel with its shared memory, the count of 32-bit inte
 index tensors in its Triton IR (an ``offsets * stride`` in int32 overflows once the product passes
 2^31, so there should be none) and, when the bundled cuobjdump can read the cubin, registers and
 spill bytes; exits non-zero if a kernel fails to compile. The launch
-shapes are those `fpo_ops.kernels.utils.tile_config` picks on CUDA, and every integer argument
+shapes are those `fpo_ops.token_stats.kernels.utils.tile_config` picks on CUDA, and every integer argument
 that a real launch would see as a multiple of 16 is declared so, as Triton would specialise it.
 """
 import json
@@ -22,8 +22,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fpo_ops.kernels import token_stats_bwd, token_stats_fwd
-from fpo_ops.kernels.utils import TileConfig, tile_config
+from fpo_ops.token_stats.kernels import token_stats_bwd, token_stats_fwd
+from fpo_ops.token_stats.kernels.utils import TileConfig, tile_config
 
 INT_ARGS_ALIGNED = ("H", "HR", "v_per_split")
 FLOAT_ARGS = ("logit_scale", "softcap", "ref_logit_scale", "ref_softcap", "temperature", "log_beta",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fpo_ops
-from fpo_ops.stats import DIFFERENTIABLE_STATS, STAT_NAMES
+from fpo_ops.token_stats.stats import DIFFERENTIABLE_STATS, STAT_NAMES
 
 ALL_STATS = STAT_NAMES
 

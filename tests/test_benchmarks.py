@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from fpo_ops.benchmarks import cli
-from fpo_ops.benchmarks.check import ProviderMismatch, check_provider
-from fpo_ops.benchmarks.heads import HEADS, get_head
-from fpo_ops.benchmarks.measure import CaseSpec, case_flops, run_case, run_case_isolated
-from fpo_ops.benchmarks.memory import PeakMemory
-from fpo_ops.benchmarks.providers import PROVIDERS, get_provider
-from fpo_ops.benchmarks.providers.naive import NaiveProvider
-from fpo_ops.benchmarks.workloads import IGNORE_INDEX, WORKLOADS, get_workload, make_inputs
+from benchmarks import cli
+from benchmarks.check import ProviderMismatch, check_provider
+from benchmarks.heads import HEADS, get_head
+from benchmarks.measure import CaseSpec, case_flops, run_case, run_case_isolated
+from benchmarks.memory import PeakMemory
+from benchmarks.providers import PROVIDERS, get_provider
+from benchmarks.providers.naive import NaiveProvider
+from benchmarks.workloads import IGNORE_INDEX, WORKLOADS, get_workload, make_inputs
 
 CPU = torch.device("cpu")
 

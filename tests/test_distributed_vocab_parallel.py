@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import fpo_ops
-import fpo_ops.chunked as chunked
+from fpo_ops.token_stats import chunked
 from fpo_ops.distributed import vocab_range
 from distributed_launch import launch
 from stats_cases import ALL_STATS, Case, make_case, max_abs_err, max_rel_err, run

@@ -1,8 +1,8 @@
-"""`fpo_ops.chunked.gemm_fp32`: fp32 results from low-precision operands, natively or loudly upcast."""
+"""`fpo_ops.token_stats.chunked.gemm_fp32`: fp32 results from low-precision operands, natively or loudly upcast."""
 import pytest
 import torch
 
-from fpo_ops import chunked
+from fpo_ops.token_stats import chunked
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fpo_ops.benchmarks import gpu_plan, tile_sweep
-from fpo_ops.benchmarks.providers import ours
-from fpo_ops.benchmarks.summary import append_jsonl, build_payload, read_jsonl
+from benchmarks import gpu_plan, tile_sweep
+from benchmarks.providers import ours
+from benchmarks.summary import append_jsonl, build_payload, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"

@@ -1,10 +1,10 @@
-"""The interpreter's scalar conversion on Triton < 3.7 with NumPy >= 2.4 (kernels/interpreter_compat.py)."""
+"""The interpreter's scalar conversion on Triton < 3.7 with NumPy >= 2.4 (fpo_ops/token_stats/kernels/interpreter_compat.py)."""
 import operator
 
 import numpy as np
 import pytest
 
-from fpo_ops.kernels import interpreter_compat
+from fpo_ops.token_stats.kernels import interpreter_compat
 
 
 class _Handle:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fpo_ops
-import fpo_ops.chunked as chunked
+from fpo_ops.token_stats import chunked
 from stats_cases import (  # noqa: F401  (poisoned_allocations is an autouse fixture)
     ALL_STATS, Case, assert_float32_within_budget, make_case, max_abs_err, max_rel_err, poisoned_allocations, run,
 )

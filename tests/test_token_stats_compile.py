@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fpo_ops
-from fpo_ops.custom_op import token_stats_bwd, token_stats_fwd
+from fpo_ops.token_stats.custom_op import token_stats_bwd, token_stats_fwd
 from stats_cases import make_case, max_rel_err
 
 OUTPUTS = ("logp", "ref_logp", "kl", "entropy", "top1_correct")

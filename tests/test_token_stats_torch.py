@@ -6,8 +6,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fpo_ops
-import fpo_ops.chunked as chunked
-from fpo_ops.stats import DIFFERENTIABLE_STATS
+from fpo_ops.token_stats import chunked
+from fpo_ops.token_stats.stats import DIFFERENTIABLE_STATS
 from stats_cases import (  # noqa: F401  (poisoned_allocations is an autouse fixture)
     ALL_STATS, assert_float32_within_budget, assert_matches_reference, make_case, max_abs_err, max_rel_err,
     poisoned_allocations, run,

@@ -13,12 +13,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fpo_ops
-from fpo_ops import chunked, online
-from fpo_ops.kernels.utils import PROGRAMS_PER_SM, TileConfig, resident_programs, tile_config
-from fpo_ops.options import HeadOptions
-from fpo_ops.reference import reference_logits
-from fpo_ops.stats import DIFFERENTIABLE_STATS
-from fpo_ops.triton_stats import triton_backward_tiles, triton_jsd_pass, triton_vocab_partials
+from fpo_ops.token_stats import chunked, online
+from fpo_ops.token_stats.kernels.utils import PROGRAMS_PER_SM, TileConfig, resident_programs, tile_config
+from fpo_ops.token_stats.options import HeadOptions
+from fpo_ops.token_stats.reference import reference_logits
+from fpo_ops.token_stats.stats import DIFFERENTIABLE_STATS
+from fpo_ops.token_stats.triton_stats import triton_backward_tiles, triton_jsd_pass, triton_vocab_partials
 from stats_cases import (  # noqa: F401  (poisoned_allocations is an autouse fixture)
     ALL_STATS, assert_matches_reference, make_case, max_abs_err, max_rel_err, poisoned_allocations, run,
 )

@@ -23,8 +23,8 @@ class OursProvider(TokenStatsProvider):
         if self.impl == "triton":
             if device.type != "cuda":
                 return "Triton kernels need a CUDA device"
-            if importlib.util.find_spec("fpo_ops.triton_stats") is None:
-                return "fpo_ops.triton_stats is not part of this version"
+            if importlib.util.find_spec("fpo_ops.token_stats.triton_stats") is None:
+                return "fpo_ops.token_stats.triton_stats is not part of this version"
         return super().unsupported(workload, head, device)
 
     def token_stats(self, inputs: CaseInputs, outputs):

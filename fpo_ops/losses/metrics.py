@@ -6,7 +6,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..stats import TokenStats
+from ..token_stats.stats import TokenStats
 from .sequence import split_pairs
 
 

@@ -4,8 +4,8 @@ Dynamo cannot trace the streaming implementation (Python loops over N) nor the T
 without specialising on N, and data checks such as ``check_labels`` would break the graph. As
 custom ops both passes are opaque nodes with a shape-only fake implementation: a compiled
 function calling `token_stats` has no graph break and, under ``dynamic=True``, no recompile for a
-new N. The real implementations run the same forward and backward functions as the eager
-autograd Functions (``fpo_ops.chunked``, ``fpo_ops.triton_stats``), so results are identical;
+new N. The real implementations run the same forward and backward passes as the eager autograd
+Function (``fpo_ops.token_stats.function``), over the same backends, so results are identical;
 ``check_labels`` and ``check_finite`` run inside the forward op, on real data. On meta tensors
 the fake implementations answer: shapes and dtypes of the statistics and gradients, no data.
 
@@ -16,6 +16,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .backend import backend_for
+from .function import RunOptions, backward_pass, forward_pass, local_labels_of
 from .function_io import first_order_backward, kept_names, mark_outputs
 from .options import HeadOptions
 from .stats import REFERENCE_STATS
@@ -37,14 +39,6 @@ def _head_options(hidden: torch.Tensor, outputs: str, ignore_index: int, scalars
                        compute_dtype=hidden.dtype, **values)
 
 
-def _passes(impl: str):
-    if impl == "torch":
-        from .chunked import chunked_backward, chunked_forward
-        return chunked_forward, chunked_backward
-    from .triton_stats import triton_backward, triton_forward  # needs Triton: loaded on request
-    return triton_forward, triton_backward
-
-
 def _n_kept(opts: HeadOptions, ref_hidden) -> int:
     uses_ref = ref_hidden is not None and any(name in REFERENCE_STATS for name in opts.outputs)
     return len(kept_names(opts, uses_ref))
@@ -59,8 +53,8 @@ def token_stats_fwd(
     """The statistics [N] of ``outputs``, then the per-token values backward reads [N]."""
     opts = _head_options(hidden, outputs, ignore_index, scalars)
     check_values(hidden, ref_hidden, labels, weight.shape[0], ignore_index, check_labels, check_finite)
-    forward, _ = _passes(impl)
-    results, kept = forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts)
+    results, kept, _, _ = forward_pass(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts,
+                                       RunOptions(backend_for(impl)))
     # an op's outputs may not alias its inputs or each other
     return [t.clone() for t in results + tuple(kept.values())]
 
@@ -82,10 +76,10 @@ def token_stats_bwd(
 ) -> List[torch.Tensor]:
     """[dhidden, dweight, dbias]; an empty [0] tensor for each one not in ``needs``."""
     opts = _head_options(hidden, outputs, ignore_index, scalars)
-    _, backward = _passes(impl)
     names = kept_names(opts, ref_hidden is not None)
-    results = backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, dict(zip(names, kept)),
-                       grads, opts, *needs)
+    local_labels, valid = local_labels_of(labels, opts)
+    results = backward_pass(hidden, weight, bias, local_labels, valid, ref_hidden, ref_weight, ref_bias,
+                            dict(zip(names, kept)), grads, opts, RunOptions(backend_for(impl)), *needs)
     # no upstream gradient (or nothing needed) gives None: a zero gradient of the right shape
     return [hidden.new_empty(0) if not need else torch.zeros_like(like) if r is None else r
             for r, like, need in zip(results, (hidden, weight, bias), needs)]
@@ -132,7 +126,7 @@ token_stats_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def op_token_stats(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: HeadOptions, *,
                    impl: str, check_labels: bool, check_finite: bool):
-    """Flattened inputs (as for `fpo_ops.chunked.chunked_token_stats`) to {name: [N]} through the ops.
+    """Flattened inputs (as for `fpo_ops.token_stats.function.function_token_stats`) to {name: [N]} through the ops.
 
     ``impl`` is "torch" or "triton"; the label and finiteness checks run inside the forward op.
     """

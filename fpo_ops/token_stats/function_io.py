@@ -1,16 +1,14 @@
-"""What every `token_stats` autograd Function shares around its passes over the vocabulary:
-which inputs and per-token values it keeps, how its outputs are masked and marked, and how the
-upstream gradients become per-token coefficients of the logit gradient."""
+"""What the `token_stats` autograd Function (`fpo_ops.token_stats.function`) and its custom-op twin
+(`fpo_ops.token_stats.custom_op`) share around the backend's passes: which inputs and per-token values they
+keep, how outputs are masked and marked, and how the upstream gradients become per-token
+coefficients of the logit gradient."""
 import functools
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 from .options import HeadOptions
-from .stats import DIFFERENTIABLE_STATS, REFERENCE_STATS
-
-# Per-token values, besides lse/lse_ref, that the gradient of each statistic reads (DESIGN section 2).
-SAVED_FOR_GRAD = {"entropy": "entropy", "reverse_kl": "reverse_kl", "jsd": "kl_p_m"}
+from .stats import DIFFERENTIABLE_STATS, REFERENCE_STATS, SAVED_FOR_GRAD
 
 
 def reference_if_needed(opts: HeadOptions, ref_hidden, ref_weight, ref_bias) -> Tuple:
@@ -112,24 +110,3 @@ def upstream_coefficients(grads: Sequence[Optional[torch.Tensor]], valid: torch.
     zero = torch.zeros((), dtype=opts.accum_dtype, device=valid.device)
     return {name: torch.where(valid, g.to(opts.accum_dtype), zero)
             for name, g in zip(opts.outputs, grads) if name in DIFFERENTIABLE_STATS and g is not None}
-
-
-def tile_gradients(backward_tiles, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
-                   kept: Dict[str, torch.Tensor], grads: Sequence[Optional[torch.Tensor]], opts: HeadOptions,
-                   need_h: bool, need_w: bool, need_b: bool):
-    """(dhidden [N, H] in hidden's dtype, dweight, dbias) of one process's whole head through
-    ``backward_tiles`` (``fpo_ops.chunked.backward_tiles`` or its Triton twin); None where not
-    needed or without an upstream gradient. ``labels`` [N] int64 with ``opts.ignore_index``;
-    ``kept`` what forward kept; ``grads`` one per output, or None."""
-    valid = labels != opts.ignore_index
-    coef = upstream_coefficients(grads, valid, opts)
-    if not coef or not (need_h or need_w or need_b):
-        return None, None, None
-    ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
-    # -1 is never a column of any tile, so ignored tokens gather nothing.
-    local_labels = torch.where(valid, labels, torch.full_like(labels, -1))
-    grad_h, grad_w, grad_b = backward_tiles(
-        hidden, weight, bias, local_labels, ref_hidden, ref_weight, ref_bias, coef, kept, opts,
-        need_h, need_w, need_b and bias is not None, valid=valid,
-    )
-    return None if grad_h is None else grad_h.to(hidden.dtype), grad_w, grad_b

@@ -1,23 +1,22 @@
-"""Streaming PyTorch implementation of `token_stats` (``impl="torch"``).
+"""Streaming PyTorch backend of `token_stats` (``impl="torch"``; `TORCH_BACKEND`).
 
 Tiles tokens and vocabulary so that only one [BN, BV] block of logits per model exists at a time.
 Forward keeps a few floats per token (log-normalisers and the statistic values the gradient
-formula needs); backward recomputes the tiles. Runs on any device PyTorch runs on.
+formula needs); backward recomputes the tiles. Runs on any device PyTorch runs on. The passes
+follow the protocol of `fpo_ops.token_stats.backend`; `fpo_ops.token_stats.function` drives them.
 """
 import warnings
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from .backend import Backend
 from .online import (
-    finalize, logit_to_preactivation_grad, merge_partials, needed_partials, tile_jsd_sums,
-    tile_logit_grad, tile_partials, transform_logits,
-)
-from .function_io import (
-    first_order_backward, kept_names, mark_outputs, masked_outputs, reference_if_needed, save_inputs,
-    saved_inputs, tile_gradients,
+    Partials, logit_to_preactivation_grad, merge_partials, tile_jsd_sums, tile_logit_grad, tile_partials,
+    transform_logits,
 )
 from .options import HeadOptions
+from .stats import REFERENCE_GRADS
 
 # Tile sizes: a [TOKEN_BLOCK, VOCAB_BLOCK] fp32 tile is 8 MiB, large enough for efficient GEMMs.
 TOKEN_BLOCK = 512
@@ -68,71 +67,8 @@ def _logit_tile(hidden, weight, bias, v0, v1, softcap, logit_scale, opts: HeadOp
     return transform_logits(x, softcap, logit_scale, opts.temperature)
 
 
-def chunked_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
-                    opts: HeadOptions) -> Tuple[Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]:
-    """(the requested statistics [N] each, {name: [N]} per-token values backward reads).
-
-    ``labels`` [N] int64, ``opts.ignore_index`` at ignored tokens; other shapes as in
-    `chunked_token_stats`.
-    """
-    n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
-    has_ref = ref_hidden is not None
-    keys = needed_partials(opts)
-    valid = labels != opts.ignore_index
-    # -1 is never a column of any tile, so ignored tokens gather nothing.
-    labels = torch.where(valid, labels, torch.full_like(labels, -1))
-    want_jsd = opts.wants("jsd")
-    kept = {name: hidden.new_empty(n_tokens, dtype=opts.accum_dtype)
-            for name in kept_names(opts, has_ref)}
-    outputs = {name: hidden.new_empty(n_tokens, dtype=opts.accum_dtype) for name in opts.outputs}
-
-    for n0 in range(0, n_tokens, TOKEN_BLOCK):
-        n1 = min(n0 + TOKEN_BLOCK, n_tokens)
-        h, y = hidden[n0:n1], labels[n0:n1]
-        rh = ref_hidden[n0:n1] if has_ref else None
-        partials = vocab_partials(h, rh, y, weight, bias, ref_weight, ref_bias, keys, opts)
-        stats = finalize(partials, vocab)
-        if want_jsd:
-            stats.update(jsd_pass(h, rh, weight, bias, ref_weight, ref_bias, stats, opts))
-        for name, buf in list(outputs.items()) + list(kept.items()):
-            buf[n0:n1] = stats[name]
-    return masked_outputs(outputs, valid, opts), kept
-
-
-def chunked_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
-                     kept: Dict[str, torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
-                     opts: HeadOptions, need_h: bool, need_w: bool, need_b: bool):
-    """(dhidden, dweight, dbias) for the inputs and kept values of `chunked_forward`
-    (`fpo_ops.function_io.tile_gradients`)."""
-    return tile_gradients(backward_tiles, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, kept,
-                          grads, opts, need_h, need_w, need_b)
-
-
-class ChunkedTokenStats(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: HeadOptions):
-        results, kept = chunked_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts)
-        ctx.opts = opts
-        ctx.kept_names = tuple(kept)
-        refs = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
-        save_inputs(ctx, hidden, weight, bias, labels, *refs, *kept.values())
-        mark_outputs(ctx, results, opts)
-        return results
-
-    @staticmethod
-    @first_order_backward
-    def backward(ctx, *grads):
-        hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, *kept = saved_inputs(ctx)
-        grad_h, grad_w, grad_b = chunked_backward(
-            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, dict(zip(ctx.kept_names, kept)),
-            grads, ctx.opts, *ctx.needs_input_grad[:3],
-        )
-        return grad_h, grad_w, grad_b, None, None, None, None, None
-
-
 def vocab_partials(h, rh, labels, weight, bias, ref_weight, ref_bias, keys, opts: HeadOptions):
-    """Partials (`fpo_ops.online`) of tokens ``h`` [n, H] over every row of ``weight`` [V, H].
+    """Partials (`fpo_ops.token_stats.online`) of tokens ``h`` [n, H] over every row of ``weight`` [V, H].
 
     ``weight`` may be one process's slice of the vocabulary: ``labels`` [n] are then ids relative
     to the slice (outside [0, V) where another slice holds the label, or the token is ignored).
@@ -180,7 +116,7 @@ def backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bia
     """
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc = opts.accum_dtype
-    needs_ref_tile = ref_hidden is not None and any(k in coef for k in ("kl", "reverse_kl", "jsd"))
+    needs_ref_tile = ref_hidden is not None and any(k in REFERENCE_GRADS for k in coef)
     grad_h = hidden.new_zeros(hidden.shape, dtype=acc) if need_h else None
     grad_w = torch.empty_like(weight) if need_w else None
     grad_b = torch.empty_like(bias) if need_b else None
@@ -221,8 +157,28 @@ def backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bia
     return grad_h, grad_w, grad_b
 
 
-def chunked_token_stats(hidden, weight, bias, labels, ref_hidden: Optional[torch.Tensor], ref_weight,
-                        ref_bias, opts: HeadOptions) -> Dict[str, torch.Tensor]:
-    """Flattened inputs (hidden [N, H], labels [N]) to {name: [N]} through the streaming op."""
-    results = ChunkedTokenStats.apply(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts)
-    return dict(zip(opts.outputs, results))
+def _token_blocks(n_tokens: int):
+    """[n0, n1) token blocks; one empty block for N = 0, so results keep their [0] shape."""
+    for n0 in range(0, max(n_tokens, 1), TOKEN_BLOCK):
+        yield n0, min(n0 + TOKEN_BLOCK, n_tokens)
+
+
+def partials(hidden, ref_hidden, local_labels, weight, bias, ref_weight, ref_bias,
+             keys: Tuple[str, ...], opts: HeadOptions, valid=None) -> Partials:
+    """Partials [N] of every token over the rows of ``weight``, streamed in token blocks."""
+    blocks = [vocab_partials(hidden[n0:n1], None if ref_hidden is None else ref_hidden[n0:n1],
+                             local_labels[n0:n1], weight, bias, ref_weight, ref_bias, keys, opts)
+              for n0, n1 in _token_blocks(hidden.shape[0])]
+    return {key: torch.cat([block[key] for block in blocks]) for key in blocks[0]}
+
+
+def jsd(hidden, ref_hidden, weight, bias, ref_weight, ref_bias, stats: Dict[str, torch.Tensor],
+        opts: HeadOptions, valid=None) -> Dict[str, torch.Tensor]:
+    """The rows' terms of ``jsd`` and ``kl_p_m`` [N], given the global ``lse``/``lse_ref``."""
+    parts = [jsd_pass(hidden[n0:n1], ref_hidden[n0:n1], weight, bias, ref_weight, ref_bias,
+                      {name: stats[name][n0:n1] for name in ("lse", "lse_ref")}, opts)
+             for n0, n1 in _token_blocks(hidden.shape[0])]
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+TORCH_BACKEND = Backend(partials=partials, jsd=jsd, backward=backward_tiles)

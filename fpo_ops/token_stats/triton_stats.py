@@ -1,15 +1,16 @@
-"""Fused Triton implementation of `token_stats` (``impl="triton"``).
+"""Fused Triton backend of `token_stats` (``impl="triton"``; `TRITON_BACKEND`).
 
 Forward: one pass over the vocabulary computes both models' logit tiles with tl.dot and folds them
-into online partial sums (``fpo_ops.online``); when N is small the vocabulary is split across
+into online partial sums (``fpo_ops.token_stats.online``); when N is small the vocabulary is split across
 programs and the splits are merged exactly here. ``jsd`` takes a second pass. Backward recomputes
 the tiles chunk by chunk over the vocabulary (see ``kernels/token_stats_bwd.py``); it uses no
 atomics, so its results are reproducible bit for bit. Ignored tokens are moved to the end of the
 launch order and cost no tile work.
 
-Slice-level entry points for vocabulary-parallel training (each process holding rows of the head):
-`triton_vocab_partials`, `triton_jsd_pass` and `triton_backward_tiles` take the same arguments as
-``fpo_ops.chunked.vocab_partials``, ``jsd_pass`` and ``backward_tiles`` and return the same values.
+The passes `triton_vocab_partials`, `triton_jsd_pass` and `triton_backward_tiles` follow the
+protocol of `fpo_ops.token_stats.backend` (each over the rows of the head a process holds, the whole head
+without a process group) and return what ``fpo_ops.token_stats.chunked``'s passes return; `fpo_ops.token_stats.function`
+drives them.
 On CPU tensors the kernels run through the Triton interpreter (TRITON_INTERPRET=1).
 """
 import contextlib
@@ -18,19 +19,13 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import triton
 
-from .function_io import (
-    first_order_backward, kept_names, mark_outputs, masked_outputs, reference_if_needed, save_inputs,
-    saved_inputs, tile_gradients,
-)
-from .kernels.token_stats_bwd import GRAD_KEYS, SAVED_KEYS, token_stats_bwd_chunk
-from .kernels.token_stats_fwd import PARTIAL_KEYS, token_stats_fwd, token_stats_jsd_fwd
+from .backend import Backend
+from .kernels.token_stats_bwd import token_stats_bwd_chunk
+from .kernels.token_stats_fwd import token_stats_fwd, token_stats_jsd_fwd
 from .kernels.utils import TileConfig, tile_config
-from .online import MAXIMA, Partials, finalize, needed_partials, shift_partials
+from .online import MAXIMA, Partials, shift_partials
 from .options import HeadOptions
-
-# Gradients that need the reference tile.
-_REFERENCE_GRADS = ("kl", "reverse_kl", "jsd")
-
+from .stats import GRAD_KEYS, PARTIAL_KEYS, REFERENCE_GRADS, SAVED_KEYS, present_partials
 
 def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -51,10 +46,7 @@ def _token_order(valid: Optional[torch.Tensor], n_tokens: int, device) -> Tuple[
 
 def _merge_splits(part: torch.Tensor, keys: Sequence[str], has_ref: bool) -> Partials:
     """Exact merge of the per-split partials [S, len(PARTIAL_KEYS), N] into one {key: [N]}."""
-    present = ["m", "s", "z_label"] + [k for k in ("ent", "s2", "sum_z") if k in keys]
-    if has_ref:
-        present += ["m_ref", "s_ref", "z_ref_label"] + [k for k in ("rkl", "kl") if k in keys]
-    splits = {k: part[:, PARTIAL_KEYS.index(k)] for k in present}
+    splits = {k: part[:, PARTIAL_KEYS.index(k)] for k in present_partials(keys, has_ref)}
     if part.shape[0] == 1:
         return {k: v[0] for k, v in splits.items()}
     m = splits["m"].max(dim=0).values
@@ -67,21 +59,21 @@ def _merge_splits(part: torch.Tensor, keys: Sequence[str], has_ref: bool) -> Par
 def triton_vocab_partials(h, rh, labels, weight, bias, ref_weight, ref_bias, keys: Sequence[str],
                           opts: HeadOptions, valid: Optional[torch.Tensor] = None,
                           config: Optional[TileConfig] = None) -> Partials:
-    """Partials (`fpo_ops.online`) of tokens ``h`` over every row of ``weight``, fused in Triton.
+    """Partials (`fpo_ops.token_stats.online`) of tokens ``h`` over every row of ``weight``, fused in Triton.
 
     ``weight`` may be one process's slice of the vocabulary; merge the slices' partials with
-    ``fpo_ops.online.merge_partials`` (or ``shift_partials`` + all-reduce) and ``finalize`` them.
+    ``fpo_ops.token_stats.online.merge_partials`` (or ``shift_partials`` + all-reduce) and ``finalize`` them.
 
     Args:
         h: [N, H] policy hidden states; rh: [N, HR] reference hidden states or None.
         labels: [N] int label ids relative to the rows of ``weight`` (outside [0, V) where another
             slice holds the label).
         weight: [V, H]; bias: [V] or None; ref_weight: [V, HR] or None; ref_bias: [V] or None.
-        keys: optional partial names, as from ``fpo_ops.online.needed_partials(opts)``.
+        keys: optional partial names, as from ``fpo_ops.token_stats.online.needed_partials(opts)``.
         opts: HeadOptions (softcap, scales, temperature; ``compute_dtype`` is h's dtype).
         valid: [N] bool, tokens to compute (default all); the partials of the others are finite
             placeholders to be masked by the caller.
-        config: launch shape (default: `fpo_ops.kernels.utils.tile_config` of the device).
+        config: launch shape (default: `fpo_ops.token_stats.kernels.utils.tile_config` of the device).
 
     Returns:
         {key: [N]} in the accumulation dtype with keys m, s, z_label, the requested ``keys``
@@ -153,7 +145,7 @@ def triton_backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, 
     device = hidden.device
     if not (need_h or need_w or need_b):
         return None, None, None
-    use_ref = ref_hidden is not None and any(k in coef for k in _REFERENCE_GRADS)
+    use_ref = ref_hidden is not None and any(k in REFERENCE_GRADS for k in coef)
     hidden, weight, bias, labels = map(_contiguous, (hidden, weight, bias, labels))
     if use_ref:
         ref_hidden, ref_weight, ref_bias = map(_contiguous, (ref_hidden, ref_weight, ref_bias))
@@ -196,75 +188,4 @@ def triton_backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, 
     return grad_h, grad_w, grad_b
 
 
-def triton_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
-                   opts: HeadOptions) -> Tuple[Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]:
-    """(the requested statistics [N] each, {name: [N]} per-token values backward reads).
-
-    ``labels`` [N] int64, ``opts.ignore_index`` at ignored tokens; other shapes as in
-    `triton_token_stats`.
-    """
-    vocab = weight.shape[0]
-    ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
-    has_ref = ref_hidden is not None
-    valid = labels != opts.ignore_index
-    keys = needed_partials(opts)
-    partials = triton_vocab_partials(hidden, ref_hidden, labels, weight, bias, ref_weight,
-                                     ref_bias, keys, opts, valid=valid)
-    stats = finalize(partials, vocab)
-    if opts.wants("jsd"):
-        stats.update(triton_jsd_pass(hidden, ref_hidden, weight, bias, ref_weight, ref_bias,
-                                     stats, opts, valid=valid))
-    zero = torch.zeros((), dtype=opts.accum_dtype, device=hidden.device)
-    # placeholders at ignored tokens never reach backward
-    kept = {name: torch.where(valid, stats[name], zero) for name in kept_names(opts, has_ref)}
-    return masked_outputs(stats, valid, opts), kept
-
-
-def triton_backward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
-                    kept: Dict[str, torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
-                    opts: HeadOptions, need_h: bool, need_w: bool, need_b: bool):
-    """(dhidden, dweight, dbias) for the inputs and kept values of `triton_forward`
-    (`fpo_ops.function_io.tile_gradients`)."""
-    return tile_gradients(triton_backward_tiles, hidden, weight, bias, labels, ref_hidden, ref_weight,
-                          ref_bias, kept, grads, opts, need_h, need_w, need_b)
-
-
-class TritonTokenStats(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: HeadOptions):
-        results, kept = triton_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts)
-        ctx.opts = opts
-        ctx.kept_names = tuple(kept)
-        refs = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
-        save_inputs(ctx, hidden, weight, bias, labels, *refs, *kept.values())
-        mark_outputs(ctx, results, opts)
-        return results
-
-    @staticmethod
-    @first_order_backward
-    def backward(ctx, *grads):
-        hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, *kept = saved_inputs(ctx)
-        grad_h, grad_w, grad_b = triton_backward(
-            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, dict(zip(ctx.kept_names, kept)),
-            grads, ctx.opts, *ctx.needs_input_grad[:3],
-        )
-        return grad_h, grad_w, grad_b, None, None, None, None, None
-
-
-def triton_token_stats(hidden, weight, bias, labels, ref_hidden: Optional[torch.Tensor], ref_weight,
-                       ref_bias, opts: HeadOptions) -> Dict[str, torch.Tensor]:
-    """Flattened inputs to per-token statistics through the fused Triton kernels.
-
-    Args:
-        hidden: [N, H] policy hidden states in the GEMM dtype; weight: [V, H]; bias: [V] or None.
-        labels: [N] int ids, ``opts.ignore_index`` at skipped positions (validated by the caller).
-        ref_hidden: [N, HR] or None; ref_weight: [V, HR] (None only without ref_hidden);
-            ref_bias: [V] or None.
-        opts: HeadOptions.
-
-    Returns:
-        {name: [N]} for each name in ``opts.outputs``, in the accumulation dtype, 0 at ignored
-        positions; differentiable with respect to hidden, weight and bias.
-    """
-    results = TritonTokenStats.apply(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts)
-    return dict(zip(opts.outputs, results))
+TRITON_BACKEND = Backend(partials=triton_vocab_partials, jsd=triton_jsd_pass, backward=triton_backward_tiles)

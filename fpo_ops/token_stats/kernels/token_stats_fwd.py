@@ -3,7 +3,7 @@
 A program owns BN tokens (taken through ``order``, which lists the non-ignored tokens first, so
 blocks of ignored tokens do no work) and one split of the vocabulary. It streams over the split in
 BV-column tiles, computing the policy and reference logit tiles with tl.dot over the hidden size,
-and folds each tile into max-shifted running sums (the math of ``fpo_ops.online``). Each split
+and folds each tile into max-shifted running sums (the math of ``fpo_ops.token_stats.online``). Each split
 writes its own partials; the host merges splits exactly.
 """
 import math
@@ -13,21 +13,21 @@ import torch
 import triton
 import triton.language as tl
 
+from ..stats import PARTIAL_KEYS
 from .utils import dot_precision, head_logits, log_mixture, triton_dtype, upcast_dot_operands
 
-# Rows of the partials buffer [splits, PARTIAL_KEYS, N]; names as in fpo_ops.online.tile_partials.
-PARTIAL_KEYS = ("m", "s", "z_label", "ent", "s2", "sum_z", "m_ref", "s_ref", "z_ref_label", "rkl", "kl")
-M_ROW = tl.constexpr(0)
-S_ROW = tl.constexpr(1)
-Z_LABEL_ROW = tl.constexpr(2)
-ENT_ROW = tl.constexpr(3)
-S2_ROW = tl.constexpr(4)
-SUM_Z_ROW = tl.constexpr(5)
-M_REF_ROW = tl.constexpr(6)
-S_REF_ROW = tl.constexpr(7)
-Z_REF_LABEL_ROW = tl.constexpr(8)
-RKL_ROW = tl.constexpr(9)
-KL_ROW = tl.constexpr(10)
+# Rows of the partials buffer [splits, PARTIAL_KEYS, N], from the table `fpo_ops.token_stats.stats.PARTIALS`.
+M_ROW = tl.constexpr(PARTIAL_KEYS.index("m"))
+S_ROW = tl.constexpr(PARTIAL_KEYS.index("s"))
+Z_LABEL_ROW = tl.constexpr(PARTIAL_KEYS.index("z_label"))
+ENT_ROW = tl.constexpr(PARTIAL_KEYS.index("ent"))
+S2_ROW = tl.constexpr(PARTIAL_KEYS.index("s2"))
+SUM_Z_ROW = tl.constexpr(PARTIAL_KEYS.index("sum_z"))
+M_REF_ROW = tl.constexpr(PARTIAL_KEYS.index("m_ref"))
+S_REF_ROW = tl.constexpr(PARTIAL_KEYS.index("s_ref"))
+Z_REF_LABEL_ROW = tl.constexpr(PARTIAL_KEYS.index("z_ref_label"))
+RKL_ROW = tl.constexpr(PARTIAL_KEYS.index("rkl"))
+KL_ROW = tl.constexpr(PARTIAL_KEYS.index("kl"))
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def token_stats_fwd_kernel(
     ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # h [N, H], w [V, H], rh [N, HR], rw [V, HR], labels [N], order [N], part [S, 11, N]
+    # h [N, H], w [V, H], rh [N, HR], rw [V, HR], labels [N], order [N], part [S, PARTIAL_KEYS, N]
     # splits vary fastest: programs running together share the token block's hidden states in L2
     pid_s = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -199,7 +199,7 @@ def token_stats_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labe
             (hidden size HR) or None.
         labels: [N] int ids; ``labels - label_offset`` is the label's row in ``weight``.
         order: [N] int64 token rows, non-ignored first; n_valid: 0-d int32 count of them.
-        opts: HeadOptions; keys: optional partial names (fpo_ops.online.needed_partials).
+        opts: HeadOptions; keys: optional partial names (fpo_ops.token_stats.online.needed_partials).
         cfg: TileConfig.
 
     Returns:

@@ -19,14 +19,24 @@ import torch
 import triton
 import triton.language as tl
 
+from ..stats import GRAD_KEYS, SAVED_FOR_GRAD, SAVED_KEYS
 from .utils import (
     dot_acc, dot_precision, head_logits, log_mixture, preactivation_grad, triton_dtype,
     upcast_dot_operands,
 )
 
-# Rows of the upstream-gradient buffer [GRAD_KEYS, N] and of the saved-statistics buffer [SAVED_KEYS, N].
-GRAD_KEYS = ("logp", "entropy", "kl", "reverse_kl", "jsd")
-SAVED_KEYS = ("lse", "lse_ref", "entropy", "reverse_kl", "kl_p_m")
+# Rows of the upstream-gradient buffer [GRAD_KEYS, N] and of the saved-values buffer [SAVED_KEYS, N],
+# both from the table of statistics.
+G_LOGP_ROW = tl.constexpr(GRAD_KEYS.index("logp"))
+G_ENT_ROW = tl.constexpr(GRAD_KEYS.index("entropy"))
+G_KL_ROW = tl.constexpr(GRAD_KEYS.index("kl"))
+G_RKL_ROW = tl.constexpr(GRAD_KEYS.index("reverse_kl"))
+G_JSD_ROW = tl.constexpr(GRAD_KEYS.index("jsd"))
+LSE_ROW = tl.constexpr(SAVED_KEYS.index("lse"))
+LSE_REF_ROW = tl.constexpr(SAVED_KEYS.index("lse_ref"))
+ENTROPY_ROW = tl.constexpr(SAVED_KEYS.index(SAVED_FOR_GRAD["entropy"]))
+REVERSE_KL_ROW = tl.constexpr(SAVED_KEYS.index(SAVED_FOR_GRAD["reverse_kl"]))
+KL_P_M_ROW = tl.constexpr(SAVED_KEYS.index(SAVED_FOR_GRAD["jsd"]))
 
 
 @triton.jit
@@ -44,7 +54,7 @@ def token_stats_bwd_kernel(
     ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # w [C, H] and rw [C, HR] are the chunk's rows; coef [5, N], saved [5, N]
+    # w [C, H] and rw [C, HR] are the chunk's rows; coef [GRAD_KEYS, N], saved [SAVED_KEYS, N]
     # dz [N, C] indexed by position in order; db_part [N / BN, C]; skip [N / BN, C / BV]
     # vocabulary blocks vary fastest: programs running together share hidden rows in L2
     pid_v = tl.program_id(0).to(tl.int64)
@@ -57,7 +67,7 @@ def token_stats_bwd_kernel(
     if pid_n * BN < n_valid:
         rows = tl.load(order_ptr + idx, mask=row_mask, other=0)
         labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1) - label_offset
-        lse = tl.load(saved_ptr + rows, mask=row_mask, other=0.0)
+        lse = tl.load(saved_ptr + LSE_ROW * stride_saved + rows, mask=row_mask, other=0.0)
         z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
                         logit_scale, softcap, temperature, HAS_BIAS, CAPPED, ACC, BN, BV, BH,
                         UPCAST, PRECISION)
@@ -67,30 +77,30 @@ def token_stats_bwd_kernel(
         is_label = (cols[None, :] == labels[:, None]) & tile
         dz = tl.zeros([BN, BV], dtype=ACC)
         if G_LOGP:
-            g = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
+            g = tl.load(coef_ptr + G_LOGP_ROW * stride_coef + rows, mask=row_mask, other=0.0)
             dz += tl.where(is_label, g[:, None], 0.0) - g[:, None] * p
         if G_ENT:
-            g = tl.load(coef_ptr + stride_coef + rows, mask=row_mask, other=0.0)
-            entropy = tl.load(saved_ptr + 2 * stride_saved + rows, mask=row_mask, other=0.0)
+            g = tl.load(coef_ptr + G_ENT_ROW * stride_coef + rows, mask=row_mask, other=0.0)
+            entropy = tl.load(saved_ptr + ENTROPY_ROW * stride_saved + rows, mask=row_mask, other=0.0)
             dz -= g[:, None] * p * (logp + entropy[:, None])
         if FILTER:
             negligible = tl.max(tl.where(tile, p, 0.0)) < filter_eps
         if G_KL or G_RKL or G_JSD:
-            lse_ref = tl.load(saved_ptr + stride_saved + rows, mask=row_mask, other=0.0)
+            lse_ref = tl.load(saved_ptr + LSE_REF_ROW * stride_saved + rows, mask=row_mask, other=0.0)
             zr = head_logits(rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, HR, stride_rh,
                              stride_rw, ref_logit_scale, ref_softcap, temperature, HAS_REF_BIAS,
                              REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION)
             logq = zr - lse_ref[:, None]
             if G_KL:
-                g = tl.load(coef_ptr + 2 * stride_coef + rows, mask=row_mask, other=0.0)
+                g = tl.load(coef_ptr + G_KL_ROW * stride_coef + rows, mask=row_mask, other=0.0)
                 dz += g[:, None] * (p - tl.exp(logq))
             if G_RKL:
-                g = tl.load(coef_ptr + 3 * stride_coef + rows, mask=row_mask, other=0.0)
-                rkl = tl.load(saved_ptr + 3 * stride_saved + rows, mask=row_mask, other=0.0)
+                g = tl.load(coef_ptr + G_RKL_ROW * stride_coef + rows, mask=row_mask, other=0.0)
+                rkl = tl.load(saved_ptr + REVERSE_KL_ROW * stride_saved + rows, mask=row_mask, other=0.0)
                 dz += g[:, None] * p * (logp - logq - rkl[:, None])
             if G_JSD:
-                g = tl.load(coef_ptr + 4 * stride_coef + rows, mask=row_mask, other=0.0)
-                kl_p_m = tl.load(saved_ptr + 4 * stride_saved + rows, mask=row_mask, other=0.0)
+                g = tl.load(coef_ptr + G_JSD_ROW * stride_coef + rows, mask=row_mask, other=0.0)
+                kl_p_m = tl.load(saved_ptr + KL_P_M_ROW * stride_saved + rows, mask=row_mask, other=0.0)
                 logm = log_mixture(logp, logq, log_beta, log1m_beta)
                 dz += (g - g * jsd_beta)[:, None] * p * (logp - logm - kl_p_m[:, None])
             if FILTER:
@@ -225,8 +235,9 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
             the reference, or None when no requested gradient reads it.
         labels: [N]; ``labels - label_offset`` is the label's row in ``weight``.
         order: [N] int64 token rows, tokens with a gradient first; n_valid: 0-d int32 count.
-        coef: [5, N] upstream gradients in GRAD_KEYS order (0 at ignored tokens);
-            saved: [5, N] forward values in SAVED_KEYS order; grad_flags: GRAD_KEYS present.
+        coef: [len(GRAD_KEYS), N] upstream gradients in GRAD_KEYS order (0 at ignored tokens);
+            saved: [len(SAVED_KEYS), N] forward values in SAVED_KEYS order (`fpo_ops.token_stats.stats`);
+            grad_flags: the GRAD_KEYS present.
         grad_h: [N, H] fp32 (fp64) dhidden, written (first chunk) or added to; grad_w: [C, H] or
             None; grad_b: [C] or None.
         dz: [N, >= C] scratch in the GEMM dtype; db_part: [N / BN, >= C] fp32 scratch or None;

@@ -1,17 +1,26 @@
-"""`token_stats`: the public op. Validates, resolves autocast, flattens and dispatches on `impl`."""
+"""`token_stats`: the public op. Validates, resolves autocast, flattens and dispatches on `impl`.
+
+The package holds the whole op (docs/DESIGN.md section 3): this entry; `stats` (the table of
+statistics); `options` and `validation`; `online` (the max-shifted partial sums); `function` and
+`function_io` (the one autograd Function), `backend` (the protocol its backends follow),
+`custom_op` (the same passes as torch.library ops); the backends `chunked` (streaming PyTorch)
+and `triton_stats` with the device code in `kernels/`; and `reference`, the float64 oracle.
+"""
 import contextlib
 import functools
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from .chunked import chunked_token_stats
 from .custom_op import op_token_stats
+from .function import function_token_stats
 from .options import HeadOptions
-from .stats import TokenStats
+from .stats import STAT_NAMES, TokenStats
 from .validation import (
     int64_labels, normalize_outputs, validate_grad_filter_eps, validate_process_group, validate_token_stats_args,
 )
+
+__all__ = ["STAT_NAMES", "TokenStats", "token_stats"]
 
 StatsFn = Callable[..., Dict[str, torch.Tensor]]
 
@@ -33,14 +42,13 @@ def _resolve_impl_name(impl: str, device: torch.device) -> str:
 
 
 def _resolve_impl(impl: str, device: torch.device) -> StatsFn:
+    """The function computing flattened inputs on one process: the oracle, or the one autograd
+    Function over the backend ``impl`` names."""
     impl = _resolve_impl_name(impl, device)
-    if impl == "torch":
-        return chunked_token_stats
     if impl == "reference":
         from .reference import reference_token_stats  # the oracle is only loaded on request
         return reference_token_stats
-    from .triton_stats import triton_token_stats
-    return triton_token_stats
+    return functools.partial(function_token_stats, impl=impl)
 
 
 def token_stats(
@@ -119,7 +127,7 @@ def token_stats(
     outputs = normalize_outputs(outputs)
     labels = int64_labels(labels)
     # Under torch.compile, and on meta tensors, the streaming and fused implementations run as
-    # custom ops (`fpo_ops.custom_op`) whose forward checks the data itself.
+    # custom ops (`fpo_ops.token_stats.custom_op`) whose forward checks the data itself.
     compiling = torch.compiler.is_compiling()
     validate_token_stats_args(
         hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias, outputs=outputs,
@@ -166,9 +174,8 @@ def token_stats(
     elif process_group is None:
         fn = _resolve_impl(impl, hidden.device)
     else:
-        from .distributed.vocab_parallel import vocab_parallel_token_stats
-        fn = functools.partial(vocab_parallel_token_stats, group=process_group, check_labels=check_labels,
-                               impl=impl)
+        # The same Function as without a group: the vocabulary split is one more option of it.
+        fn = functools.partial(function_token_stats, impl=impl, group=process_group, check_labels=check_labels)
     # The GEMMs run in compute_dtype with every sum in fp32: autocast must not recast inside.
     with torch.autocast(device_type, enabled=False) if has_autocast else contextlib.nullcontext():
         stats = fn(

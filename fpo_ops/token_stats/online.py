@@ -18,16 +18,15 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .options import HeadOptions
+from .stats import partials_for
 
 Partials = Dict[str, torch.Tensor]
 
 
 def needed_partials(opts: HeadOptions) -> Tuple[str, ...]:
-    """Names of the sums a call needs beyond the two log-normalisers and the label logits."""
-    wanted = {
-        "entropy": "ent", "log_sum_p2": "s2", "reverse_kl": "rkl", "kl": "kl", "mean_logit": "sum_z",
-    }
-    return tuple(key for name, key in wanted.items() if opts.wants(name))
+    """Names of the sums a call needs beyond the two log-normalisers and the label logits
+    (from the table `fpo_ops.token_stats.stats.STATS`)."""
+    return partials_for(opts.outputs)
 
 
 def transform_logits(x: torch.Tensor, softcap: Optional[float], logit_scale: float,

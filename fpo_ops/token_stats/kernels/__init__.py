@@ -1,0 +1,1 @@
+"""Triton device code of `token_stats`: the forward and backward kernels and their launchers."""

@@ -1,1 +1,0 @@
-"""Triton device code of fpo-ops (installed as ``fpo_ops.kernels``)."""
