@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import fpo_ops
-import fpo_ops.chunked as chunked
+from fpo_ops.token_stats import chunked
 from distributed_launch import launch
 from loss_batches import make_batch
 from stats_cases import max_rel_err

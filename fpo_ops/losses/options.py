@@ -8,13 +8,13 @@ construction, so a bad option raises there rather than at the first forward.
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional
 
-from ..options import HeadOptions
-from ..validation import IMPLS, _check_scalar, validate_grad_filter_eps, validate_process_group
+from ..token_stats.options import HeadOptions
+from ..token_stats.validation import IMPLS, _check_scalar, validate_grad_filter_eps, validate_process_group
 
 
 @dataclass(frozen=True)
 class HeadConfig(HeadOptions):
-    """How both heads' logits are formed (the fields of `fpo_ops.options.HeadOptions`) and how
+    """How both heads' logits are formed (the fields of `fpo_ops.token_stats.options.HeadOptions`) and how
     `token_stats` runs.
 
     Logits are ``cap(logit_scale * (h @ W^T + b)) / temperature`` (``ref_`` for the reference or

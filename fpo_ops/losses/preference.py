@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..stats import REFERENCE_STATS
+from ..token_stats.stats import REFERENCE_STATS
 from ..token_stats import token_stats
 from .checks import check_bool, validate_pair_labels, validate_pair_tensor
 from .config import LossConfig
