@@ -73,7 +73,7 @@ class FusedDPOConfig(SeedLossArguments, LossArguments, FusedHeadArguments, DPOCo
     ``loss_type`` accepts every TRL name and ``"tdpo1"``, ``"tdpo2"``, ``"spo"``, ``"sppo"``,
     ``"sppo_single"``, ``"simpo"``, ``"cpo"``, ``"orpo"`` (a list combines them with ``loss_weights``,
     as in TRL). SPO's regulariser options (``spo_regularizer``, ``spo_sample_every``, ...) are those
-    of `trl_seed.SeedLossArguments`.
+    of `seed.SeedLossArguments`.
 
     Parameters:
         tdpo_alpha (`float`, defaults to `0.5`): α of TDPO2, weight of the rejected response's
@@ -122,7 +122,7 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
     (logged as ``aux_loss``), computed by the policy's forward as in TRL.
 
     ``spo`` regularises on completions sampled from the policy and ``sppo`` / ``sppo_single`` read
-    SPPO's win-rate columns (see `trl_seed`).
+    SPPO's win-rate columns (see `fpo_ops.integrations.trl.seed`).
     """
 
     _tag_names = ["trl", "dpo", "fpo-ops"]
