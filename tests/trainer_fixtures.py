@@ -124,7 +124,7 @@ def assert_within_budget(ours, theirs, exact, floor=1e-4):
 
 def spy_head_calls(monkeypatch, module=None):
     """Record the GEMM operand dtype of every `token_stats` call made from ``module`` (the fused head's)."""
-    import fpo_ops.integrations.trl_head as trl_head
+    import fpo_ops.integrations.trl.head as trl_head
 
     module = trl_head if module is None else module
     seen = []

@@ -1,84 +1,9 @@
-"""TRL's GKDTrainer with the generalized JSD computed by `fpo_ops.distill_loss` on the fused head.
-
-One import switches an existing script::
+"""The GKD drop-in under its own import path, so that switching a script stays one import::
 
     from fpo_ops.integrations.trl_gkd import FusedGKDTrainer as GKDTrainer
 
-Only ``compute_loss`` is replaced: on-policy generation (``lmbda``), sequence-level KD, data
-collation and logging stay TRL's. Neither student nor teacher builds ``[tokens, vocab]`` logits.
+It lives in `fpo_ops.integrations.trl.gkd`.
 """
-import torch
-from trl.experimental.gkd import GKDTrainer
+from .trl.gkd import FusedGKDTrainer
 
-from ..losses import distill_loss
-from .hf import HEAD_INPUTS_KWARG, HeadInputs, add_head_outputs, apply_gathered, head_precision
-
-
-class FusedGKDTrainer(GKDTrainer):
-    """`trl.experimental.gkd.GKDTrainer` whose loss comes from `fpo_ops.distill_loss`.
-
-    Same arguments as `GKDTrainer`. The divergence is TRL's: ``beta`` interpolates between the
-    forward KL(teacher ‖ student) (0) and the reverse KL (1), over the completion tokens
-    (``labels != -100``), at temperature 1 as TRL's ``compute_loss`` (``temperature`` only samples).
-
-    Precision: student and teacher backbones run under the trainer's autocast (``bf16``/``fp16``),
-    and so does the fused head (bf16/fp16 GEMM operands, fp32 accumulation and statistics);
-    ``cast_lm_head_to_fp32=True`` runs the head of both models in fp32 instead.
-
-    Args:
-        fused_impl: `fpo_ops.token_stats` implementation (``"auto"``, ``"triton"``, ``"torch"``, ``"reference"``).
-        cast_lm_head_to_fp32: run both models' head statistics in fp32, outside autocast.
-        args, kwargs: those of `GKDTrainer`.
-    """
-
-    _tag_names = ["trl", "gkd", "fpo-ops"]
-
-    def __init__(self, *args, fused_impl: str = "auto", cast_lm_head_to_fp32: bool = False, **kwargs):
-        if fused_impl not in ("auto", "triton", "torch", "reference"):
-            raise ValueError(f"fused_impl: expected 'auto', 'triton', 'torch' or 'reference', got {fused_impl!r}")
-        if not isinstance(cast_lm_head_to_fp32, bool):
-            raise TypeError(f"cast_lm_head_to_fp32: expected a bool, got {type(cast_lm_head_to_fp32).__name__}")
-        super().__init__(*args, **kwargs)
-        self.fused_impl = fused_impl
-        self.cast_lm_head_to_fp32 = cast_lm_head_to_fp32
-        add_head_outputs(self.model)
-        add_head_outputs(self.accelerator.unwrap_model(self.teacher_model))
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        model_kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        student: HeadInputs = model(**model_kwargs, **{HEAD_INPUTS_KWARG: True})
-        self.teacher_model.eval()
-        with torch.no_grad():
-            teacher: HeadInputs = self.teacher_model(**model_kwargs, **{HEAD_INPUTS_KWARG: True})
-        # Position i predicts token i + 1; labels are -100 outside the completions.
-        labels = inputs["labels"][:, 1:]
-        hidden, teacher_hidden = student.hidden[:, :-1], teacher.hidden[:, :-1]
-        if self.cast_lm_head_to_fp32:
-            hidden = hidden.float()  # token_stats then computes both heads in fp32
-        has_bias, teacher_has_bias = student.bias is not None, teacher.bias is not None
-
-        def loss_fn(*params_and_inputs):
-            params = list(params_and_inputs[:2 + has_bias + teacher_has_bias])
-            h, th = params_and_inputs[len(params):]
-            weight = params.pop(0)
-            bias = params.pop(0) if has_bias else None
-            teacher_weight = params.pop(0)
-            teacher_bias = params.pop(0) if teacher_has_bias else None
-            return (distill_loss(
-                h, weight, labels, th, teacher_weight.detach(), bias=bias,
-                teacher_bias=None if teacher_bias is None else teacher_bias.detach(), beta=self.beta,
-                softcap=student.softcap, logit_scale=student.logit_scale, teacher_softcap=teacher.softcap,
-                teacher_logit_scale=teacher.logit_scale, num_items_in_batch=num_items_in_batch,
-                impl=self.fused_impl,
-            ),)
-
-        params = [student.weight] + ([student.bias] if has_bias else [])
-        params += [teacher.weight] + ([teacher.bias] if teacher_has_bias else [])
-        with head_precision(student, self.cast_lm_head_to_fp32):
-            (loss,) = apply_gathered(loss_fn, params, hidden, teacher_hidden.detach())
-        if return_outputs:
-            # Logits for `compute_metrics` need an extra, unfused forward.
-            with torch.no_grad():
-                outputs = model(**model_kwargs)
-            return loss, outputs
-        return loss
+__all__ = ["FusedGKDTrainer"]

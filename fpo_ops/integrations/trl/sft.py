@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import trl.trainer.sft_trainer as trl_sft_trainer
 from trl import SFTConfig, SFTTrainer
 
-from .trl_head import FusedHeadArguments, FusedHeadTrainer
+from .head import FusedHeadArguments, FusedHeadTrainer
 
 
 @dataclass

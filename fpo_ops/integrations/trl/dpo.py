@@ -16,17 +16,19 @@ import torch
 import trl.trainer.dpo_trainer as trl_dpo_trainer
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
 
-from ..losses import PreferenceOutput, preference_loss
-from ..losses.config import LossConfig
-from ..losses.registry import EXTRA_HYPER_PARAMETERS, HYPER_PARAMETERS, LOSS_TYPES, needs_reference, token_level_types
-from ..losses.sequence import ld_token_weights
-from ..token_stats import token_stats
-from .hf import (
-    HEAD_INPUTS_KWARG, HeadInputs, add_head_outputs, apply_gathered, head_precision, is_peft_model, is_zero3_param,
+from ...losses import PreferenceOutput, preference_loss
+from ...losses.config import LossConfig
+from ...losses.registry import EXTRA_HYPER_PARAMETERS, HYPER_PARAMETERS, LOSS_TYPES, needs_reference, token_level_types
+from ...losses.sequence import ld_token_weights
+from ...token_stats import token_stats
+from ..hf import HEAD_INPUTS_KWARG, HeadInputs, add_head_outputs, head_precision, is_zero3_param
+from .common import (
+    apply_gathered_heads, completion_labels, head_hidden, head_model_kwargs, log_metric, log_metrics,
+    reference_adapter, reference_forward, trainer_mode,
 )
-from .trl_seed import PAIR_COLUMNS, SeedLossArguments, SeedLossesMixin
+from .head import FusedHeadArguments
+from .seed import PAIR_COLUMNS, SeedLossArguments, SeedLossesMixin
 
 # Inputs the collator adds that the model's forward does not take.
 _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps") + PAIR_COLUMNS
@@ -65,13 +67,13 @@ LossArguments = make_dataclass(
 
 
 @dataclass
-class FusedDPOConfig(SeedLossArguments, LossArguments, DPOConfig):
+class FusedDPOConfig(SeedLossArguments, LossArguments, FusedHeadArguments, DPOConfig):
     r"""`trl.DPOConfig` plus the parameters of the extra loss types of `fpo_ops.preference_loss`.
 
     ``loss_type`` accepts every TRL name and ``"tdpo1"``, ``"tdpo2"``, ``"spo"``, ``"sppo"``,
     ``"sppo_single"``, ``"simpo"``, ``"cpo"``, ``"orpo"`` (a list combines them with ``loss_weights``,
     as in TRL). SPO's regulariser options (``spo_regularizer``, ``spo_sample_every``, ...) are those
-    of `trl_seed.SeedLossArguments`.
+    of `seed.SeedLossArguments`.
 
     Parameters:
         tdpo_alpha (`float`, defaults to `0.5`): α of TDPO2, weight of the rejected response's
@@ -87,10 +89,6 @@ class FusedDPOConfig(SeedLossArguments, LossArguments, DPOConfig):
             autocast dtype, with fp32 accumulation and fp32 statistics.
     """
 
-    fused_impl: str = field(
-        default="auto",
-        metadata={"help": "fpo_ops.token_stats implementation: 'auto', 'triton', 'torch' or 'reference'."},
-    )
     cast_lm_head_to_fp32: bool = field(
         default=False,
         metadata={"help": "Run the fused LM-head statistics of both models in fp32, outside mixed-precision autocast."},
@@ -101,10 +99,6 @@ class FusedDPOConfig(SeedLossArguments, LossArguments, DPOConfig):
         for name in self.loss_type:
             if name not in TRAINER_LOSS_TYPES:
                 raise ValueError(f"loss_type: expected names among {list(TRAINER_LOSS_TYPES)}, got {name!r}")
-        if self.fused_impl not in ("auto", "triton", "torch", "reference"):
-            raise ValueError(
-                f"fused_impl: expected 'auto', 'triton', 'torch' or 'reference', got {self.fused_impl!r}"
-            )
         token_level = token_level_types(self.loss_type)
         if token_level and self.precompute_ref_log_probs:
             raise ValueError(
@@ -128,7 +122,7 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
     (logged as ``aux_loss``), computed by the policy's forward as in TRL.
 
     ``spo`` regularises on completions sampled from the policy and ``sppo`` / ``sppo_single`` read
-    SPPO's win-rate columns (see `trl_seed`).
+    SPPO's win-rate columns (see `fpo_ops.integrations.trl.seed`).
     """
 
     _tag_names = ["trl", "dpo", "fpo-ops"]
@@ -166,13 +160,7 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
     # Model calls
     # ----------------------------------------------------------------------------------------------
     def _model_kwargs(self, inputs: Dict[str, Any], router_logits: bool = False) -> Dict[str, Any]:
-        kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        kwargs["use_cache"] = False
-        kwargs[HEAD_INPUTS_KWARG] = True
-        if router_logits:
-            # The policy's MoE forward then returns its load-balancing loss; the frozen reference's is not needed.
-            kwargs["output_router_logits"] = True
-        return kwargs
+        return head_model_kwargs(inputs, _NON_MODEL_KEYS, router_logits)
 
     @property
     def _fp32_head(self) -> bool:
@@ -180,68 +168,32 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
         return bool(getattr(self.args, "cast_lm_head_to_fp32", False))
 
     def _head_hidden(self, parts: HeadInputs, length: int) -> torch.Tensor:
-        hidden = self._aligned(parts, length)
-        # fp32 hidden states make token_stats compute in fp32 (head_precision switches autocast off).
-        return hidden.float() if self._fp32_head else hidden
-
-    @staticmethod
-    def _aligned(parts: HeadInputs, length: int) -> torch.Tensor:
-        # Prompt-learning PEFT prepends virtual tokens: keep the last `length` (real) positions, then
-        # drop the last one, which predicts nothing.
-        return parts.hidden[:, -length:][:, :-1]
-
-    def _reference_parts(self, model_kwargs: Dict[str, Any]) -> HeadInputs:
-        """Reference hidden states and head, with no graph: a separate model or the PEFT base."""
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model)):
-                # A fresh adapter: disabling it gives the base model. A re-trained one: TRL keeps a frozen
-                # copy named "ref".
-                unwrapped = self.accelerator.unwrap_model(self.model)
-                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                    parts = self.model(**model_kwargs)
-            elif self.ref_model is not None:
-                parts = self.ref_model(**model_kwargs)
-            else:
-                # Full fine-tuning with precomputed log-probs keeps no reference; reached only by mistake.
-                raise ValueError(
-                    "ref_model: the loss needs a reference forward but no reference model is available: "
-                    "expected a ref_model, a PEFT model, or precomputed reference log-probs"
-                )
-        weight = parts.weight.detach() if not is_zero3_param(parts.weight) else parts.weight
-        bias = parts.bias
-        if bias is not None and not is_zero3_param(bias):
-            bias = bias.detach()
-        return HeadInputs(parts.hidden.detach(), weight, bias, parts.softcap, parts.logit_scale, parts.autocast_dtype)
+        return head_hidden(parts, length, self._fp32_head)
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch through the fused head ([B] chosen, [B] rejected)."""
         model_kwargs = self._model_kwargs(inputs)
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
-        adapter_context = contextlib.nullcontext()
-        if self.ref_model is None and is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            adapter_context,
+            reference_adapter(self),
             self.accelerator.autocast(),
         ):
             add_head_outputs(self.accelerator.unwrap_model(model))
             parts = model(**model_kwargs)
             hidden = self._head_hidden(parts, inputs["input_ids"].shape[1])
 
-            def logp(weight, *rest):
-                bias = rest[0] if parts.bias is not None else None
+            def logp(heads):
+                weight, bias = heads
                 return (token_stats(
                     hidden, weight, labels, bias=bias, softcap=parts.softcap, logit_scale=parts.logit_scale,
                     impl=getattr(self.args, "fused_impl", "auto"),
                 ).logp,)
 
-            params = [parts.weight] + ([parts.bias] if parts.bias is not None else [])
             # The precision rule of the policy's head in training, not just the ambient autocast.
             with head_precision(parts, self._fp32_head):
-                (per_token,) = apply_gathered(logp, params)
+                (per_token,) = apply_gathered_heads(logp, [parts.weight, parts.bias])
         weights = ld_token_weights(labels != -100, self.ld_alpha, per_token.dtype)
         return (per_token * weights).sum(dim=1).chunk(2, dim=0)
 
@@ -249,10 +201,10 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
     # Loss and metrics
     # ----------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs, return_outputs):
-        mode = "train" if self.model.training else "eval"
+        mode = trainer_mode(self)
         model_kwargs = self._model_kwargs(inputs)
         input_length = inputs["input_ids"].shape[1]
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+        labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
 
         policy = model(**self._model_kwargs(inputs, router_logits=self.aux_loss_enabled))
         hidden = self._head_hidden(policy, input_length)
@@ -261,9 +213,9 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
         if self.precompute_ref_logps:
             ref_logps = dict(ref_chosen_logps=inputs["ref_chosen_logps"], ref_rejected_logps=inputs["ref_rejected_logps"])
         elif self._needs_reference:
-            reference = self._reference_parts(model_kwargs)
+            reference = reference_forward(self, model_kwargs)
 
-        ref_hidden = None if reference is None else self._aligned(reference, input_length)
+        ref_hidden = None if reference is None else head_hidden(reference, input_length)
         ref_logps.update(self._seed_loss_inputs(model, inputs, policy))
         with head_precision(policy, self._fp32_head):
             output = self._fused_preference_loss(policy, hidden, labels, reference, ref_hidden, ref_logps)
@@ -277,7 +229,7 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
                 )
             # TRL's MoE term: the policy forward's router load-balancing loss, weighted and logged as in TRL.
             loss = loss + self.router_aux_loss_coef * policy.aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(policy.aux_loss.detach()).mean().item())
+            log_metric(self, mode, "aux_loss", policy.aux_loss)
         self._log_metrics(mode, inputs, output)
 
         if return_outputs:
@@ -304,43 +256,27 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
         return _zero3_preference_loss(heads, hidden, labels, ref_hidden, kwargs)
 
     def _log_metrics(self, mode: str, inputs: Dict[str, Any], output: PreferenceOutput) -> None:
-        gather = self.accelerator.gather_for_metrics
-        for name, value in output.metrics.items():
-            # Per-rank means: exact on one process; across ranks each rank weighs equally.
-            self._metrics[mode][name].append(gather(value.detach().float().reshape(1)).mean().item())
+        log_metrics(self, mode, output.metrics)
         if mode == "train":
-            num_tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += num_tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
 
 def _zero3_preference_loss(heads, hidden, labels, ref_hidden, kwargs) -> PreferenceOutput:
     """`preference_loss` with ZeRO-3 partitioned heads gathered for forward and recompute."""
-    present = [i for i, t in enumerate(heads) if t is not None]
     names: Tuple[str, ...] = ()
 
-    def run(*tensors):
+    def run(full, h, y, rh):
         nonlocal names
-        full = [None] * len(heads)
-        for i, t in zip(present, tensors[:len(present)]):
-            full[i] = t
-        h, y, rh = tensors[len(present):]
         out = preference_loss(h, full[0], y, rh, full[2], bias=full[1], ref_bias=full[3], **kwargs)
         names = tuple(out.metrics)
         return (out.loss, out.chosen_logps, out.rejected_logps, out.chosen_rewards, out.rejected_rewards,
                 out.per_sequence_loss, *(out.metrics[n] for n in names))
 
-    values = apply_gathered(run, [heads[i] for i in present], hidden, labels, ref_hidden)
+    values = apply_gathered_heads(run, heads, hidden, labels, ref_hidden)
     loss, chosen, rejected, chosen_rewards, rejected_rewards, per_sequence = values[:6]
     return PreferenceOutput(
         loss=loss, metrics=dict(zip(names, values[6:])), chosen_logps=chosen, rejected_logps=rejected,
         chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, per_sequence_loss=per_sequence,
     )
-
-
-# The drop-ins for TRL's other trainers live in their own modules; one import path for all of them.
-from .trl_sft import FusedSFTConfig, FusedSFTTrainer  # noqa: E402,F401
-from .trl_kto import FusedKTOConfig, FusedKTOTrainer  # noqa: E402,F401
-from .trl_distillation import FusedDistillationConfig, FusedDistillationTrainer  # noqa: E402,F401
-from .trl_grpo import FusedGRPOConfig, FusedGRPOTrainer  # noqa: E402,F401
-from .trl_rloo import FusedRLOOConfig, FusedRLOOTrainer  # noqa: E402,F401

@@ -17,9 +17,10 @@ import torch
 import trl.trainer.distillation_trainer as trl_distillation_trainer
 from trl import DistillationConfig, DistillationTrainer
 
-from ..losses import distill_loss
-from .hf import apply_gathered, _full
-from .trl_head import FusedHeadArguments
+from ...losses import distill_loss
+from ..hf import _full
+from .common import apply_gathered_heads
+from .head import FusedHeadArguments
 
 
 @dataclass
@@ -63,15 +64,9 @@ def fused_divergence_loss(
         ([] loss, [] sum of the student's per-token entropy (no gradient), [] number of valid positions).
     """
     labels = torch.where(completion_mask != 0, 0, -100).to(student_hidden_states.device)
-    student_has_bias, teacher_has_bias = student_lm_head_bias is not None, teacher_lm_head_bias is not None
 
-    def run(*tensors):
-        tensors = list(tensors)
-        weight = tensors.pop(0)
-        bias = tensors.pop(0) if student_has_bias else None
-        teacher_weight = tensors.pop(0)
-        teacher_bias = tensors.pop(0) if teacher_has_bias else None
-        hidden, teacher_hidden = tensors
+    def run(heads, hidden, teacher_hidden):
+        weight, bias, teacher_weight, teacher_bias = heads
         return distill_loss(
             hidden, weight, labels, teacher_hidden, teacher_weight.detach(), bias=bias,
             teacher_bias=None if teacher_bias is None else teacher_bias.detach(), beta=beta,
@@ -80,9 +75,9 @@ def fused_divergence_loss(
             num_items_in_batch=num_items_in_batch, impl=impl, check_inputs=False, return_entropy=True,
         )
 
-    params = [_full(student_lm_head_weight)] + ([_full(student_lm_head_bias)] if student_has_bias else [])
-    params += [_full(teacher_lm_head_weight)] + ([_full(teacher_lm_head_bias)] if teacher_has_bias else [])
-    loss, entropy = apply_gathered(run, params, student_hidden_states, teacher_hidden_states.detach())
+    heads = [_full(student_lm_head_weight), _full(student_lm_head_bias),
+             _full(teacher_lm_head_weight), _full(teacher_lm_head_bias)]
+    loss, entropy = apply_gathered_heads(run, heads, student_hidden_states, teacher_hidden_states.detach())
     return loss, entropy.detach().sum(), (completion_mask != 0).sum()
 
 

@@ -17,8 +17,9 @@ import torch
 import trl.trainer.grpo_trainer as trl_grpo_trainer
 from trl import GRPOConfig, GRPOTrainer
 
-from .hf import hidden_and_head, is_peft_model
-from .trl_head import ExactKLRequest, FusedHeadArguments, FusedHeadTrainer, exact_kl_of
+from ..hf import hidden_and_head, is_peft_model
+from .common import reference_adapter, trainer_mode
+from .head import ExactKLRequest, FusedHeadArguments, FusedHeadTrainer, exact_kl_of
 
 KL_ESTIMATORS = ("k3", "exact")
 
@@ -76,13 +77,13 @@ class FusedGRPOTrainer(FusedHeadTrainer, GRPOTrainer):
             unwrapped = self.accelerator.unwrap_model(self.model)
             if not is_peft_model(unwrapped):
                 raise ValueError("kl_estimator: 'exact' needs a reference model or a PEFT policy, got neither")
-            with unwrapped.disable_adapter():
+            with reference_adapter(self):
                 return hidden_and_head(unwrapped, *args, **kwargs)
 
     def _compute_loss(self, model, inputs):
         if getattr(self.args, "kl_estimator", "k3") != "exact":
             return super()._compute_loss(model, inputs)
-        mode = "train" if self.model.training else "eval"
+        mode = trainer_mode(self)
         logged = len(self._metrics[mode].get("policy_loss", ()))
         beta, self.beta = self.beta, 0.0  # TRL's loss without its k3 term; the exact term is added below
         try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import trl.trainer.rloo_trainer as trl_rloo_trainer
 from trl import RLOOConfig, RLOOTrainer
 
-from .trl_head import FusedHeadArguments, FusedHeadTrainer
+from .head import FusedHeadArguments, FusedHeadTrainer
 
 
 @dataclass

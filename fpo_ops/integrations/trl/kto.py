@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import trl.trainer.kto_trainer as trl_kto_trainer
 from trl import KTOConfig, KTOTrainer
 
-from .trl_head import FusedHeadArguments, FusedHeadTrainer
+from .head import FusedHeadArguments, FusedHeadTrainer
 
 
 @dataclass

@@ -23,8 +23,9 @@ from typing import Any, Iterator, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..token_stats import token_stats
-from .hf import HeadInputs, apply_gathered, find_backbone, head_scaling, lm_head_tensors, unwrap_peft
+from ...token_stats import token_stats
+from ..hf import HeadInputs, find_backbone, head_scaling, lm_head_tensors, unwrap_peft
+from .common import apply_gathered_heads
 
 # TRL's output field -> token_stats statistic.
 _TRL_OUTPUTS = {
@@ -94,22 +95,19 @@ def fused_head_stats(
         precision = torch.autocast(hidden.device.type, enabled=False)
 
     names = tuple(_TRL_OUTPUTS[name] for name in wanted) + (("reverse_kl",) if reference is not None else ())
-    params = [weight] + ([bias] if bias is not None else [])
+    heads = [weight, bias]
     if reference is not None:
-        params += [reference.weight] + ([reference.bias] if reference.bias is not None else [])
+        heads += [reference.weight, reference.bias]
         ref_hidden = reference.hidden.detach().to(weight.device)
         ref_hidden = ref_hidden.float() if cast_lm_head_to_fp32 else ref_hidden
 
-    def run(*tensors):
-        tensors = list(tensors)
-        w = tensors.pop(0)
-        b = tensors.pop(0) if bias is not None else None
+    def run(full, h, y, rh):
+        w, b = full[:2]
         ref = {}
         if reference is not None:
-            ref["ref_weight"] = tensors.pop(0).detach()
-            ref["ref_bias"] = tensors.pop(0).detach() if reference.bias is not None else None
-            ref.update(ref_softcap=reference.softcap, ref_logit_scale=reference.logit_scale)
-        h, y, rh = tensors
+            ref_w, ref_b = full[2:]
+            ref = dict(ref_weight=ref_w.detach(), ref_bias=None if ref_b is None else ref_b.detach(),
+                       ref_softcap=reference.softcap, ref_logit_scale=reference.logit_scale)
         stats = token_stats(
             h, w, y, rh, bias=b, temperature=temperature, softcap=scaling.softcap, logit_scale=scaling.logit_scale,
             outputs=names, impl=impl, check_labels=False, **ref,
@@ -117,7 +115,7 @@ def fused_head_stats(
         return tuple(getattr(stats, name) for name in names)
 
     with precision:
-        values = apply_gathered(run, params, hidden, labels, None if reference is None else ref_hidden)
+        values = apply_gathered_heads(run, heads, hidden, labels, None if reference is None else ref_hidden)
     by_name = dict(zip(wanted, values))
     if "is_top1" in by_name:
         by_name["is_top1"] = by_name["is_top1"] > 0.5

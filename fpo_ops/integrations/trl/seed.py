@@ -38,8 +38,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from trl.models.utils import unwrap_model_for_generation
 
-from ..losses.registry import LOSSES, users_of
-from .hf import HeadInputs, is_zero3_param
+from ...losses.registry import LOSSES, users_of
+from ..hf import HeadInputs, is_zero3_param
+from .common import completion_labels, head_hidden, head_model_kwargs, reference_forward
 
 # Per-pair dataset columns (names of the official SPPO code) and the preference_loss argument each feeds.
 PAIR_COLUMNS = ("chosen_probs", "chosen_probs_win", "chosen_probs_lose", "spo_weight")
@@ -192,12 +193,12 @@ class SeedLossesMixin:
             samples = self._generate_spo_samples(model, inputs, step)  # evaluation: fresh, not cached
         elif samples is None or (step != samples.step and step % _seed_option(self.args, "spo_sample_every") == 0):
             samples = self._spo_samples = self._generate_spo_samples(model, inputs, step)
-        kwargs = self._model_kwargs(dict(input_ids=samples.input_ids, attention_mask=samples.attention_mask))
+        kwargs = head_model_kwargs(dict(input_ids=samples.input_ids, attention_mask=samples.attention_mask))
         length = samples.input_ids.shape[1]
-        sample_hidden = self._aligned(model(**kwargs), length)
-        reference = self._reference_parts(kwargs)
+        sample_hidden = head_hidden(model(**kwargs), length)
+        reference = reference_forward(self, kwargs)
         return dict(
-            sample_hidden=sample_hidden, sample_ref_hidden=self._aligned(reference, length),
+            sample_hidden=sample_hidden, sample_ref_hidden=head_hidden(reference, length),
             sample_labels=samples.labels, spo_score_function=_seed_option(self.args, "spo_score_function"),
         )
 
@@ -240,5 +241,5 @@ class SeedLossesMixin:
             input_ids[i, :len(row)] = row
             attention_mask[i, :len(row)] = 1
             sampled[i, len(prompt):len(row)] = True
-        labels = input_ids.masked_fill(~sampled, -100)[:, 1:]
+        labels = completion_labels(input_ids, sampled)
         return _Samples(step, input_ids, attention_mask, labels)
