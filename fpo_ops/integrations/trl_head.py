@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from ..token_stats import token_stats
-from .hf import HeadInputs, apply_gathered, find_backbone, head_scaling, lm_head_tensors, unwrap_peft
+from .hf import (
+    HeadInputs, apply_gathered, find_backbone, head_scaling, hidden_and_head, is_peft_model, lm_head_tensors, unwrap_peft,
+)
 
 # TRL's output field -> token_stats statistic.
 _TRL_OUTPUTS = {
@@ -184,6 +186,7 @@ def add_fused_head(
         )
         if request is not None:
             request.kl = kl
+            request.kls.append(kl)
         mask = labels.to(log_probs.device) != -100
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / count
@@ -206,11 +209,35 @@ class ExactKLRequest:
         reference: called with the forward's arguments, returns the reference's `HeadInputs`
             (hidden [B, T, H'], no graph) for the same inputs.
         kl: set by the forward: [B, T-1] per-token KL (0 where ignored), differentiable in the policy.
+        kls: every forward's ``kl`` in call order (a trainer that runs its batch in chunks concatenates them).
     """
 
     def __init__(self, reference):
         self.reference = reference
         self.kl: Optional[torch.Tensor] = None
+        self.kls: list = []
+
+
+def check_kl_estimator(kl_estimator: Any, beta: float, choices: Sequence[str]) -> None:
+    """Raise a ValueError naming the option unless ``kl_estimator`` is one of ``choices`` and an
+    ``"exact"`` estimator has a weight ``beta != 0``."""
+    if kl_estimator not in choices:
+        raise ValueError(f"kl_estimator: expected one of {list(choices)}, got {kl_estimator!r}")
+    if kl_estimator == "exact" and beta == 0.0:
+        raise ValueError("beta: kl_estimator='exact' is a penalty weighted by beta: expected beta != 0, got 0.0")
+
+
+def reference_head(trainer: Any, *args: Any, **kwargs: Any) -> HeadInputs:
+    """The reference's hidden states and head of a TRL RL trainer for a policy forward's inputs (no graph):
+    ``trainer.ref_model``, or the policy with its adapters disabled when it is a PEFT model."""
+    with torch.no_grad():
+        if trainer.ref_model is not None:
+            return hidden_and_head(trainer.accelerator.unwrap_model(trainer.ref_model), *args, **kwargs)
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        if not is_peft_model(unwrapped):
+            raise ValueError("kl_estimator: 'exact' needs a reference model or a PEFT policy, got neither")
+        with unwrapped.disable_adapter():
+            return hidden_and_head(unwrapped, *args, **kwargs)
 
 
 @contextlib.contextmanager
