@@ -256,3 +256,33 @@ def test_rloo_exact_kl_trains(tmp_path):
     assert len(kls) == 3 and all(k > 0 and k == k for k in kls)
     assert any(h["grad_norm"] > 0 for h in trainer.state.log_history if "grad_norm" in h)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("trainer_cls, config_cls", [(FusedGRPOTrainer, FusedGRPOConfig),
+                                                     (FusedRLOOTrainer, FusedRLOOConfig)])
+def test_exact_kl_of_a_pretrained_adapter_is_to_its_initial_copy(tmp_path, trainer_cls, config_cls):
+    # TRL's reference for a PEFT policy with a pretrained adapter is the adapter's frozen copy "ref",
+    # not the base model: before any step the policy is its reference and the exact KL is 0.
+    peft = pytest.importorskip("peft")
+    policy = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    config = config_cls(output_dir=str(tmp_path), kl_estimator="exact", **{**COMMON, "beta": 0.3})
+    trainer = trainer_cls(model=policy, reward_funcs=[reward_length, reward_digits], train_dataset=completion_dataset(8)
+                          .remove_columns("completion"), args=config, processing_class=tiny_tokenizer())
+    assert "ref" in trainer.model.peft_config
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() otherwise
+    rows = [trainer.train_dataset[i] for i in (0, 0, 1, 1)]
+    inputs = trainer._prepare_inputs(rows)
+    assert inputs["advantages"].abs().max() > 0
+    trainer.compute_loss(trainer.model, inputs).backward()
+    # The reference switch inside the policy's forward leaves the adapter trained and its copy frozen.
+    lora = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert all(p.grad is None for n, p in lora.items() if ".ref." in n)
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for n, p in lora.items() if ".default." in n)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    with torch.no_grad(), trainer.model.disable_adapter():
+        base = trainer.model(input_ids=ids).logits
+    assert (trainer.model(input_ids=ids).logits - base).abs().max() > 1e-3  # the adapter moves the policy
+    assert all(abs(k) < 1e-6 for k in trainer._metrics["train"]["kl"])
+    assert all(p.requires_grad == (".default." in n) for n, p in lora.items())

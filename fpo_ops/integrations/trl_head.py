@@ -228,15 +228,20 @@ def check_kl_estimator(kl_estimator: Any, beta: float, choices: Sequence[str]) -
 
 
 def reference_head(trainer: Any, *args: Any, **kwargs: Any) -> HeadInputs:
-    """The reference's hidden states and head of a TRL RL trainer for a policy forward's inputs (no graph):
-    ``trainer.ref_model``, or the policy with its adapters disabled when it is a PEFT model."""
+    """The reference's hidden states and head of a TRL RL trainer for a policy forward's inputs (no graph).
+
+    The reference is TRL's: ``trainer.ref_model``, else for a PEFT policy the frozen copy ``"ref"``
+    TRL makes of a pretrained adapter, else the policy with its adapters disabled.
+    """
+    from trl.trainer.utils import use_adapter
+
     with torch.no_grad():
         if trainer.ref_model is not None:
             return hidden_and_head(trainer.accelerator.unwrap_model(trainer.ref_model), *args, **kwargs)
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         if not is_peft_model(unwrapped):
             raise ValueError("kl_estimator: 'exact' needs a reference model or a PEFT policy, got neither")
-        with unwrapped.disable_adapter():
+        with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
             return hidden_and_head(unwrapped, *args, **kwargs)
 
 
