@@ -249,6 +249,31 @@ def test_rloo_exact_kl_reward_equals_a_float64_reference(tmp_path, monkeypatch, 
     assert trainer._metrics["train"]["kl"][-1] == pytest.approx((kl.sum() / mask.sum()).item(), rel=1e-5, abs=1e-7)
 
 
+def test_rloo_exact_kl_under_bf16_is_within_the_bf16_budget(tmp_path, monkeypatch):
+    # The precision rule: the KL's head runs under the trainer's bf16 autocast, like TRL's own heads.
+    trainer = exact_kl_rloo_trainer(tmp_path, [reward_zero], bf16=True)
+    trainer.model.train()
+    passes = []
+    original = FusedRLOOTrainer._get_per_token_logps_and_entropies
+
+    def spy(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        passes.append(result[0])
+        return result
+
+    monkeypatch.setattr(FusedRLOOTrainer, "_get_per_token_logps_and_entropies", spy)
+    transformers.set_seed(trainer.args.seed)
+    out = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in (0, 0, 1, 1)])
+    mask = out["completion_mask"].double()
+    # Per token (sums of signed errors may cancel in one and not the other).
+    ours = (passes[0] - passes[1]).double() * mask
+    oracle = float64_kl(trainer, out) * mask
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # plain bf16 PyTorch: bf16 logits, KL from them
+        plain = float64_kl(trainer, out) * mask
+    assert (plain - oracle).abs().max() > 1e-5  # the budget is a bf16 one
+    assert (ours - oracle).abs().max() <= 2 * (plain - oracle).abs().max() + 1e-5
+
+
 def test_rloo_exact_kl_trains(tmp_path):
     trainer = exact_kl_rloo_trainer(tmp_path, [reward_length, reward_digits], max_steps=3, learning_rate=5e-2)
     trainer.train()
