@@ -265,6 +265,8 @@ def test_rloo_exact_kl_under_bf16_is_within_the_bf16_budget(tmp_path, monkeypatc
     transformers.set_seed(trainer.args.seed)
     out = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in (0, 0, 1, 1)])
     mask = out["completion_mask"].double()
+    # accelerate wrapped the reference's forward in the trainer's bf16 autocast: the oracle needs it without.
+    trainer.accelerator.unwrap_model(trainer.ref_model, keep_fp32_wrapper=False)
     # Per token (sums of signed errors may cancel in one and not the other).
     ours = (passes[0] - passes[1]).double() * mask
     oracle = float64_kl(trainer, out) * mask
