@@ -172,11 +172,144 @@ def test_exact_kl_trains(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+@pytest.mark.parametrize("config_cls", [FusedGRPOConfig, FusedRLOOConfig])
 @pytest.mark.parametrize("options, name", [
     (dict(kl_estimator="exact", beta=0.0), "beta"),
     (dict(kl_estimator="k2"), "kl_estimator"),
     (dict(fused_impl="cuda"), "fused_impl"),
 ])
-def test_bad_grpo_options_name_the_option(tmp_path, options, name):
+def test_bad_rl_options_name_the_option(tmp_path, config_cls, options, name):
     with pytest.raises(ValueError, match=name):
-        FusedGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **options)
+        config_cls(output_dir=str(tmp_path), use_cpu=True, report_to="none", **options)
+
+
+def test_rloo_refuses_the_grpo_estimator_name(tmp_path):
+    with pytest.raises(ValueError, match="kl_estimator"):
+        FusedRLOOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", kl_estimator="k3")
+
+
+def reward_zero(completions, **kwargs):
+    return [0.0 for _ in completions]
+
+
+def exact_kl_rloo_trainer(tmp_path, reward_funcs, **overrides):
+    path = tmp_path / "model"
+    tiny_model("gemma2").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    prompts = completion_dataset(8).remove_columns("completion")
+    config = FusedRLOOConfig(output_dir=str(tmp_path / "out"), kl_estimator="exact",
+                             **{**COMMON, "beta": 0.3, **overrides})
+    trainer = FusedRLOOTrainer(model=str(path), reward_funcs=reward_funcs, train_dataset=prompts,
+                               args=config, processing_class=tiny_tokenizer())
+    with torch.no_grad():  # a reference that differs from the policy
+        g = torch.Generator().manual_seed(5)
+        for p in trainer.ref_model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return trainer
+
+
+# The second case scores the generated batch in two chunks of two.
+@pytest.mark.parametrize("options", [dict(), dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)])
+def test_rloo_exact_kl_reward_equals_a_float64_reference(tmp_path, monkeypatch, options):
+    # A zero reward leaves only the KL term: reward_i = -beta * KL_i, advantage_i = reward_i - mean of its group's others.
+    trainer = exact_kl_rloo_trainer(tmp_path, [reward_zero], **options)
+    trainer.model.train()
+    # Per-token KL as TRL puts it in the reward: old-policy minus "reference" log-probs of the passes it runs.
+    passes = []
+    original = FusedRLOOTrainer._get_per_token_logps_and_entropies
+
+    def spy(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        passes.append(result[0])
+        return result
+
+    monkeypatch.setattr(FusedRLOOTrainer, "_get_per_token_logps_and_entropies", spy)
+    rows = [trainer.train_dataset[i] for i in (0, 0, 1, 1)]
+    transformers.set_seed(trainer.args.seed)
+    out = trainer._generate_and_score_completions(rows)
+    assert len(passes) == 2
+    mask = out["completion_mask"].double()
+    assert mask.sum(-1).min() >= 1
+
+    kl = float64_kl(trainer, out) * mask
+    per_sequence = kl.sum(-1)
+    assert kl.max() > 1e-3  # the reference differs, the KL term matters
+    # fp32 budget: the head's fp32 statistics plus TRL's `old - ref` subtraction (half an ulp of |log p| per token).
+    logps = passes[0].double()
+    floor = (torch.finfo(torch.float32).eps * logps.abs() * mask).sum(-1)
+    as_rewarded = ((passes[0] - passes[1]).double() * mask).sum(-1)
+    torch.testing.assert_close(as_rewarded, per_sequence, rtol=1e-5, atol=floor.max().item() + 1e-7)
+    # The old-policy log-probs of the loss are the pass's own, untouched by the KL.
+    torch.testing.assert_close(out["old_logps"], (passes[0] * out["completion_mask"]).sum(-1), rtol=0, atol=0)
+
+    grouped = (-trainer.beta * per_sequence).view(-1, 2)
+    expected_advantages = (grouped - grouped.flip(-1)).view(-1)
+    torch.testing.assert_close(out["advantages"].double(), expected_advantages, rtol=1e-5,
+                               atol=trainer.beta * 2 * floor.max().item() + 1e-7)
+    assert trainer._metrics["train"]["kl"][-1] == pytest.approx((kl.sum() / mask.sum()).item(), rel=1e-5, abs=1e-7)
+
+
+def test_rloo_exact_kl_under_bf16_is_within_the_bf16_budget(tmp_path, monkeypatch):
+    # The precision rule: the KL's head runs under the trainer's bf16 autocast, like TRL's own heads.
+    trainer = exact_kl_rloo_trainer(tmp_path, [reward_zero], bf16=True)
+    trainer.model.train()
+    passes = []
+    original = FusedRLOOTrainer._get_per_token_logps_and_entropies
+
+    def spy(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        passes.append(result[0])
+        return result
+
+    monkeypatch.setattr(FusedRLOOTrainer, "_get_per_token_logps_and_entropies", spy)
+    transformers.set_seed(trainer.args.seed)
+    out = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in (0, 0, 1, 1)])
+    mask = out["completion_mask"].double()
+    # accelerate wrapped the reference's forward in the trainer's bf16 autocast: the oracle needs it without.
+    trainer.accelerator.unwrap_model(trainer.ref_model, keep_fp32_wrapper=False)
+    # Per token (sums of signed errors may cancel in one and not the other).
+    ours = (passes[0] - passes[1]).double() * mask
+    oracle = float64_kl(trainer, out) * mask
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # plain bf16 PyTorch: bf16 logits, KL from them
+        plain = float64_kl(trainer, out) * mask
+    assert (plain - oracle).abs().max() > 1e-5  # the budget is a bf16 one
+    assert (ours - oracle).abs().max() <= 2 * (plain - oracle).abs().max() + 1e-5
+
+
+def test_rloo_exact_kl_trains(tmp_path):
+    trainer = exact_kl_rloo_trainer(tmp_path, [reward_length, reward_digits], max_steps=3, learning_rate=5e-2)
+    trainer.train()
+    kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    assert len(kls) == 3 and all(k > 0 and k == k for k in kls)
+    assert any(h["grad_norm"] > 0 for h in trainer.state.log_history if "grad_norm" in h)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("trainer_cls, config_cls", [(FusedGRPOTrainer, FusedGRPOConfig),
+                                                     (FusedRLOOTrainer, FusedRLOOConfig)])
+def test_exact_kl_of_a_pretrained_adapter_is_to_its_initial_copy(tmp_path, trainer_cls, config_cls):
+    # TRL's reference for a PEFT policy with a pretrained adapter is the adapter's frozen copy "ref",
+    # not the base model: before any step the policy is its reference and the exact KL is 0.
+    peft = pytest.importorskip("peft")
+    policy = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    config = config_cls(output_dir=str(tmp_path), kl_estimator="exact", **{**COMMON, "beta": 0.3})
+    trainer = trainer_cls(model=policy, reward_funcs=[reward_length, reward_digits], train_dataset=completion_dataset(8)
+                          .remove_columns("completion"), args=config, processing_class=tiny_tokenizer())
+    assert "ref" in trainer.model.peft_config
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() otherwise
+    rows = [trainer.train_dataset[i] for i in (0, 0, 1, 1)]
+    inputs = trainer._prepare_inputs(rows)
+    assert inputs["advantages"].abs().max() > 0
+    trainer.compute_loss(trainer.model, inputs).backward()
+    # The reference switch inside the policy's forward leaves the adapter trained and its copy frozen.
+    lora = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert all(p.grad is None for n, p in lora.items() if ".ref." in n)
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for n, p in lora.items() if ".default." in n)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    with torch.no_grad(), trainer.model.disable_adapter():
+        base = trainer.model(input_ids=ids).logits
+    assert (trainer.model(input_ids=ids).logits - base).abs().max() > 1e-3  # the adapter moves the policy
+    assert all(abs(k) < 1e-6 for k in trainer._metrics["train"]["kl"])
+    assert all(p.requires_grad == (".default." in n) for n, p in lora.items())

@@ -11,15 +11,15 @@ masks, the MoE load-balancing loss and every metric are TRL's. ``kl_estimator="e
 TRL's sampled-token k3 KL estimate by the exact per-token KL(pi_theta ‖ pi_ref) over the whole
 vocabulary, from the same fused pass (see `FusedGRPOConfig`).
 """
+import functools
 from dataclasses import dataclass, field
 
 import torch
 import trl.trainer.grpo_trainer as trl_grpo_trainer
 from trl import GRPOConfig, GRPOTrainer
 
-from ..hf import hidden_and_head, is_peft_model
-from .common import reference_adapter, trainer_mode
-from .head import ExactKLRequest, FusedHeadArguments, FusedHeadTrainer, exact_kl_of
+from .common import trainer_mode
+from .head import ExactKLRequest, FusedHeadArguments, FusedHeadTrainer, check_kl_estimator, exact_kl_of, reference_head
 
 KL_ESTIMATORS = ("k3", "exact")
 
@@ -51,10 +51,7 @@ class FusedGRPOConfig(FusedHeadArguments, GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator: expected one of {list(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
-        if self.kl_estimator == "exact" and self.beta == 0.0:
-            raise ValueError("beta: kl_estimator='exact' is a penalty weighted by beta: expected beta != 0, got 0.0")
+        check_kl_estimator(self.kl_estimator, self.beta, KL_ESTIMATORS)
 
 
 class FusedGRPOTrainer(FusedHeadTrainer, GRPOTrainer):
@@ -69,17 +66,6 @@ class FusedGRPOTrainer(FusedHeadTrainer, GRPOTrainer):
     _tag_names = ["trl", "grpo", "fpo-ops"]
     trl_module = trl_grpo_trainer
 
-    def _reference_head(self, *args, **kwargs):
-        """The reference's hidden states and head for the policy forward's inputs (no graph)."""
-        with torch.no_grad():
-            if self.ref_model is not None:
-                return hidden_and_head(self.accelerator.unwrap_model(self.ref_model), *args, **kwargs)
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            if not is_peft_model(unwrapped):
-                raise ValueError("kl_estimator: 'exact' needs a reference model or a PEFT policy, got neither")
-            with reference_adapter(self):
-                return hidden_and_head(unwrapped, *args, **kwargs)
-
     def _compute_loss(self, model, inputs):
         if getattr(self.args, "kl_estimator", "k3") != "exact":
             return super()._compute_loss(model, inputs)
@@ -87,7 +73,7 @@ class FusedGRPOTrainer(FusedHeadTrainer, GRPOTrainer):
         logged = len(self._metrics[mode].get("policy_loss", ()))
         beta, self.beta = self.beta, 0.0  # TRL's loss without its k3 term; the exact term is added below
         try:
-            with exact_kl_of(self.accelerator.unwrap_model(model), ExactKLRequest(self._reference_head)) as request:
+            with exact_kl_of(self.accelerator.unwrap_model(model), ExactKLRequest(functools.partial(reference_head, self))) as request:
                 loss = super()._compute_loss(model, inputs)
         finally:
             self.beta = beta

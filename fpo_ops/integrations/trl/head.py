@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ...token_stats import token_stats
-from ..hf import HeadInputs, find_backbone, head_scaling, lm_head_tensors, unwrap_peft
-from .common import apply_gathered_heads
+from ..hf import HeadInputs, find_backbone, head_scaling, hidden_and_head, is_peft_model, lm_head_tensors, unwrap_peft
+from .common import apply_gathered_heads, reference_adapter
 
 # TRL's output field -> token_stats statistic.
 _TRL_OUTPUTS = {
@@ -182,6 +182,7 @@ def add_fused_head(
         )
         if request is not None:
             request.kl = kl
+            request.kls.append(kl)
         mask = labels.to(log_probs.device) != -100
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / count
@@ -204,11 +205,38 @@ class ExactKLRequest:
         reference: called with the forward's arguments, returns the reference's `HeadInputs`
             (hidden [B, T, H'], no graph) for the same inputs.
         kl: set by the forward: [B, T-1] per-token KL (0 where ignored), differentiable in the policy.
+        kls: every forward's ``kl`` in call order (a trainer that runs its batch in chunks concatenates them).
     """
 
     def __init__(self, reference):
         self.reference = reference
         self.kl: Optional[torch.Tensor] = None
+        self.kls: list = []
+
+
+def check_kl_estimator(kl_estimator: Any, beta: float, choices: Sequence[str]) -> None:
+    """Raise a ValueError naming the option unless ``kl_estimator`` is one of ``choices`` and an
+    ``"exact"`` estimator has a weight ``beta != 0``."""
+    if kl_estimator not in choices:
+        raise ValueError(f"kl_estimator: expected one of {list(choices)}, got {kl_estimator!r}")
+    if kl_estimator == "exact" and beta == 0.0:
+        raise ValueError("beta: kl_estimator='exact' is a penalty weighted by beta: expected beta != 0, got 0.0")
+
+
+def reference_head(trainer: Any, *args: Any, **kwargs: Any) -> HeadInputs:
+    """The reference's hidden states and head of a TRL RL trainer for a policy forward's inputs (no graph).
+
+    The reference is TRL's: ``trainer.ref_model``, else for a PEFT policy the frozen copy ``"ref"``
+    TRL makes of a pretrained adapter, else the policy with its adapters disabled.
+    """
+    with torch.no_grad():
+        if trainer.ref_model is not None:
+            return hidden_and_head(trainer.accelerator.unwrap_model(trainer.ref_model), *args, **kwargs)
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        if not is_peft_model(unwrapped):
+            raise ValueError("kl_estimator: 'exact' needs a reference model or a PEFT policy, got neither")
+        with reference_adapter(trainer):
+            return hidden_and_head(unwrapped, *args, **kwargs)
 
 
 @contextlib.contextmanager
