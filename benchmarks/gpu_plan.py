@@ -36,7 +36,7 @@ GPU_MEMORY_GIB = 139.0   # usable memory of the lent H200
 PYTHON_START_S = 5.0     # one Python process importing torch, triton and transformers
 CASE_OVERHEAD_S = 0.3    # inputs drawn on the device, cache emptied, host work between steps
 # One Triton kernel variant compiled cold (the machine's cache starts empty): the 10 variants of
-# tests/kernel_compile_check.py compile for sm_90 in about 7 s on a 2-core CI machine; doubled.
+# tests/support/kernel_compile_check.py compile for sm_90 in about 7 s on a 2-core CI machine; doubled.
 TRITON_COMPILE_S = 1.5
 
 
@@ -111,7 +111,7 @@ class Plan:
                 "--check-tokens", str(self.check_tokens), "--isolate", self.isolate]
 
 
-GPU_TESTS = ("-m", "gpu", "tests/test_triton_stats.py", "tests/test_gemm_fp32.py")
+GPU_TESTS = ("-m", "gpu", "tests/token_stats/test_triton_stats.py", "tests/token_stats/test_gemm_fp32.py")
 
 PLANS = {
     "default": Plan(
@@ -136,7 +136,7 @@ PLANS = {
     "ci": Plan(
         name="ci", head="h48v200", dtype="float32", workloads=("logp", "dpo"), sizes=(32, 64),
         providers=("fpo-triton", "fpo-torch", "naive"), warmup=0, min_repeats=1, max_repeats=1,
-        time_budget_s=0.0, check_tokens=32, test_args=("-m", "gpu", "tests/test_gemm_fp32.py"),
+        time_budget_s=0.0, check_tokens=32, test_args=("-m", "gpu", "tests/token_stats/test_gemm_fp32.py"),
         tests_estimate_s=PYTHON_START_S, sweep_workload="dpo", sweep_tokens=64,
         sweep_candidates=({}, {"BN": 32}), sweep_repeats=1, isolate="none",
     ),

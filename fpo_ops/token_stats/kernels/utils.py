@@ -151,7 +151,7 @@ class TileConfig:
         return min(chunk, triton.cdiv(vocab, self.BV) * self.BV)
 
 
-# Forward programs resident per SM at the CUDA launch shape. tests/kernel_compile_check.py reports
+# Forward programs resident per SM at the CUDA launch shape. tests/support/kernel_compile_check.py reports
 # 255 registers per thread for the forward (and the logit-gradient) kernel at 8 warps: 65280 of an
 # SM's 65536 registers, so one program per SM; the compile test checks the two agree.
 PROGRAMS_PER_SM = 1

@@ -1,7 +1,7 @@
 """Compile every token-statistics kernel variant for a Hopper GPU (sm_90) without a GPU.
 
 Run as a script (it must not run under TRITON_INTERPRET=1):
-    python tests/kernel_compile_check.py [bf16|fp16|fp32]
+    python tests/support/kernel_compile_check.py [bf16|fp16|fp32]
 Prints one JSON line per kernel with its shared memory, the count of 32-bit integer multiplies of
 index tensors in its Triton IR (an ``offsets * stride`` in int32 overflows once the product passes
 2^31, so there should be none) and, when the bundled cuobjdump can read the cubin, registers and

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fpo_ops import bench_cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_console_script_finds_the_checkout():

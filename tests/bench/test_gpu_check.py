@@ -15,7 +15,7 @@ from benchmarks import gpu_plan, tile_sweep
 from benchmarks.providers import ours
 from benchmarks.summary import append_jsonl, build_payload, read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
 

@@ -339,7 +339,7 @@ def test_kernels_compile_for_hopper_within_shared_memory():
     if CUDA:
         pytest.skip("the GPU tests run the compiled kernels themselves")
     pytest.importorskip("triton.backends.nvidia")
-    script = os.path.join(os.path.dirname(__file__), "kernel_compile_check.py")
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "support", "kernel_compile_check.py")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     done = subprocess.run([sys.executable, script, "bf16"], capture_output=True, text=True, env=env,
                           timeout=600)
