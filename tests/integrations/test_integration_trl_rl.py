@@ -208,13 +208,8 @@ def exact_kl_rloo_trainer(tmp_path, reward_funcs, **overrides):
     return trainer
 
 
-# The second case scores the generated batch in two chunks of two.
-@pytest.mark.parametrize("options", [dict(), dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)])
-def test_rloo_exact_kl_reward_equals_a_float64_reference(tmp_path, monkeypatch, options):
-    # A zero reward leaves only the KL term: reward_i = -beta * KL_i, advantage_i = reward_i - mean of its group's others.
-    trainer = exact_kl_rloo_trainer(tmp_path, [reward_zero], **options)
-    trainer.model.train()
-    # Per-token KL as TRL puts it in the reward: old-policy minus "reference" log-probs of the passes it runs.
+def scored_batch_with_passes(trainer, monkeypatch):
+    """TRL's scoring of two prompts x two completions, with the per-token log-probs of each head pass it runs."""
     passes = []
     original = FusedRLOOTrainer._get_per_token_logps_and_entropies
 
@@ -224,9 +219,19 @@ def test_rloo_exact_kl_reward_equals_a_float64_reference(tmp_path, monkeypatch, 
         return result
 
     monkeypatch.setattr(FusedRLOOTrainer, "_get_per_token_logps_and_entropies", spy)
-    rows = [trainer.train_dataset[i] for i in (0, 0, 1, 1)]
     transformers.set_seed(trainer.args.seed)
-    out = trainer._generate_and_score_completions(rows)
+    out = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in (0, 0, 1, 1)])
+    return passes, out
+
+
+# The second case scores the generated batch in two chunks of two.
+@pytest.mark.parametrize("options", [dict(), dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)])
+def test_rloo_exact_kl_reward_equals_a_float64_reference(tmp_path, monkeypatch, options):
+    # A zero reward leaves only the KL term: reward_i = -beta * KL_i, advantage_i = reward_i - mean of its group's others.
+    trainer = exact_kl_rloo_trainer(tmp_path, [reward_zero], **options)
+    trainer.model.train()
+    # Per-token KL as TRL puts it in the reward: old-policy minus "reference" log-probs of the passes it runs.
+    passes, out = scored_batch_with_passes(trainer, monkeypatch)
     assert len(passes) == 2
     mask = out["completion_mask"].double()
     assert mask.sum(-1).min() >= 1
@@ -253,17 +258,7 @@ def test_rloo_exact_kl_under_bf16_is_within_the_bf16_budget(tmp_path, monkeypatc
     # The precision rule: the KL's head runs under the trainer's bf16 autocast, like TRL's own heads.
     trainer = exact_kl_rloo_trainer(tmp_path, [reward_zero], bf16=True)
     trainer.model.train()
-    passes = []
-    original = FusedRLOOTrainer._get_per_token_logps_and_entropies
-
-    def spy(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        passes.append(result[0])
-        return result
-
-    monkeypatch.setattr(FusedRLOOTrainer, "_get_per_token_logps_and_entropies", spy)
-    transformers.set_seed(trainer.args.seed)
-    out = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in (0, 0, 1, 1)])
+    passes, out = scored_batch_with_passes(trainer, monkeypatch)
     mask = out["completion_mask"].double()
     # accelerate wrapped the reference's forward in the trainer's bf16 autocast: the oracle needs it without.
     trainer.accelerator.unwrap_model(trainer.ref_model, keep_fp32_wrapper=False)
