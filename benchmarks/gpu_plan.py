@@ -1,6 +1,6 @@
 """The GPU run of ``scripts/gpu_check.sh``: what it measures, in what order, and how long that takes.
 
-A lent GPU machine gives minutes, not hours, so the default plan is sized to finish in 4 minutes of
+A GPU run is budgeted in minutes, not hours, so the default plan is sized to finish in 4 minutes of
 one H200 including every compile, and ``estimate`` says so before anything runs:
 
     python -m benchmarks.gpu_plan estimate [--plan default]   # the cases and their seconds
@@ -30,9 +30,9 @@ from .heads import get_head
 from .workloads import get_workload
 
 # ---- the model's constants (H200, bf16) -----------------------------------------------------
-GEMM_TFLOPS = 790.0      # bf16 GEMM rate measured on the lent H100/H200 (DESIGN section 5)
-HBM_TBPS = 4.3           # device-to-device copy rate measured on the lent H200 (bytes read + written)
-GPU_MEMORY_GIB = 139.0   # usable memory of the lent H200
+GEMM_TFLOPS = 790.0      # bf16 GEMM rate measured on H100/H200 (DESIGN section 5)
+HBM_TBPS = 4.3           # device-to-device copy rate measured on an H200 (bytes read + written)
+GPU_MEMORY_GIB = 139.0   # usable memory of an H200
 PYTHON_START_S = 5.0     # one Python process importing torch, triton and transformers
 CASE_OVERHEAD_S = 0.3    # inputs drawn on the device, cache emptied, host work between steps
 # One Triton kernel variant compiled cold (the machine's cache starts empty): the 10 variants of

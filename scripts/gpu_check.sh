@@ -17,13 +17,13 @@
 #                                                                    -> sweep.jsonl, bench.log
 #   summary  <name>.json from the JSON lines (whatever finished) and <name>.png if matplotlib imports
 # Every stage runs whatever happened before it; the script exits 1 when any stage did not end ok.
-# That is 8 files in OUT_DIR, the most a lent machine sends back.
+# That is 8 files in OUT_DIR, so the whole folder can be copied back.
 #
 # Environment: FPO_GPU_PLAN (default "default"; "ci" is the CPU-sized plan CI runs), FPO_WHEELHOUSE
 # (default wheelhouse), PYTHON (default
 # .venv/bin/python when present, else python3), FPO_RESULTS_NAME (stem of the results files, default
 # <device>-<date>-gpu-check), FPO_LIMIT_<STAGE> (seconds; defaults below keep the whole run under the
-# lent machine's 10-minute command limit even if every stage runs to its limit).
+# GPU host's 10-minute command limit even if every stage runs to its limit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 plan="${FPO_GPU_PLAN:-default}"

@@ -11,8 +11,8 @@
 #   datasets           -> dill, multiprocess
 #   liger-kernel, cut-cross-entropy -> torch and triton only
 # The versions are those installed in this checkout's .venv (what CI tests), unless given as
-# NAME==VERSION arguments. Run here, where pip reaches a registry:
-#   bash scripts/gpu_wheels.sh            # then carry wheelhouse/ with the working tree
+# NAME==VERSION arguments. Run on a machine where pip reaches the package index:
+#   bash scripts/gpu_wheels.sh            # then copy wheelhouse/ to the GPU host's checkout
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"

@@ -52,7 +52,7 @@ def spo_preference_loss(
 
     Sources: Sharifnassab et al., "Soft Preference Optimization: Aligning Language Models to Expert
     Distributions" (arXiv 2405.00747): a preference term with softmax exponent α plus a global KL
-    regulariser. Only the paper's opening sections were at hand; the 1/α normalisation
+    regulariser. Equation numbers are not verified against the paper's full text; the 1/α normalisation
     follows published descriptions of its loss and the R-SPO write-up built on it, whose
     per-comparison term is ``-(1/α)·μ·[α log π(y_k) - logsumexp_j α log π(y_j)]`` (this form for a
     pair, with μ the optional ``weight``).

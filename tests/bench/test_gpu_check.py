@@ -60,7 +60,7 @@ def test_estimate_follows_the_performance_model():
         gpu_plan.get_plan("weekly")
 
 
-def test_stage_limits_fit_in_one_command_of_the_lent_machine():
+def test_stage_limits_fit_in_one_ten_minute_command():
     """Even if every stage ran to its time limit the script would end inside 10 minutes."""
     limits = [int(n) for n in re.findall(r"FPO_LIMIT_[A-Z]+:-(\d+)", SCRIPT.read_text())]
     assert len(limits) == 7 and sum(limits) + 15 <= 600, limits
@@ -92,7 +92,10 @@ def test_script_stages_on_cpu_record_failures_and_keep_going(tmp_path):
     assert status["wheels"][0] == "failed" and status["sweep"] == ("failed", 2)
     assert status["install"][0] == "skipped"
     assert all(status[name] == ("ok", 0) for name in ("env", "tests", "bench", "summary"))
-    assert "needs a CUDA device" in (out / "tests.log").read_text() or "skipped" in (out / "tests.log").read_text()
+    # without CUDA the GPU tests are collected and skipped, none fails
+    tests_log = (out / "tests.log").read_text()
+    assert re.search(r"\b\d+ skipped\b", tests_log), tests_log[-2000:]
+    assert not re.search(r"\b\d+ (failed|errors?)\b", tests_log), tests_log[-2000:]
 
     lines = read_jsonl(out / "cases.jsonl")
     assert lines[0]["kind"] == "run" and lines[0]["device"]["type"] == "cpu"
@@ -107,7 +110,7 @@ def test_script_stages_on_cpu_record_failures_and_keep_going(tmp_path):
     assert len(payload["results"]) == len(cases) and payload["device"]["type"] == "cpu"
     assert [s["stage"] for s in payload["stages"]] == ["wheels", "install", "env", "tests", "bench", "sweep"]
     assert (out / "ci-run.png").stat().st_size > 0
-    assert len(list(out.iterdir())) <= 8  # what a lent machine sends back
+    assert len(list(out.iterdir())) <= 8  # the whole output folder is copied back
     assert "sweep: launch shapes of impl='triton' are timed on a CUDA device" in (out / "bench.log").read_text()
 
 

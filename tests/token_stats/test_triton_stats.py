@@ -352,10 +352,11 @@ def test_kernels_compile_for_hopper_within_shared_memory():
         assert report["int32_tensor_multiplies"] == 0, report
     # tile_config's forward launch shape assumes PROGRAMS_PER_SM resident programs per SM
     forward = [r for r in reports if r["kernel"] == "token_stats_fwd_kernel"]
-    if forward[0].get("registers") is not None:
-        for report in forward:
-            assert resident_programs(report["registers"], report["shared_bytes"],
-                                     report["num_warps"]) == PROGRAMS_PER_SM, report
+    if forward[0].get("registers") is None:
+        pytest.skip("cuobjdump is not bundled with this triton: occupancy against PROGRAMS_PER_SM unchecked")
+    for report in forward:
+        assert resident_programs(report["registers"], report["shared_bytes"],
+                                 report["num_warps"]) == PROGRAMS_PER_SM, report
 
 
 def _gpu_case(n_tokens, hidden_size, vocab, dtype, seed=0, **kwargs):

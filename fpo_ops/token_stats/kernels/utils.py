@@ -18,6 +18,7 @@ def interpreted() -> bool:
 if interpreted():
     ensure_interpreter_scalars()
 
+
 def upcast_dot_operands(dtype: torch.dtype) -> bool:
     # The interpreter multiplies the raw uint16 storage of bf16 operands in tl.dot; fp32 operands
     # give the same products (bf16 x bf16 is exact in fp32) and the same fp32 accumulation.
