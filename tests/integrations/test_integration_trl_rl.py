@@ -124,7 +124,7 @@ def float64_kl(trainer, inputs):
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo", "vespo"])
 def test_exact_kl_equals_a_float64_reference(tmp_path, loss_type):
     trainer = exact_kl_trainer(tmp_path, loss_type=loss_type, entropy_coef=0.01)
     trainer.model.train()
@@ -148,12 +148,17 @@ def test_exact_kl_equals_a_float64_reference(tmp_path, loss_type):
     base = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
     trainer.beta = beta
     kl = float64_kl(trainer, inputs)
-    if loss_type == "grpo":
+    # TRL 1.16's reductions of a per-token term, one accumulation step, one process
+    if loss_type in ("grpo", "sapo"):
         term = ((kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     elif loss_type == "bnpo":
         term = (kl * mask).sum() / mask.sum().clamp(min=1)
-    else:
-        term = (kl * mask).sum() / inputs["num_items_in_batch"].double()
+    elif loss_type == "dr_grpo":
+        term = (kl * mask).sum() / (mask.size(0) * trainer.max_completion_length)
+    elif loss_type == "luspo":
+        term = (kl * mask).sum(-1).mean()
+    else:  # dapo, cispo, vespo
+        term = (kl * mask).sum() / (inputs["num_items_in_batch"].double() / trainer.args.steps_per_generation)
     expected = base.double() + beta * term
     expected.backward()
     assert kl.max() > 1e-3  # the reference differs, the KL term matters
