@@ -95,20 +95,26 @@ def test_grpo_heads_are_fused(tmp_path, monkeypatch):
     assert seen == [torch.float32, torch.float32]
 
 
-def exact_kl_trainer(tmp_path, **overrides):
+def _exact_kl_rl_trainer(tmp_path, config_cls, trainer_cls, reward_funcs, **overrides):
+    """A Gemma-2 RL trainer with kl_estimator="exact" and a reference that differs from the policy."""
     path = tmp_path / "model"
     tiny_model("gemma2").save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     prompts = completion_dataset(8).remove_columns("completion")
-    config = FusedGRPOConfig(output_dir=str(tmp_path / "out"), kl_estimator="exact",
-                             **{**COMMON, "beta": 0.3, **overrides})
-    trainer = FusedGRPOTrainer(model=str(path), reward_funcs=[reward_length, reward_digits], train_dataset=prompts,
-                               args=config, processing_class=tiny_tokenizer())
-    with torch.no_grad():  # a reference that differs from the policy
+    config = config_cls(output_dir=str(tmp_path / "out"), kl_estimator="exact",
+                        **{**COMMON, "beta": 0.3, **overrides})
+    trainer = trainer_cls(model=str(path), reward_funcs=reward_funcs, train_dataset=prompts,
+                          args=config, processing_class=tiny_tokenizer())
+    with torch.no_grad():
         g = torch.Generator().manual_seed(5)
         for p in trainer.ref_model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     return trainer
+
+
+def exact_kl_trainer(tmp_path, **overrides):
+    return _exact_kl_rl_trainer(tmp_path, FusedGRPOConfig, FusedGRPOTrainer, [reward_length, reward_digits],
+                                **overrides)
 
 
 def float64_kl(trainer, inputs):
@@ -198,19 +204,7 @@ def reward_zero(completions, **kwargs):
 
 
 def exact_kl_rloo_trainer(tmp_path, reward_funcs, **overrides):
-    path = tmp_path / "model"
-    tiny_model("gemma2").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    prompts = completion_dataset(8).remove_columns("completion")
-    config = FusedRLOOConfig(output_dir=str(tmp_path / "out"), kl_estimator="exact",
-                             **{**COMMON, "beta": 0.3, **overrides})
-    trainer = FusedRLOOTrainer(model=str(path), reward_funcs=reward_funcs, train_dataset=prompts,
-                               args=config, processing_class=tiny_tokenizer())
-    with torch.no_grad():  # a reference that differs from the policy
-        g = torch.Generator().manual_seed(5)
-        for p in trainer.ref_model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return trainer
+    return _exact_kl_rl_trainer(tmp_path, FusedRLOOConfig, FusedRLOOTrainer, reward_funcs, **overrides)
 
 
 def scored_batch_with_passes(trainer, monkeypatch):
