@@ -1,12 +1,13 @@
-"""`LossConfig`: the options of `preference_loss`, collected from its keywords and checked once.
+"""`LossConfig`: the loss options of `preference_loss`, checked once; its fields are the function's keywords.
 
 Its fields are generated from the registry (`registry.HYPER_PARAMETERS`, plus the loss types and
-their weights), so that a loss type's hyper-parameter is declared in one place; the checks are
+their weights), and `keywords.option_keywords` makes each a keyword of `preference_loss`, so that a
+loss type's hyper-parameter is declared in one place; the checks are
 those of each hyper-parameter, of each chosen loss type, and of their compatibility. Every error
 names its argument.
 """
 import dataclasses
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 from .checks import check_number, validate_pair_labels, validate_pair_tensor  # noqa: F401 (re-exported)
 from .registry import HYPER_PARAMETERS, LOSS_TYPES, LOSSES, types_where  # noqa: F401 (LOSS_TYPES re-exported)
@@ -63,8 +64,8 @@ def _post_init(self) -> None:
 
 LossConfig = dataclasses.make_dataclass(
     "LossConfig",
-    [("loss_type", Tuple[str, ...], dataclasses.field(default="sigmoid")),
-     ("loss_weights", Optional[Tuple[float, ...]], dataclasses.field(default=None))]
+    [("loss_type", Union[str, Sequence[str]], dataclasses.field(default="sigmoid")),
+     ("loss_weights", Optional[Sequence[float]], dataclasses.field(default=None))]
     + [(p.name, p.type, dataclasses.field(default=p.default)) for p in HYPER_PARAMETERS],
     namespace={"__post_init__": _post_init, "__module__": __name__, "__doc__": (
         "The loss options of `preference_loss` (frozen): ``loss_type`` and ``loss_weights`` as tuples, "

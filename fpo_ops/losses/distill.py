@@ -6,6 +6,7 @@ import torch
 
 from ..token_stats import token_stats
 from .checks import check_number
+from .keywords import OptionGroup, option_keywords
 from .options import HeadConfig
 from .sequence import completion_mask
 
@@ -30,6 +31,7 @@ class DistillConfig:
         return "kl" if self.beta == 0 else "reverse_kl" if self.beta == 1 else "jsd"
 
 
+@option_keywords(config=DistillConfig, head=OptionGroup(HeadConfig, TEACHER_RENAMES))
 def distill_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -39,19 +41,9 @@ def distill_loss(
     *,
     bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    teacher_softcap: Optional[float] = None,
-    teacher_logit_scale: float = 1.0,
+    config: DistillConfig,
     num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
-    impl: str = "auto",
-    check_inputs: bool = True,
-    check_finite: bool = False,
-    process_group=None,
-    grad_filter_eps: float = 0.0,
+    head: HeadConfig,
     return_entropy: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Generalized JSD between student p and teacher q per completion token, averaged over tokens.
@@ -76,6 +68,9 @@ def distill_loss(
         impl: `token_stats` implementation. check_inputs: check label ranges (host sync).
         check_finite, process_group, grad_filter_eps: as in `token_stats` (``process_group``: each
             process holds its slice of the rows of both heads).
+        config, head: a ready `DistillConfig` (``beta``) and `HeadConfig` (the head options; its
+            ``ref_*`` fields are the ``teacher_*`` keywords), or None; keywords given beside one
+            replace its fields (`keywords.option_keywords`).
         return_entropy: also return the student's per-token entropy H(p) from the same pass (the
             metric TRL's ``DistillationTrainer`` logs; differentiable like any statistic).
 
@@ -83,13 +78,6 @@ def distill_loss(
         [] scalar: sum of the per-token divergences / max(number of completion tokens, 1); with
         ``return_entropy``, the pair (that scalar, [...] entropy, 0 at ignored positions).
     """
-    config = DistillConfig(beta=beta)
-    head = HeadConfig.pick(dict(
-        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        teacher_softcap=teacher_softcap, teacher_logit_scale=teacher_logit_scale, impl=impl,
-        check_inputs=check_inputs, check_finite=check_finite, process_group=process_group,
-        grad_filter_eps=grad_filter_eps,
-    ), TEACHER_RENAMES)
     if teacher_hidden is None:
         raise ValueError("teacher_hidden: expected the teacher's hidden states, got None")
     stat = config.statistic
@@ -104,5 +92,5 @@ def distill_loss(
             num_items_in_batch = num_items_in_batch.to(total.device)
         loss = total / num_items_in_batch
     else:
-        loss = total / completion_mask(labels, ignore_index).sum().clamp(min=1)
+        loss = total / completion_mask(labels, head.ignore_index).sum().clamp(min=1)
     return (loss, stats.entropy) if return_entropy else loss

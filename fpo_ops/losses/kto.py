@@ -6,6 +6,7 @@ import torch
 
 from ..token_stats import token_stats
 from .checks import check_number
+from .keywords import option_keywords
 from .options import HeadConfig
 from .metrics import masked_mean
 from .output import PreferenceOutput
@@ -31,6 +32,7 @@ class KTOConfig:
         check_number("undesirable_weight", self.undesirable_weight, low=0.0)
 
 
+@option_keywords(config=KTOConfig, head=HeadConfig)
 def kto_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -46,22 +48,9 @@ def kto_loss(
     ref_bias: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
     ref_kl_logps: Optional[torch.Tensor] = None,
-    loss_type: str = "kto",
-    beta: float = 0.1,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    ref_softcap: Optional[float] = None,
-    ref_logit_scale: float = 1.0,
+    config: KTOConfig,
     compute_metrics: bool = True,
-    impl: str = "auto",
-    check_inputs: bool = True,
-    check_finite: bool = False,
-    process_group=None,
-    grad_filter_eps: float = 0.0,
+    head: HeadConfig,
 ) -> PreferenceOutput:
     """KTO loss of an LM head on B unpaired completions labelled desirable or undesirable.
 
@@ -94,6 +83,8 @@ def kto_loss(
         impl: `token_stats` implementation. check_inputs: check label ranges (host sync).
         check_finite, process_group, grad_filter_eps: as in `token_stats` (``process_group``: each
             process holds its slice of the rows of both heads).
+        config, head: a ready `KTOConfig` (the loss options) and `HeadConfig` (the head options), or
+            None; keywords given beside one replace its fields (`keywords.option_keywords`).
 
     Returns:
         PreferenceOutput with ``loss`` [] and TRL's KTO metrics: ``kl``, ``rewards/chosen``,
@@ -102,13 +93,6 @@ def kto_loss(
         ``logits/chosen``, ``logits/rejected``. ``chosen_*``/``rejected_*`` fields hold the [B]
         per-example values masked to each side (0 elsewhere), to keep shapes static.
     """
-    config = KTOConfig(loss_type=loss_type, beta=beta, desirable_weight=desirable_weight,
-                       undesirable_weight=undesirable_weight)
-    head_config = HeadConfig(
-        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, impl=impl, check_inputs=check_inputs,
-        check_finite=check_finite, process_group=process_group, grad_filter_eps=grad_filter_eps,
-    )
     loss_type, beta = config.loss_type, config.beta
     desirable_weight, undesirable_weight = config.desirable_weight, config.undesirable_weight
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
@@ -132,21 +116,21 @@ def kto_loss(
         if value is not None and tuple(value.shape) != (n,):
             raise ValueError(f"{name}: expected shape ({n},), got {tuple(value.shape)}")
 
-    head = dict(bias=bias, ref_bias=ref_bias, **head_config.token_stats_kwargs())
+    head_options = dict(bias=bias, ref_bias=ref_bias, **head.token_stats_kwargs())
     use_ref_model = ref_logps is None
     outputs = ["logp"] + (["ref_logp"] if use_ref_model else [])
     if compute_metrics:
         outputs += ["entropy", "mean_logit"]
     stats = token_stats(hidden, weight, labels, ref_hidden if use_ref_model else None,
-                        ref_weight if use_ref_model else None, outputs=tuple(outputs), **head)
-    mask = completion_mask(labels, ignore_index)
+                        ref_weight if use_ref_model else None, outputs=tuple(outputs), **head_options)
+    mask = completion_mask(labels, head.ignore_index)
     logps = sequence_sum(stats.logp, mask)
     dtype = logps.dtype
     ref = sequence_sum(stats.ref_logp, mask) if use_ref_model else ref_logps.detach().to(dtype)
     logratios = logps - ref
 
     if uses_kl:
-        kl = _reference_point(kl_hidden, weight, kl_labels, kl_ref_hidden, ref_weight, ref_kl_logps, head, dtype)
+        kl = _reference_point(kl_hidden, weight, kl_labels, kl_ref_hidden, ref_weight, ref_kl_logps, head_options, dtype)
         chosen_losses = 1 - torch.sigmoid(beta * (logratios - kl))
         rejected_losses = 1 - torch.sigmoid(beta * (kl - logratios))
     else:

@@ -2,40 +2,46 @@
 
 ``forward`` takes the same positional arguments as the function it wraps; keyword arguments given
 to ``forward`` (per-batch tensors such as ``ref_chosen_logps``, or an option to override) are
-merged over the constructor's. The constructor collects its options into the same dataclasses the
-function does (`HeadConfig` and the loss's config), so a bad option raises there, not at the first
-forward; an unknown keyword raises ``TypeError``.
+merged over the constructor's. The constructor builds the function's config dataclasses (the loss's
+config and `HeadConfig`, ``function.option_groups``) from its options, so a bad option raises there,
+not at the first forward; an unknown keyword raises ``TypeError``.
 """
 import inspect
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
 
-from .config import LossConfig
-from .distill import TEACHER_RENAMES, DistillConfig, distill_loss
-from .kto import KTOConfig, kto_loss
-from .options import HeadConfig, pick_fields
+from .distill import distill_loss
+from .kto import kto_loss
 from .output import PreferenceOutput
 from .preference import preference_loss
 
 
 class _LossModule(nn.Module):
     function: Callable[..., Any]
-    loss_config: type
-    head_renames: Mapping[str, str] = {}
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
-        parameters = inspect.signature(type(self).function).parameters
+        function = type(self).function
+        parameters = inspect.signature(function).parameters
         unknown = [name for name in options if parameters.get(name, None) is None
                    or parameters[name].kind is not inspect.Parameter.KEYWORD_ONLY]
         if unknown:
             raise TypeError(f"{type(self).__name__}: expected keyword options of "
-                            f"{type(self).function.__name__}, got unknown {unknown}")
-        self.head_config = HeadConfig.pick(options, self.head_renames)
-        self.config = pick_fields(self.loss_config, options)
+                            f"{function.__name__}, got unknown {unknown}")
         self.options: Dict[str, Any] = dict(options)
+        # the configs, built once; forward passes them with the remaining (per-batch) keywords
+        self._call_options = dict(options)
+        configs = {}
+        for placeholder, group in function.option_groups.items():
+            keywords = {k: self._call_options.pop(k) for k in group.fields() if k in self._call_options}
+            configs[placeholder] = group.build(self._call_options.pop(placeholder, None), keywords)
+        self._call_options.update(configs)
+        self.config, self.head_config = configs["config"], configs["head"]
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self).function(*args, **{**self._call_options, **kwargs})
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -48,7 +54,7 @@ class _PolicyReferenceLoss(_LossModule):
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[torch.Tensor] = None,
                 **kwargs: Any) -> PreferenceOutput:
-        return type(self).function(hidden, weight, labels, ref_hidden, ref_weight, **{**self.options, **kwargs})
+        return self._call(hidden, weight, labels, ref_hidden, ref_weight, **kwargs)
 
 
 class PreferenceLoss(_PolicyReferenceLoss):
@@ -59,7 +65,6 @@ class PreferenceLoss(_PolicyReferenceLoss):
     """
 
     function = staticmethod(preference_loss)
-    loss_config = LossConfig
 
 
 class KTOLoss(_PolicyReferenceLoss):
@@ -70,7 +75,6 @@ class KTOLoss(_PolicyReferenceLoss):
     """
 
     function = staticmethod(kto_loss)
-    loss_config = KTOConfig
 
 
 class DistillLoss(_LossModule):
@@ -81,10 +85,8 @@ class DistillLoss(_LossModule):
     """
 
     function = staticmethod(distill_loss)
-    loss_config = DistillConfig
-    head_renames = TEACHER_RENAMES
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 teacher_hidden: torch.Tensor, teacher_weight: Optional[torch.Tensor] = None,
                 **kwargs: Any) -> torch.Tensor:
-        return distill_loss(hidden, weight, labels, teacher_hidden, teacher_weight, **{**self.options, **kwargs})
+        return self._call(hidden, weight, labels, teacher_hidden, teacher_weight, **kwargs)

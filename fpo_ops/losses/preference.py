@@ -14,6 +14,7 @@ from ..token_stats import token_stats
 from .checks import check_bool, validate_pair_labels, validate_pair_tensor
 from .config import LossConfig
 from .fdivergence import f_divergence_score
+from .keywords import option_keywords
 from .heads import PairTerms
 from .metrics import reward_metrics, token_metrics
 from .options import HeadConfig
@@ -24,6 +25,7 @@ from .sequence import completion_mask, ld_token_weights, sequence_mean, sequence
 from .token_level import spo_sample_terms
 
 
+@option_keywords(config=LossConfig, head=HeadConfig)
 def preference_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -33,20 +35,10 @@ def preference_loss(
     *,
     bias: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
-    loss_type: Union[str, Sequence[str]] = "sigmoid",
-    loss_weights: Optional[Sequence[float]] = None,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    ld_alpha: Optional[float] = None,
-    use_weighting: bool = False,
-    discopop_tau: float = 0.05,
+    config: LossConfig,
     ref_chosen_logps: Optional[torch.Tensor] = None,
     ref_rejected_logps: Optional[torch.Tensor] = None,
     margin: Optional[torch.Tensor] = None,
-    tdpo_alpha: float = 0.5,
-    spo_alpha: float = 1.0,
     sample_hidden: Optional[torch.Tensor] = None,
     sample_ref_hidden: Optional[torch.Tensor] = None,
     sample_labels: Optional[torch.Tensor] = None,
@@ -56,20 +48,8 @@ def preference_loss(
     chosen_win_prob: Optional[torch.Tensor] = None,
     rejected_win_prob: Optional[torch.Tensor] = None,
     pair_win_prob: Optional[torch.Tensor] = None,
-    simpo_gamma: float = 0.5,
-    cpo_alpha: float = 1.0,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    ref_softcap: Optional[float] = None,
-    ref_logit_scale: float = 1.0,
     compute_metrics: bool = True,
-    impl: str = "auto",
-    check_inputs: bool = True,
-    check_finite: bool = False,
-    process_group=None,
-    grad_filter_eps: float = 0.0,
+    head: HeadConfig,
 ) -> PreferenceOutput:
     """Pairwise preference loss of an LM head (DPO family, TDPO, SPO, SPPO, SimPO, CPO, ORPO).
 
@@ -151,6 +131,9 @@ def preference_loss(
             contiguous slice of the rows of ``weight``/``bias`` (and ``ref_weight``/``ref_bias``), in
             rank order; loss and metrics come out identical on every process (see `token_stats`).
         grad_filter_eps: ``impl="triton"``'s approximate backward threshold (0, the default, is exact).
+        config, head: a ready `LossConfig` (the loss options above) and `HeadConfig` (the head
+            options), or None; keywords given beside one replace its fields. The loss and head
+            keywords are generated from these two dataclasses (`keywords.option_keywords`).
 
     Returns:
         PreferenceOutput: ``loss`` [] and ``metrics`` under TRL's names (plus ``kl/chosen``,
@@ -160,27 +143,18 @@ def preference_loss(
         sequence KL) for TDPO (official code), β·(mean log-prob) for SimPO/ORPO, β·(log-prob) for CPO
         or without a reference, else β·(log-ratio) as TRL.
     """
-    config = LossConfig(
-        loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
-        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha,
-        use_weighting=use_weighting, discopop_tau=discopop_tau, tdpo_alpha=tdpo_alpha, spo_alpha=spo_alpha,
-        simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha,
-    )
-    head = HeadConfig(
-        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, impl=impl, check_inputs=check_inputs,
-        check_finite=check_finite, process_group=process_group, grad_filter_eps=grad_filter_eps,
-    ).token_stats_kwargs()
+    ignore_index = head.ignore_index
+    head_options = head.token_stats_kwargs()
     pair_inputs = dict(chosen_win_prob=chosen_win_prob, rejected_win_prob=rejected_win_prob,
                        pair_win_prob=pair_win_prob, spo_weight=spo_weight)
     samples = _Samples(sample_hidden, sample_ref_hidden, sample_labels, sample_weights, spo_score_function)
     request = _request(config, labels, ref_hidden, ref_chosen_logps, ref_rejected_logps, margin, pair_inputs,
-                       samples, compute_metrics, check_inputs)
+                       samples, compute_metrics, head.check_inputs)
     # request -> statistics
     uses_ref_model = any(name in request.outputs for name in REFERENCE_STATS)
     stats = token_stats(
         hidden, weight, labels, ref_hidden if uses_ref_model else None, ref_weight if uses_ref_model else None,
-        bias=bias, ref_bias=ref_bias, outputs=request.outputs, **head,
+        bias=bias, ref_bias=ref_bias, outputs=request.outputs, **head_options,
     )
     # statistics -> per-pair terms
     terms, mask = _pair_terms(stats, labels, config, ignore_index, ref_chosen_logps, ref_rejected_logps,
@@ -189,7 +163,7 @@ def preference_loss(
         # the global regulariser: the KL along sequences the policy generated, through the same heads
         sample_stats = token_stats(
             sample_hidden, weight, sample_labels, sample_ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
-            outputs=("reverse_kl", "logp") if spo_score_function else ("reverse_kl",), **head,
+            outputs=("reverse_kl", "logp") if spo_score_function else ("reverse_kl",), **head_options,
         )
         terms.spo_reverse_kl = spo_sample_terms(
             sample_stats.reverse_kl, sample_stats.logp, completion_mask(sample_labels, ignore_index),

@@ -5,8 +5,8 @@ formula reads (reference log-probs, token-level reference distributions, extra t
 per-pair inputs, on-policy samples), how rewards are logged, whether a margin or an f-divergence
 applies, whether WPO weighting is allowed, its own hyper-parameters with defaults and checks, and
 its extra metrics. Everything else is derived from the entries: the list of loss types, the checks
-of `config.LossConfig`, the statistics requested from `token_stats`, the fields of the TRL trainer
-config and its keyword list. A new loss type is one formula (in the module of its family) and one
+of `config.LossConfig`, the statistics requested from `token_stats`, the keywords of `preference_loss`,
+the fields of the TRL trainer config. A new loss type is one formula (in the module of its family) and one
 entry here.
 """
 from dataclasses import dataclass

@@ -5,6 +5,10 @@ import pytest
 import torch
 
 import fpo_ops
+from fpo_ops.losses.config import LossConfig
+from fpo_ops.losses.distill import DistillConfig
+from fpo_ops.losses.keywords import option_keywords
+from fpo_ops.losses.kto import KTOConfig
 from fpo_ops.losses.options import HeadConfig
 from loss_batches import make_batch
 
@@ -101,3 +105,97 @@ def test_grad_filter_eps_reaches_the_triton_backward():
     filtered_loss, filtered = run(0.99)
     assert exact_loss.item() == filtered_loss.item()
     assert (exact - filtered).abs().max().item() > 1e-6
+
+
+LOSS_FUNCTIONS = [(fpo_ops.preference_loss, LossConfig), (fpo_ops.kto_loss, KTOConfig),
+                  (fpo_ops.distill_loss, DistillConfig)]
+HEAD_KEYWORDS = ["ignore_index", "temperature", "softcap", "logit_scale", "ref_softcap", "ref_logit_scale",
+                 "grad_filter_eps", "impl", "check_inputs", "check_finite", "process_group"]
+# token_stats spells the label check differently; every other head keyword is its own.
+TOKEN_STATS_NAME = {"check_inputs": "check_labels"}
+
+
+@pytest.mark.parametrize("function,config_cls", LOSS_FUNCTIONS, ids=lambda x: getattr(x, "__name__", ""))
+def test_loss_keywords_are_the_config_fields(function, config_cls):
+    """Each loss function's option keywords are its two dataclasses' fields, keyword-only, with the
+    fields' defaults; the head keywords' defaults are token_stats's own."""
+    parameters = inspect.signature(function).parameters
+    keyword_only = [name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    renames = {"ref_softcap": "teacher_softcap", "ref_logit_scale": "teacher_logit_scale"} \
+        if function is fpo_ops.distill_loss else {}
+    loss_fields = [f.name for f in config_cls.__dataclass_fields__.values()]
+    head_keywords = [renames.get(name, name) for name in HEAD_KEYWORDS]
+    for name in ["config", *loss_fields, "head", *head_keywords]:
+        assert name in keyword_only, name
+    for name in loss_fields:
+        assert parameters[name].default == config_cls.__dataclass_fields__[name].default, name
+    stats_parameters = inspect.signature(fpo_ops.token_stats).parameters
+    for name, keyword in zip(HEAD_KEYWORDS, head_keywords):
+        assert parameters[keyword].default == stats_parameters[TOKEN_STATS_NAME.get(name, name)].default, name
+    assert function.option_groups["head"].cls is HeadConfig
+    assert function.option_groups["config"].cls is config_cls
+
+
+def _preference(batch, **kw):
+    hidden = batch.hidden.detach().clone().requires_grad_()
+    out = fpo_ops.preference_loss(hidden, batch.weight.detach(), batch.labels, batch.ref_hidden, batch.ref_weight,
+                                  **kw)
+    (grad,) = torch.autograd.grad(out.loss, hidden)
+    return out.loss.detach(), {k: v.detach() for k, v in out.metrics.items()}, grad
+
+
+def _assert_same(a, b):
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    assert a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+def test_ready_configs_equal_their_keywords_and_keywords_beside_them_replace_fields(batch):
+    keywords = _preference(batch, loss_type="tdpo2", beta=0.3, tdpo_alpha=0.7, temperature=0.8, softcap=5.0,
+                           impl="torch")
+    ready = _preference(batch, config=LossConfig(loss_type="tdpo2", beta=0.3, tdpo_alpha=0.7),
+                        head=HeadConfig(temperature=0.8, softcap=5.0, impl="torch"))
+    _assert_same(keywords, ready)
+    replaced = _preference(batch, config=LossConfig(loss_type="tdpo2", beta=0.9, tdpo_alpha=0.7), beta=0.3,
+                           head=HeadConfig(temperature=2.0, softcap=5.0, impl="torch"), temperature=0.8)
+    _assert_same(keywords, replaced)
+    other = _preference(batch, loss_type="tdpo2", beta=0.9, tdpo_alpha=0.7, temperature=0.8, softcap=5.0,
+                        impl="torch")
+    assert not torch.equal(keywords[0], other[0])  # beta reaches the loss
+
+
+def test_bad_configs_and_keywords_name_the_argument(batch):
+    call = (lambda **kw: fpo_ops.preference_loss(batch.hidden, batch.weight, batch.labels, batch.ref_hidden,
+                                                 batch.ref_weight, impl="torch", **kw))
+    with pytest.raises(TypeError, match=r"^head: expected a HeadConfig or None, got dict"):
+        call(head={"temperature": 1.0})
+    with pytest.raises(TypeError, match=r"^config: expected a LossConfig or None, got KTOConfig"):
+        call(config=KTOConfig())
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'betta'"):
+        call(betta=0.1)
+    with pytest.raises(ValueError, match=r"^beta: .*got -1"):
+        call(config=LossConfig(), beta=-1.0)
+    with pytest.raises(ValueError, match=r"^teacher_softcap: .*got -2.0"):
+        fpo_ops.distill_loss(batch.hidden, batch.weight, batch.labels, batch.ref_hidden, batch.ref_weight,
+                             impl="torch", teacher_softcap=-2.0)
+
+
+def test_module_forward_options_replace_the_constructed_ones(batch):
+    module = fpo_ops.PreferenceLoss(loss_type="sigmoid", beta=0.1, impl="torch")
+    hidden = batch.hidden.detach()
+    out = module(hidden, batch.weight.detach(), batch.labels, batch.ref_hidden, batch.ref_weight, beta=0.4,
+                 temperature=0.5)
+    expected = fpo_ops.preference_loss(hidden, batch.weight.detach(), batch.labels, batch.ref_hidden,
+                                       batch.ref_weight, loss_type="sigmoid", beta=0.4, temperature=0.5, impl="torch")
+    assert torch.equal(out.loss, expected.loss)
+    assert module.config.beta == 0.1 and module.head_config.temperature == 1.0
+    unchanged = module(hidden, batch.weight.detach(), batch.labels, batch.ref_hidden, batch.ref_weight)
+    assert not torch.equal(unchanged.loss, out.loss)
+
+
+def test_option_keywords_refuses_a_bad_definition():
+    with pytest.raises(TypeError, match=r"placeholder 'head' must be keyword-only"):
+        option_keywords(head=HeadConfig)(lambda x, head: x)
+    with pytest.raises(TypeError, match=r"option 'temperature' of HeadConfig is already a parameter"):
+        option_keywords(head=HeadConfig)(lambda x, *, temperature=1.0, head: x)
+    with pytest.raises(TypeError, match=r"expected keyword-only parameters \['config'\]"):
+        option_keywords(config=LossConfig)(lambda x: x)

@@ -36,7 +36,7 @@ def test_entries_describe_what_each_loss_reads():
 
 
 def test_hyper_parameters_match_the_signature_of_preference_loss():
-    """The keywords of preference_loss are explicit: each registry hyper-parameter is one, same default."""
+    """The keywords of preference_loss are generated: each registry hyper-parameter is one, same default."""
     signature = inspect.signature(fpo_ops.preference_loss).parameters
     for param in registry.HYPER_PARAMETERS:
         assert param.name in signature, param.name

@@ -150,11 +150,10 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
     @staticmethod
     def _preference_kwargs(args: DPOConfig) -> Dict[str, Any]:
         # Every registry hyper-parameter the config has (a plain DPOConfig lacks the extra ones),
-        # checked together with the loss types as preference_loss will check them.
+        # checked together with the loss types once, at __init__.
         options = {p.name: getattr(args, p.name) for p in HYPER_PARAMETERS if hasattr(args, p.name)}
-        LossConfig(loss_type=list(args.loss_type), loss_weights=args.loss_weights, **options)
-        return dict(loss_type=list(args.loss_type), loss_weights=args.loss_weights,
-                    impl=getattr(args, "fused_impl", "auto"), **options)
+        config = LossConfig(loss_type=list(args.loss_type), loss_weights=args.loss_weights, **options)
+        return dict(config=config, impl=getattr(args, "fused_impl", "auto"))
 
     # ----------------------------------------------------------------------------------------------
     # Model calls
