@@ -1,9 +1,11 @@
 """fpo-ops: fused LM-head statistics and preference losses without materialising logits."""
 from .token_stats import STAT_NAMES, TokenStats, token_stats
 from .losses import (
-    DistillLoss, KTOLoss, PreferenceLoss, PreferenceOutput, distill_loss, kto_loss, preference_loss,
+    DistillConfig, DistillLoss, HeadConfig, KTOConfig, KTOLoss, LossConfig, PreferenceLoss, PreferenceOutput,
+    distill_loss, kto_loss, preference_loss,
 )
 
 __all__ = ["STAT_NAMES", "TokenStats", "token_stats", "PreferenceOutput", "preference_loss",
-           "kto_loss", "distill_loss", "PreferenceLoss", "KTOLoss", "DistillLoss"]
+           "kto_loss", "distill_loss", "PreferenceLoss", "KTOLoss", "DistillLoss",
+           "LossConfig", "KTOConfig", "DistillConfig", "HeadConfig"]
 __version__ = "0.1.0"
