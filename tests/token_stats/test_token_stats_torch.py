@@ -8,9 +8,9 @@ import fpo_ops
 from fpo_ops.token_stats import chunked
 from fpo_ops.token_stats.stats import DIFFERENTIABLE_STATS
 from stats_cases import (  # noqa: F401  (poisoned_allocations is an autouse fixture)
-    ALL_STATS, GRADIENTS_ALONE, ORACLE_CASES, assert_all_ignored_gives_zeros,
-    assert_extreme_logits_match_reference, assert_ignored_positions_are_zero, assert_matches_reference,
-    assert_within_error_budget, largest_tensor, make_case, max_abs_err, poisoned_allocations, run,
+    GRADIENTS_ALONE, ORACLE_CASES, assert_all_ignored_gives_zeros, assert_extreme_logits_match_reference,
+    assert_ignored_positions_are_zero, assert_matches_reference, assert_within_error_budget, largest_tensor,
+    make_case, max_abs_err, poisoned_allocations, run,
 )
 
 GRAD_STATS = tuple(sorted(DIFFERENTIABLE_STATS))
