@@ -10,8 +10,8 @@ from trl import DistillationConfig, DistillationTrainer  # noqa: E402
 from fpo_ops.integrations.trl import FusedDistillationConfig, FusedDistillationTrainer  # noqa: E402
 from hf_fixtures import VOCAB_SIZE  # noqa: E402
 from trainer_fixtures import (  # noqa: E402
-    assert_default_precision_within_budget, assert_same_step, completion_dataset, spy_head_calls, step,
-    trainer_pair,
+    assert_default_precision_within_budget, assert_heads_run_in_autocast_dtype, assert_same_step,
+    completion_dataset, step, trainer_pair,
 )
 
 FP32 = dict(
@@ -87,10 +87,8 @@ def test_bf16_default_config_within_budget(tmp_path):
 def test_divergence_runs_fused_in_the_autocast_dtype(tmp_path, monkeypatch, bf16):
     import fpo_ops.losses.distill as distill
 
-    _, ours = pair(tmp_path, bf16=bf16)
-    seen = spy_head_calls(monkeypatch, distill)
-    step(ours, generated_batch())
-    assert seen == [torch.bfloat16 if bf16 else torch.float32]
+    assert_heads_run_in_autocast_dtype(pair, tmp_path, monkeypatch, bf16, lambda trainer: generated_batch(),
+                                       module=distill)
 
 
 def test_bad_fused_impl_names_the_option(tmp_path):

@@ -8,8 +8,8 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from fpo_ops.integrations.trl import FusedSFTConfig, FusedSFTTrainer  # noqa: E402
 from trainer_fixtures import (  # noqa: E402
-    assert_default_precision_within_budget, assert_same_step, completion_dataset, one_batch, spy_head_calls,
-    step, text_dataset, trainer_pair,
+    assert_default_precision_within_budget, assert_heads_run_in_autocast_dtype, assert_same_step,
+    completion_dataset, one_batch, step, text_dataset, trainer_pair,
 )
 
 FP32 = dict(
@@ -94,10 +94,7 @@ def test_bf16_default_config_within_budget(tmp_path):
 
 @pytest.mark.parametrize("bf16", [True, False])
 def test_head_sees_the_autocast_dtype(tmp_path, monkeypatch, bf16):
-    _, ours = pair(tmp_path, bf16=bf16)
-    seen = spy_head_calls(monkeypatch)
-    step(ours, one_batch(ours))
-    assert seen == [torch.bfloat16 if bf16 else torch.float32]
+    assert_heads_run_in_autocast_dtype(pair, tmp_path, monkeypatch, bf16, one_batch)
 
 
 def test_bad_fused_impl_names_the_option(tmp_path):

@@ -4,11 +4,31 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fpo_ops
 from fpo_ops.token_stats.stats import DIFFERENTIABLE_STATS, STAT_NAMES
 
 ALL_STATS = STAT_NAMES
+
+# `make_case` keywords of the inputs every implementation is compared with the float64 oracle on:
+# each head option, a shared head, one token, three dimensions, the JSD endpoints.
+ORACLE_CASES = {
+    "plain": dict(),
+    "bias": dict(bias=True, ref_bias=True),
+    "softcap_temperature_scale": dict(softcap=2.5, ref_softcap=4.0, temperature=0.7, logit_scale=1.3,
+                                      ref_logit_scale=0.8),
+    "shared_weight": dict(shared_weight=True, bias=True),
+    "single_token": dict(shape=(1,), ignore_fraction=0.0),
+    "three_dims_odd_sizes": dict(shape=(2, 3, 5), hidden_size=7, vocab=53, ref_hidden_size=11),
+    "custom_ignore_index": dict(ignore_index=3),
+    "jsd_beta_0": dict(jsd_beta=0.0),
+    "jsd_beta_1": dict(jsd_beta=1.0),
+    "jsd_beta_0.2_softcap": dict(jsd_beta=0.2, softcap=3.0),
+}
+
+# Each gradient formula on its own (the other statistics' terms absent).
+GRADIENTS_ALONE = [("logp",), ("kl",), ("reverse_kl", "entropy"), ("jsd",)]
 
 
 @dataclass
@@ -104,21 +124,79 @@ def assert_matches_reference(case: Case, impl: str, outputs: Sequence[str] = ALL
         assert max_rel_err(got, want) < rtol
 
 
-def assert_float32_within_budget(low: Case, impl: str, outputs: Sequence[str] = ALL_STATS,
-                                 floor: float = 1e-6) -> None:
-    """``impl`` on low-precision inputs: finite, and its error against the float64 oracle (on the
-    same rounded inputs) at most 2x that of plain same-dtype PyTorch plus ``floor``."""
+def assert_within_error_budget(low: Case, impl: str, outputs: Sequence[str] = ALL_STATS,
+                               floor: float = 1e-6) -> None:
+    """``impl`` on low-precision inputs: finite fp32 statistics and gradients in the input dtype,
+    whose error against the float64 oracle (on the same rounded inputs) is at most 2x that of plain
+    same-dtype PyTorch (the oracle run in the input dtype) plus ``floor`` on the scale."""
     exact_stats, exact_grads = run(low.cast(torch.float64), "reference", outputs)
     plain_stats, plain_grads = run(low, "reference", outputs)
     stats, grads = run(low, impl, outputs)
     for stat in outputs:
         got, want = getattr(stats, stat), getattr(exact_stats, stat)
+        assert got.dtype == torch.float32, stat
         assert torch.isfinite(got).all(), stat
-        plain = max_abs_err(getattr(plain_stats, stat), want)
-        assert max_abs_err(got, want) <= 2 * plain + floor * max(1.0, want.abs().max().item()), stat
+        ours, plain = max_abs_err(got, want), max_abs_err(getattr(plain_stats, stat), want)
+        assert ours <= 2 * plain + floor * max(1.0, want.abs().max().item()), (stat, ours, plain)
+    assert len(grads) == len(plain_grads) == len(exact_grads)
     for got, plain, want in zip(grads, plain_grads, exact_grads):
+        assert got.dtype == low.hidden.dtype
         assert torch.isfinite(got).all()
-        assert max_abs_err(got, want) <= 2 * max_abs_err(plain, want) + floor * want.abs().max().item()
+        ours, base = max_abs_err(got, want), max_abs_err(plain, want)
+        assert ours <= 2 * base + floor * want.abs().max().item(), (ours, base)
+
+
+def assert_extreme_logits_match_reference(case: Case, impl: str) -> None:
+    """Every statistic and gradient of ``impl`` finite and equal to the oracle's at 1e-9 (logits ~1e4)."""
+    ref_stats, ref_grads = run(case, "reference", ALL_STATS)
+    stats, grads = run(case, impl, ALL_STATS)
+    for stat in ALL_STATS:
+        got, want = getattr(stats, stat), getattr(ref_stats, stat)
+        assert torch.isfinite(got).all(), stat
+        assert max_abs_err(got, want) <= 1e-9 * max(1.0, want.abs().max().item()), stat
+    assert len(grads) == len(ref_grads)
+    for got, want in zip(grads, ref_grads):
+        assert torch.isfinite(got).all()
+        assert max_rel_err(got, want) < 1e-9
+
+
+def assert_ignored_positions_are_zero(case: Case, impl: str) -> None:
+    """Every statistic and the hidden-state gradient are 0 at ignored positions (``case`` has some
+    of both kinds and no bias); every other position gets a non-zero gradient."""
+    ignored = case.labels == -100
+    assert ignored.any() and (~ignored).any()
+    stats, (grad_h, _) = run(case, impl, ALL_STATS)
+    for stat in ALL_STATS:
+        assert torch.all(getattr(stats, stat)[ignored] == 0), stat
+    assert torch.all(grad_h[ignored] == 0)
+    assert torch.all(grad_h[~ignored].abs().sum(-1) > 0)
+
+
+def assert_all_ignored_gives_zeros(case: Case, impl: str) -> None:
+    """With every label ignored, every statistic and every gradient is exactly 0 (not NaN)."""
+    stats, grads = run(case, impl, ALL_STATS)
+    for stat in ALL_STATS:
+        assert torch.all(getattr(stats, stat) == 0), stat
+    assert len(grads) == len(case.leaves())
+    for grad in grads:
+        assert torch.all(grad == 0)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any ATen op produces, in elements (``numel``) and in bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+                self.bytes = max(self.bytes, t.numel() * t.element_size())
+        return out
 
 
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -147,3 +225,11 @@ def poisoned_allocations(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(empty_like(*a, **k)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: _poison(new_empty(self, *a, **k)))
+
+
+def largest_tensor(case: Case, impl: str) -> _LargestTensor:
+    """The largest tensor made while ``impl`` computes every statistic of ``case`` and its gradients:
+    ``.numel`` elements, ``.bytes`` bytes."""
+    with _LargestTensor() as mode:
+        run(case, impl, ALL_STATS)
+    return mode

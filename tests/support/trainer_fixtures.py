@@ -136,3 +136,17 @@ def spy_head_calls(monkeypatch, module=None):
 
     monkeypatch.setattr(module, "token_stats", spy)
     return seen
+
+
+def assert_heads_run_in_autocast_dtype(pair, tmp_path, monkeypatch, bf16, make_batch, calls=1, module=None):
+    """One fused step with ``bf16`` on or off makes ``calls`` head calls, each on bf16 (fp32) GEMM operands.
+
+    Args:
+        pair: ``pair(tmp_path, bf16=bf16) -> (TRL trainer, fused trainer)``.
+        make_batch: ``make_batch(trainer) -> batch``.
+        module: where the fused trainer calls `token_stats` from (`spy_head_calls`).
+    """
+    _, ours = pair(tmp_path, bf16=bf16)
+    seen = spy_head_calls(monkeypatch, module)
+    step(ours, make_batch(ours))
+    assert seen == [torch.bfloat16 if bf16 else torch.float32] * calls

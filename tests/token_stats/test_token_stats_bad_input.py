@@ -11,7 +11,7 @@ import torch
 import fpo_ops
 from fpo_ops.token_stats import chunked
 from stats_cases import (  # noqa: F401  (poisoned_allocations is an autouse fixture)
-    ALL_STATS, Case, assert_float32_within_budget, make_case, max_abs_err, max_rel_err, poisoned_allocations, run,
+    ALL_STATS, Case, assert_within_error_budget, make_case, max_abs_err, max_rel_err, poisoned_allocations, run,
 )
 
 IMPLS = ("torch", "triton")
@@ -220,7 +220,7 @@ AT_BOUNDS = {
 def test_logit_transform_at_the_bounds_float32(impl, name):
     """fp32 at the accepted extremes: finite, within 2x plain fp32 PyTorch's error + a floor."""
     case64 = make_case(shape=(13,), hidden_size=16, vocab=37, bias=True, seed=52, **AT_BOUNDS[name])
-    assert_float32_within_budget(case64.cast(torch.float32), impl)
+    assert_within_error_budget(case64.cast(torch.float32), impl)
 
 
 # ---- unchecked labels outside the vocabulary ----------------------------------------------------------

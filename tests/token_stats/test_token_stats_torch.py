@@ -3,14 +3,14 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fpo_ops
 from fpo_ops.token_stats import chunked
 from fpo_ops.token_stats.stats import DIFFERENTIABLE_STATS
 from stats_cases import (  # noqa: F401  (poisoned_allocations is an autouse fixture)
-    ALL_STATS, assert_float32_within_budget, assert_matches_reference, make_case, max_abs_err, max_rel_err,
-    poisoned_allocations, run,
+    GRADIENTS_ALONE, ORACLE_CASES, assert_all_ignored_gives_zeros, assert_extreme_logits_match_reference,
+    assert_ignored_positions_are_zero, assert_matches_reference, assert_within_error_budget, largest_tensor,
+    make_case, max_abs_err, poisoned_allocations, run,
 )
 
 GRAD_STATS = tuple(sorted(DIFFERENTIABLE_STATS))
@@ -23,29 +23,13 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(chunked, "VOCAB_BLOCK", 16)
 
 
-CASES = {
-    "plain": dict(),
-    "bias": dict(bias=True, ref_bias=True),
-    "softcap_temperature_scale": dict(softcap=2.5, ref_softcap=4.0, temperature=0.7, logit_scale=1.3,
-                                      ref_logit_scale=0.8),
-    "shared_weight": dict(shared_weight=True, bias=True),
-    "single_token": dict(shape=(1,), ignore_fraction=0.0),
-    "three_dims_odd_sizes": dict(shape=(2, 3, 5), hidden_size=7, vocab=53, ref_hidden_size=11),
-    "custom_ignore_index": dict(ignore_index=3),
-    "jsd_beta_0": dict(jsd_beta=0.0),
-    "jsd_beta_1": dict(jsd_beta=1.0),
-    "jsd_beta_0.2": dict(jsd_beta=0.2, softcap=3.0),
-}
-
-
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(ORACLE_CASES))
 def test_matches_reference_float64(name):
-    case = make_case(**CASES[name])
+    case = make_case(**ORACLE_CASES[name])
     assert_matches_reference(case, "torch")
 
 
-@pytest.mark.parametrize("outputs", [("logp",), ("kl",), ("reverse_kl", "entropy"), ("jsd",),
-                                     ("ref_logp", "logp", "log_sum_p2")])
+@pytest.mark.parametrize("outputs", GRADIENTS_ALONE + [("ref_logp", "logp", "log_sum_p2")])
 def test_each_statistic_alone(outputs):
     """Each gradient formula on its own, and the partial sums of a subset of statistics."""
     case = make_case(bias=True, softcap=5.0, seed=3)
@@ -67,24 +51,12 @@ def test_gradcheck():
 
 
 def test_ignored_positions_are_zero_and_get_zero_gradient():
-    case = make_case(ignore_fraction=0.5, seed=7)
-    ignored = case.labels == -100
-    assert ignored.any() and (~ignored).any()
-    stats, (grad_h, _) = run(case, "torch", ALL_STATS)
-    for stat in ALL_STATS:
-        assert torch.all(getattr(stats, stat)[ignored] == 0), stat
-    assert torch.all(grad_h[ignored] == 0)
-    assert grad_h[~ignored].abs().sum() > 0
+    assert_ignored_positions_are_zero(make_case(ignore_fraction=0.5, seed=7), "torch")
 
 
 @pytest.mark.parametrize("impl", ["torch", "reference"])
 def test_all_ignored_gives_zeros_not_nan(impl):
-    case = make_case(ignore_fraction=1.0, bias=True)
-    stats, grads = run(case, impl, ALL_STATS)
-    for stat in ALL_STATS:
-        assert torch.all(getattr(stats, stat) == 0), stat
-    for grad in grads:
-        assert torch.all(grad == 0)
+    assert_all_ignored_gives_zeros(make_case(ignore_fraction=1.0, bias=True), impl)
 
 
 def test_reference_gets_no_gradient():
@@ -103,23 +75,13 @@ def test_reference_gets_no_gradient():
 @pytest.mark.parametrize("softcap", [None, 50.0])
 def test_extreme_logits(softcap):
     """Logits of magnitude ~1e4: finite, and equal to the oracle."""
-    case = make_case(logit_std=1e4, softcap=softcap, seed=11)
-    ref_stats, ref_grads = run(case, "reference", ALL_STATS)
-    stats, grads = run(case, "torch", ALL_STATS)
-    for stat in ALL_STATS:
-        got = getattr(stats, stat)
-        assert torch.isfinite(got).all(), stat
-        assert max_abs_err(got, getattr(ref_stats, stat)) <= 1e-9 * max(1.0, getattr(ref_stats, stat)
-                                                                        .abs().max().item()), stat
-    for got, want in zip(grads, ref_grads):
-        assert torch.isfinite(got).all()
-        assert max_rel_err(got, want) < 1e-9
+    assert_extreme_logits_match_reference(make_case(logit_std=1e4, softcap=softcap, seed=11), "torch")
 
 
 def test_extreme_logits_float32_within_budget():
     """At logits ~1e4 in fp32: finite, and as close to float64 as plain fp32 PyTorch is."""
     low = make_case(logit_std=1e4, seed=12, bias=True).cast(torch.float32)
-    assert_float32_within_budget(low, "torch")
+    assert_within_error_budget(low, "torch")
 
 
 SHAPES = {
@@ -134,20 +96,7 @@ SHAPES = {
 def test_error_budget_low_precision(dtype, floor, shape):
     """Error against float64 <= 2x that of plain same-dtype PyTorch (the oracle run in dtype) + floor."""
     case64 = make_case(**SHAPES[shape], bias=True, softcap=20.0, seed=13)
-    low = case64.cast(dtype)
-    exact = case64.cast(dtype).cast(torch.float64)  # the same rounded inputs, computed exactly
-    exact_stats, exact_grads = run(exact, "reference", ALL_STATS)
-    plain_stats, plain_grads = run(low, "reference", ALL_STATS)
-    stats, grads = run(low, "torch", ALL_STATS)
-    for stat in ALL_STATS:
-        want = getattr(exact_stats, stat)
-        ours, plain = max_abs_err(getattr(stats, stat), want), max_abs_err(getattr(plain_stats, stat), want)
-        assert getattr(stats, stat).dtype == torch.float32
-        assert ours <= 2 * plain + floor * max(1.0, want.abs().max().item()), (stat, ours, plain)
-    for got, plain, want in zip(grads, plain_grads, exact_grads):
-        assert got.dtype == dtype
-        ours, base = max_abs_err(got, want), max_abs_err(plain, want)
-        assert ours <= 2 * base + floor * want.abs().max().item(), (ours, base)
+    assert_within_error_budget(case64.cast(dtype), "torch", floor=floor)
 
 
 def test_autocast_bf16_runs_gemms_in_bf16_and_returns_fp32():
@@ -172,30 +121,14 @@ def test_autocast_bf16_runs_gemms_in_bf16_and_returns_fp32():
     assert all(g.dtype == torch.float32 for g in auto_grads)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any ATen op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_never_materialises_logits():
     n_tokens, hidden_size, vocab = 64, 8, 300
     case = make_case(shape=(n_tokens,), hidden_size=hidden_size, vocab=vocab, ref_hidden_size=8,
                      dtype=torch.float32, bias=True)
-    with _LargestTensor() as mode:
-        run(case, "torch", ALL_STATS)
+    largest = largest_tensor(case, "torch")
     tile = chunked.TOKEN_BLOCK * chunked.VOCAB_BLOCK
     largest_input = max(vocab * hidden_size, n_tokens * hidden_size)
-    assert mode.largest <= max(tile, largest_input) < n_tokens * vocab
+    assert largest.numel <= max(tile, largest_input) < n_tokens * vocab
 
 
 BAD_INPUTS = [

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fpo_ops
 from fpo_ops.token_stats import chunked, online
@@ -20,7 +19,9 @@ from fpo_ops.token_stats.reference import reference_logits
 from fpo_ops.token_stats.stats import DIFFERENTIABLE_STATS
 from fpo_ops.token_stats.triton_stats import triton_backward_tiles, triton_jsd_pass, triton_vocab_partials
 from stats_cases import (  # noqa: F401  (poisoned_allocations is an autouse fixture)
-    ALL_STATS, assert_matches_reference, make_case, max_abs_err, max_rel_err, poisoned_allocations, run,
+    ALL_STATS, GRADIENTS_ALONE, ORACLE_CASES, assert_all_ignored_gives_zeros,
+    assert_extreme_logits_match_reference, assert_ignored_positions_are_zero, assert_matches_reference,
+    assert_within_error_budget, largest_tensor, make_case, max_abs_err, max_rel_err, poisoned_allocations, run,
 )
 
 GRAD_STATS = tuple(sorted(DIFFERENTIABLE_STATS))
@@ -41,19 +42,14 @@ def test_interpreter_tiles_exercise_splits_and_chunks():
                    target_programs=1, min_splits=1, dz_buffer_bytes=1, min_vocab_chunk=16)
 
 
+# The oracle cases, some with more for the kernels to do: a bias under the softcap, one token over
+# several vocabulary splits, more ignored tokens; and sizes that fill several tiles unevenly.
 CASES = {
-    "plain": dict(),
-    "bias": dict(bias=True, ref_bias=True),
-    "softcap_temperature_scale": dict(softcap=2.5, ref_softcap=4.0, temperature=0.7, logit_scale=1.3,
-                                      ref_logit_scale=0.8, bias=True),
-    "shared_weight": dict(shared_weight=True, bias=True),
-    "single_token": dict(shape=(1,), ignore_fraction=0.0, hidden_size=16, vocab=100),
+    **ORACLE_CASES,
+    "softcap_temperature_scale": dict(ORACLE_CASES["softcap_temperature_scale"], bias=True),
+    "single_token": dict(ORACLE_CASES["single_token"], hidden_size=16, vocab=100),
     "sizes_37_48_100": dict(shape=(37,), hidden_size=48, vocab=100, ref_hidden_size=16),
-    "three_dims": dict(shape=(2, 3, 5), hidden_size=7, vocab=53, ref_hidden_size=11),
-    "custom_ignore_index": dict(ignore_index=3, ignore_fraction=0.4),
-    "jsd_beta_0": dict(jsd_beta=0.0),
-    "jsd_beta_1": dict(jsd_beta=1.0),
-    "jsd_beta_0.2_softcap": dict(jsd_beta=0.2, softcap=3.0),
+    "custom_ignore_index": dict(ORACLE_CASES["custom_ignore_index"], ignore_fraction=0.4),
 }
 
 
@@ -63,9 +59,8 @@ def test_matches_reference_float64(name):
     assert_matches_reference(case, "triton")
 
 
-@pytest.mark.parametrize("outputs", [("logp",), ("kl",), ("reverse_kl", "entropy"), ("jsd",),
-                                     ("entropy", "log_sum_p2", "mean_logit", "top1_correct"),
-                                     ("ref_logp", "logp")])
+@pytest.mark.parametrize("outputs", GRADIENTS_ALONE + [("entropy", "log_sum_p2", "mean_logit", "top1_correct"),
+                                                       ("ref_logp", "logp")])
 def test_each_statistic_alone(outputs):
     """Each gradient formula on its own, and the kernels' subsets of accumulators."""
     case = make_case(shape=(37,), hidden_size=16, vocab=37, bias=True, softcap=5.0, seed=3)
@@ -73,24 +68,13 @@ def test_each_statistic_alone(outputs):
 
 
 def test_ignored_positions_are_zero_and_get_zero_gradient():
-    case = make_case(shape=(37,), ignore_fraction=0.5, seed=7)
-    ignored = case.labels == -100
-    assert ignored.any() and (~ignored).any()
-    stats, (grad_h, _) = run(case, "triton", ALL_STATS)
-    for stat in ALL_STATS:
-        assert torch.all(getattr(stats, stat)[ignored] == 0), stat
-    assert torch.all(grad_h[ignored] == 0)
-    assert torch.all(grad_h[~ignored].abs().sum(-1) > 0)
+    assert_ignored_positions_are_zero(make_case(shape=(37,), ignore_fraction=0.5, seed=7), "triton")
 
 
 def test_all_ignored_gives_zeros_not_nan():
     case = make_case(shape=(37,), ignore_fraction=1.0, bias=True)
-    stats, grads = run(case, "triton", ALL_STATS)
-    for stat in ALL_STATS:
-        assert torch.all(getattr(stats, stat) == 0), stat
-    assert len(grads) == 3
-    for grad in grads:
-        assert torch.all(grad == 0)
+    assert len(case.leaves()) == 3
+    assert_all_ignored_gives_zeros(case, "triton")
 
 
 def test_strided_inputs():
@@ -153,15 +137,7 @@ def test_reference_gets_no_gradient_through_shared_weight():
 def test_extreme_logits(softcap):
     """Logits of magnitude ~1e4: finite, and equal to the oracle."""
     case = make_case(shape=(37,), logit_std=1e4, softcap=softcap, seed=11, bias=True)
-    ref_stats, ref_grads = run(case, "reference", ALL_STATS)
-    stats, grads = run(case, "triton", ALL_STATS)
-    for stat in ALL_STATS:
-        got, want = getattr(stats, stat), getattr(ref_stats, stat)
-        assert torch.isfinite(got).all(), stat
-        assert max_abs_err(got, want) <= 1e-9 * max(1.0, want.abs().max().item()), stat
-    for got, want in zip(grads, ref_grads):
-        assert torch.isfinite(got).all()
-        assert max_rel_err(got, want) < 1e-9
+    assert_extreme_logits_match_reference(case, "triton")
 
 
 def test_extreme_logits_float32_finite():
@@ -178,20 +154,7 @@ def test_error_budget_low_precision(dtype, floor):
     """Error against float64 <= 2x that of plain same-dtype PyTorch (the oracle run in dtype) + floor."""
     case64 = make_case(shape=(37,), hidden_size=48, vocab=100, ref_hidden_size=16, bias=True,
                        softcap=20.0, seed=13)
-    low = case64.cast(dtype)
-    exact = low.cast(torch.float64)  # the same rounded inputs, computed exactly
-    exact_stats, exact_grads = run(exact, "reference", ALL_STATS)
-    plain_stats, plain_grads = run(low, "reference", ALL_STATS)
-    stats, grads = run(low, "triton", ALL_STATS)
-    for stat in ALL_STATS:
-        want = getattr(exact_stats, stat)
-        ours, plain = max_abs_err(getattr(stats, stat), want), max_abs_err(getattr(plain_stats, stat), want)
-        assert getattr(stats, stat).dtype == torch.float32
-        assert ours <= 2 * plain + floor * max(1.0, want.abs().max().item()), (stat, ours, plain)
-    for got, plain, want in zip(grads, plain_grads, exact_grads):
-        assert got.dtype == dtype
-        ours, base = max_abs_err(got, want), max_abs_err(plain, want)
-        assert ours <= 2 * base + floor * want.abs().max().item(), (ours, base)
+    assert_within_error_budget(case64.cast(dtype), "triton", floor=floor)
 
 
 def _filtered_reference_grads(case, eps, block_n, block_v, outputs):
@@ -301,31 +264,16 @@ def test_vocabulary_slices_merge_to_the_full_result():
             assert max_rel_err(a, e) < 1e-12
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor (in bytes: the interpreter copies buffers as bytes) any op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
-
-
 def test_never_materialises_logits():
     """The largest buffer is an input or a gradient, far below N x V."""
     n_tokens, hidden_size, vocab = 48, 16, 200
     case = make_case(shape=(n_tokens,), hidden_size=hidden_size, vocab=vocab, ref_hidden_size=16,
                      dtype=torch.float32, bias=True)
-    with _LargestTensor() as mode:
-        run(case, "triton", ALL_STATS)
+    largest = largest_tensor(case, "triton")
+    # in bytes: the interpreter copies buffers as bytes
     fp32 = 4
-    assert mode.largest <= fp32 * max(vocab * hidden_size, n_tokens * 4 * tile_config(case.hidden.device).BV)
-    assert mode.largest < fp32 * n_tokens * vocab / 2
+    assert largest.bytes <= fp32 * max(vocab * hidden_size, n_tokens * 4 * tile_config(case.hidden.device).BV)
+    assert largest.bytes < fp32 * n_tokens * vocab / 2
 
 
 # ---- GPU: realistic shapes, compiled kernels -------------------------------------------------
@@ -378,18 +326,8 @@ def _gpu_case(n_tokens, hidden_size, vocab, dtype, seed=0, **kwargs):
 def test_gpu_error_budget(dtype, floor, n_tokens):
     """Error against the float64 oracle <= 2x plain same-dtype PyTorch + floor at a real head size."""
     low = _gpu_case(n_tokens, 2048, 32003, dtype, bias=True, softcap=30.0)
-    exact = low.cast(torch.float64)
     outputs = ("logp", "ref_logp", "kl", "reverse_kl", "entropy", "jsd")
-    exact_stats, exact_grads = run(exact, "reference", outputs)
-    plain_stats, plain_grads = run(low, "reference", outputs)
-    stats, grads = run(low, "triton", outputs)
-    for stat in outputs:
-        want = getattr(exact_stats, stat)
-        ours, plain = max_abs_err(getattr(stats, stat), want), max_abs_err(getattr(plain_stats, stat), want)
-        assert ours <= 2 * plain + floor * max(1.0, want.abs().max().item()), (stat, ours, plain)
-    for got, plain, want in zip(grads, plain_grads, exact_grads):
-        ours, base = max_abs_err(got, want), max_abs_err(plain, want)
-        assert ours <= 2 * base + floor * want.abs().max().item(), (ours, base)
+    assert_within_error_budget(low, "triton", outputs, floor)
 
 
 @pytest.mark.gpu

@@ -19,24 +19,30 @@ import torch
 import triton
 import triton.language as tl
 
-from ..stats import GRAD_KEYS, SAVED_FOR_GRAD, SAVED_KEYS
+from .rows import (
+    ENTROPY_ROW, G_ENT_ROW, G_JSD_ROW, G_KL_ROW, G_LOGP_ROW, G_RKL_ROW, KL_P_M_ROW, LSE_REF_ROW, LSE_ROW,
+    REVERSE_KL_ROW,
+)
 from .utils import (
     dot_acc, dot_precision, head_logits, log_mixture, preactivation_grad, triton_dtype,
     upcast_dot_operands,
 )
 
-# Rows of the upstream-gradient buffer [GRAD_KEYS, N] and of the saved-values buffer [SAVED_KEYS, N],
-# both from the table of statistics.
-G_LOGP_ROW = tl.constexpr(GRAD_KEYS.index("logp"))
-G_ENT_ROW = tl.constexpr(GRAD_KEYS.index("entropy"))
-G_KL_ROW = tl.constexpr(GRAD_KEYS.index("kl"))
-G_RKL_ROW = tl.constexpr(GRAD_KEYS.index("reverse_kl"))
-G_JSD_ROW = tl.constexpr(GRAD_KEYS.index("jsd"))
-LSE_ROW = tl.constexpr(SAVED_KEYS.index("lse"))
-LSE_REF_ROW = tl.constexpr(SAVED_KEYS.index("lse_ref"))
-ENTROPY_ROW = tl.constexpr(SAVED_KEYS.index(SAVED_FOR_GRAD["entropy"]))
-REVERSE_KL_ROW = tl.constexpr(SAVED_KEYS.index(SAVED_FOR_GRAD["reverse_kl"]))
-KL_P_M_ROW = tl.constexpr(SAVED_KEYS.index(SAVED_FOR_GRAD["jsd"]))
+
+@triton.jit
+def _token_block_and_slice(n_valid_ptr, N, X, BN: tl.constexpr, BX: tl.constexpr):
+    # program (pid_x, pid_n) -> block pid_x of X (vocabulary columns or hidden units): xs [BX],
+    # x_mask [BX]; token block pid_n: idx [BN] positions in order, n_valid, in_range [BN],
+    # row_mask [BN] (tokens with a gradient); program ids are int64
+    pid_x = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    idx = pid_n * BN + tl.arange(0, BN)
+    xs = pid_x * BX + tl.arange(0, BX)
+    x_mask = xs < X
+    n_valid = tl.load(n_valid_ptr)
+    in_range = idx < N
+    row_mask = idx < n_valid
+    return pid_x, pid_n, idx, xs, x_mask, n_valid, in_range, row_mask
 
 
 @triton.jit
@@ -57,13 +63,8 @@ def token_stats_bwd_kernel(
     # w [C, H] and rw [C, HR] are the chunk's rows; coef [GRAD_KEYS, N], saved [SAVED_KEYS, N]
     # dz [N, C] indexed by position in order; db_part [N / BN, C]; skip [N / BN, C / BV]
     # vocabulary blocks vary fastest: programs running together share hidden rows in L2
-    pid_v = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    idx = pid_n * BN + tl.arange(0, BN)
-    cols = pid_v * BV + tl.arange(0, BV)
-    col_mask = cols < C
-    n_valid = tl.load(n_valid_ptr)
-    row_mask = idx < n_valid
+    pid_v, pid_n, idx, cols, col_mask, n_valid, _, row_mask = _token_block_and_slice(
+        n_valid_ptr, N, C, BN, BV)
     if pid_n * BN < n_valid:
         rows = tl.load(order_ptr + idx, mask=row_mask, other=0)
         labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1) - label_offset
@@ -148,14 +149,8 @@ def token_stats_bwd_dh_kernel(
     # dz [N, C], w [C, H] -> dh [N, H] (fp32, rows by token)
     # kept [N / BN, C / BV]: per token block, its unfiltered vocabulary blocks first; kept_count [N / BN]
     # hidden blocks vary fastest: programs running together share dz rows in L2
-    pid_h = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    idx = pid_n * BN + tl.arange(0, BN)
-    hs = pid_h * BH + tl.arange(0, BH)
-    h_mask = hs < H
-    n_valid = tl.load(n_valid_ptr)
-    in_range = idx < N
-    row_mask = idx < n_valid
+    _, pid_n, idx, hs, h_mask, n_valid, in_range, row_mask = _token_block_and_slice(
+        n_valid_ptr, N, H, BN, BH)
     rows = tl.load(order_ptr + idx, mask=in_range, other=0)
     acc = tl.zeros([BN, BH], dtype=ACC)
     if FILTER:

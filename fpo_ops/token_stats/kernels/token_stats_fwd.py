@@ -14,20 +14,36 @@ import triton
 import triton.language as tl
 
 from ..stats import PARTIAL_KEYS
+from .rows import (
+    ENT_ROW, KL_ROW, M_REF_ROW, M_ROW, RKL_ROW, S2_ROW, S_REF_ROW, S_ROW, SUM_Z_ROW, Z_LABEL_ROW,
+    Z_REF_LABEL_ROW,
+)
 from .utils import dot_precision, head_logits, log_mixture, triton_dtype, upcast_dot_operands
 
-# Rows of the partials buffer [splits, PARTIAL_KEYS, N], from the table `fpo_ops.token_stats.stats.PARTIALS`.
-M_ROW = tl.constexpr(PARTIAL_KEYS.index("m"))
-S_ROW = tl.constexpr(PARTIAL_KEYS.index("s"))
-Z_LABEL_ROW = tl.constexpr(PARTIAL_KEYS.index("z_label"))
-ENT_ROW = tl.constexpr(PARTIAL_KEYS.index("ent"))
-S2_ROW = tl.constexpr(PARTIAL_KEYS.index("s2"))
-SUM_Z_ROW = tl.constexpr(PARTIAL_KEYS.index("sum_z"))
-M_REF_ROW = tl.constexpr(PARTIAL_KEYS.index("m_ref"))
-S_REF_ROW = tl.constexpr(PARTIAL_KEYS.index("s_ref"))
-Z_REF_LABEL_ROW = tl.constexpr(PARTIAL_KEYS.index("z_ref_label"))
-RKL_ROW = tl.constexpr(PARTIAL_KEYS.index("rkl"))
-KL_ROW = tl.constexpr(PARTIAL_KEYS.index("kl"))
+
+@triton.jit
+def _token_block(order_ptr, n_valid_ptr, N, BN: tl.constexpr):
+    # -> split pid_s, token block pid_n (both int64), n_valid, in_range [BN], row_mask [BN] (tokens
+    #    with a result), rows [BN] their rows
+    # splits vary fastest: programs running together share the token block's hidden states in L2
+    pid_s = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    idx = pid_n * BN + tl.arange(0, BN)
+    n_valid = tl.load(n_valid_ptr)
+    in_range = idx < N
+    row_mask = idx < n_valid
+    rows = tl.load(order_ptr + idx, mask=in_range, other=0)
+    return pid_s, pid_n, n_valid, in_range, row_mask, rows
+
+
+@triton.jit
+def _vocab_split(pid_s, pid_n, n_valid, V, v_per_split, BN: tl.constexpr):
+    # -> the split's columns [v_lo, v_hi) and the end of its tile loop, v_end
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    # a block holding only ignored tokens runs no tile
+    v_end = tl.where(pid_n * BN < n_valid, v_hi, v_lo)
+    return v_lo, v_hi, v_end
 
 
 @triton.jit
@@ -44,20 +60,9 @@ def token_stats_fwd_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # h [N, H], w [V, H], rh [N, HR], rw [V, HR], labels [N], order [N], part [S, PARTIAL_KEYS, N]
-    # splits vary fastest: programs running together share the token block's hidden states in L2
-    pid_s = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    idx = pid_n * BN + tl.arange(0, BN)
-    n_valid = tl.load(n_valid_ptr)
-    in_range = idx < N
-    row_mask = idx < n_valid
-    rows = tl.load(order_ptr + idx, mask=in_range, other=0)
+    pid_s, pid_n, n_valid, in_range, row_mask, rows = _token_block(order_ptr, n_valid_ptr, N, BN)
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1) - label_offset
-
-    v_lo = pid_s * v_per_split
-    v_hi = tl.minimum(v_lo + v_per_split, V)
-    # a block holding only ignored tokens runs no tile
-    v_end = tl.where(pid_n * BN < n_valid, v_hi, v_lo)
+    v_lo, v_hi, v_end = _vocab_split(pid_s, pid_n, n_valid, V, v_per_split, BN)
 
     m = tl.full([BN], float("-inf"), dtype=ACC)
     s = tl.zeros([BN], dtype=ACC)
@@ -146,20 +151,11 @@ def token_stats_jsd_fwd_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # lse, lse_ref [N] (over the whole vocabulary), sums [S, 2, N]: sum q (log q - log m), sum p (...)
-    # splits vary fastest: programs running together share the token block's hidden states in L2
-    pid_s = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    idx = pid_n * BN + tl.arange(0, BN)
-    n_valid = tl.load(n_valid_ptr)
-    in_range = idx < N
-    row_mask = idx < n_valid
-    rows = tl.load(order_ptr + idx, mask=in_range, other=0)
+    pid_s, pid_n, n_valid, in_range, row_mask, rows = _token_block(order_ptr, n_valid_ptr, N, BN)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(ACC)
     lse_ref = tl.load(lse_ref_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+    v_lo, v_hi, v_end = _vocab_split(pid_s, pid_n, n_valid, V, v_per_split, BN)
 
-    v_lo = pid_s * v_per_split
-    v_hi = tl.minimum(v_lo + v_per_split, V)
-    v_end = tl.where(pid_n * BN < n_valid, v_hi, v_lo)
     sum_q = tl.zeros([BN], dtype=ACC)
     sum_p = tl.zeros([BN], dtype=ACC)
     for v0 in range(v_lo, v_end, BV):
