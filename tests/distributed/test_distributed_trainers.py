@@ -31,8 +31,9 @@ from trainer_fixtures import assert_within_budget, completion_dataset  # noqa: E
 WORLD = 2
 STEPS = 3
 GLOBAL_BATCH = 4  # pairs (DPO) or rows (SFT) per optimizer step, over all ranks
-# Not compared: timings, and the FLOP estimate, which counts padding (each rank pads to its own longest row).
-UNCOMPARED = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "step_time", "total_flos"}
+# Not compared: timings (logged names ending so), and the FLOP estimate, which counts padding (each
+# rank pads to its own longest row).
+TIMING = ("_runtime", "_samples_per_second", "_steps_per_second", "step_time")
 # What TRL's DPOTrainer logs per step (FusedDPOTrainer too).
 DPO_LOGS = {
     "loss", "grad_norm", "learning_rate", "epoch", "entropy", "num_tokens", "logits/chosen", "logits/rejected",
@@ -62,7 +63,8 @@ DPO_BF16 = dict(
 )
 # That test's tolerances: relative, loss and log-probs 2e-3, gradient norm 5e-3.
 BF16_REL, BF16_GRAD_REL = 2e-3, 5e-3
-SPO_BF16 = dict(SPO, bf16=True, gradient_checkpointing=True)
+# Sampled (not greedy) completions here: each rank draws its own, so no one-process equal.
+SPO_BF16 = dict(SPO, spo_sampling="sample", bf16=True, gradient_checkpointing=True)
 GRPO = dict(FP32, num_generations=2, max_completion_length=5, beta=0.04, temperature=0.9)
 # The exact KL to a perturbed reference, with the loss type whose normaliser is the token count of
 # every rank over the rank count. Greedy completions (a function of the prompts and the weights) are
@@ -78,14 +80,23 @@ def _distributed_env(rank: int, world: int) -> None:
                       OMP_NUM_THREADS="1")
 
 
-def _trained(trainer) -> dict:
-    """Train; the log history, the weights before and after, and what a test checks of the set-up."""
+def _comparable(logged: dict) -> dict:
+    return {k: v for k, v in logged.items() if k != "total_flos" and not k.endswith(TIMING)}
+
+
+def _trained(trainer, eval_dataset=None) -> dict:
+    """Train (then evaluate on ``eval_dataset``); the log history, the weights before and after, the
+    evaluation's metrics and what a test checks of the set-up."""
     initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
+    evaluation = None
+    if eval_dataset is not None:
+        evaluation = _comparable(trainer.evaluate(eval_dataset))
     model = trainer.accelerator.unwrap_model(trainer.model)
     columns = trainer.train_dataset.column_names
     return dict(
-        logs=[{k: v for k, v in row.items() if k not in UNCOMPARED} for row in trainer.state.log_history],
+        evaluation=evaluation,
+        logs=[_comparable(row) for row in trainer.state.log_history],
         initial=initial, params={n: p.detach().clone() for n, p in model.named_parameters()},
         world=trainer.accelerator.num_processes, precision=(trainer.args.bf16, trainer.args.gradient_checkpointing),
         spo_generations=getattr(trainer, "_spo_generations", None),
@@ -94,10 +105,10 @@ def _trained(trainer) -> dict:
 
 
 def _dpo_run(trainer_cls, config_cls, out, world, perturb=0.05, global_batch=GLOBAL_BATCH, num_pairs=None,
-             data_dir=None, **config):
+             data_dir=None, eval_pairs=None, **config):
     """A DPO-family trainer on the tiny model against a perturbed copy (built as the one-process tests
     build it), ``global_batch`` pairs per step, ``num_pairs`` pairs (default: one epoch of the steps)
-    or the dataset saved in ``data_dir``."""
+    or the dataset saved in ``data_dir``; evaluated on ``eval_pairs`` other pairs."""
     from datasets import load_from_disk
 
     model = tiny_model("llama")
@@ -107,8 +118,9 @@ def _dpo_run(trainer_cls, config_cls, out, world, perturb=0.05, global_batch=GLO
             p.add_(perturb * torch.randn_like(p))
     args = config_cls(output_dir=out, per_device_train_batch_size=global_batch // world, **config)
     dataset = load_from_disk(data_dir) if data_dir else preference_dataset(num_pairs or global_batch * args.max_steps)
-    return _trained(trainer_cls(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
-                                processing_class=tiny_tokenizer()))
+    trainer = trainer_cls(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                          processing_class=tiny_tokenizer())
+    return _trained(trainer, eval_pairs and preference_dataset(eval_pairs, seed=1))
 
 
 def _sft_run(trainer_cls, config_cls, out, world):
@@ -175,7 +187,8 @@ def _cases(out: str, world: int, model_path=None) -> dict:
                    loss_type="sigmoid", precompute_ref_log_probs=True, **DPO)
 
     return {
-        "dpo": dpo("dpo", loss_type="sigmoid", **DPO),
+        # 5 evaluation pairs, 2 per rank and batch: the last batch is uneven (accelerate pads it)
+        "dpo": dpo("dpo", loss_type="sigmoid", eval_pairs=5, per_device_eval_batch_size=2, **DPO),
         "dpo_precomputed": {"trl": precomputed("trl", DPOTrainer, DPOConfig),
                             "fused": precomputed("fused", FusedDPOTrainer, FusedDPOConfig)},
         # with the fp32 run of the same case: the truth both bf16 runs are measured against
@@ -267,6 +280,9 @@ def test_dpo_equals_trl_under_ddp(ddp):
     # per-token metrics are means over the tokens of both ranks, as TRL logs them
     assert_same_logs(ours["logs"], theirs["logs"])
     assert_same_weights(ours["params"], theirs["params"])
+    assert set(ours["evaluation"]) == set(theirs["evaluation"]) >= {"eval_loss", "eval_entropy", "eval_logps/chosen"}
+    for name, value in theirs["evaluation"].items():
+        assert ours["evaluation"][name] == pytest.approx(value, rel=1e-5, abs=1e-5), name
 
 
 def test_dpo_with_precomputed_reference_log_probs_equals_trl_under_ddp(ddp):
@@ -316,7 +332,7 @@ def test_spo_on_policy_samples_under_ddp_equal_one_process(ddp, tmp_path):
     assert_same_weights(ours["params"], alone["params"])
 
 
-def test_spo_under_the_bf16_default_config_trains_under_ddp(ddp):
+def test_spo_sampled_under_the_bf16_default_config_trains_under_ddp(ddp):
     # Gradient checkpointing: DDP without find_unused_parameters, and generation with it switched off.
     run = ddp("spo_bf16")[0]["fused"]
     assert run["precision"] == (True, True) and run["spo_generations"] == 2 and len(steps(run)) == STEPS
