@@ -10,7 +10,7 @@ loss it calls); the pieces here are the ones that were otherwise repeated per tr
   model, or the PEFT policy with its reference adapter or none) run without a graph;
 - `apply_gathered_heads`: a call on LM heads, some of them absent (no bias), some of them ZeRO-3
   partitioned (gathered for forward and for backward);
-- `trainer_mode`, `log_metric`, `log_metrics`: TRL's ``_metrics`` bookkeeping.
+- `trainer_mode`, `log_metric`, `log_metrics`, `log_token_mean`: TRL's ``_metrics`` bookkeeping.
 """
 import contextlib
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
@@ -169,3 +169,21 @@ def log_metrics(trainer, mode: str, metrics: Mapping[str, torch.Tensor]) -> None
     """`log_metric` for every entry of ``metrics`` (scalar tensors by TRL's metric names)."""
     for name, value in metrics.items():
         log_metric(trainer, mode, name, value)
+
+
+def log_token_mean(trainer, mode: str, name: str, mean: torch.Tensor, count: torch.Tensor) -> None:
+    """Appends the token-weighted mean over processes of a per-token mean to ``_metrics[mode][name]``.
+
+    TRL averages per-token metrics (entropy, mean logit, top-1 accuracy) over all tokens of all
+    processes: it gathers each process's sum and token count, not its mean, so that ranks holding
+    more tokens weigh more. The same here, from this process's ``mean`` over ``count`` tokens.
+
+    Args:
+        mean: [] this process's mean over its ``count`` tokens (0 when it has none).
+        count: [] this process's number of tokens.
+    """
+    count = count.detach().float()
+    total = trainer.accelerator.gather_for_metrics((mean.detach().float() * count).reshape(1)).sum()
+    tokens = trainer.accelerator.gather_for_metrics(count.reshape(1)).sum()
+    # as TRL, 0.0 when no process holds a token
+    trainer._metrics[mode][name].append((total / tokens).item() if tokens > 0 else 0.0)

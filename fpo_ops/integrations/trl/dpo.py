@@ -25,7 +25,7 @@ from ...token_stats import token_stats
 from ..hf import HEAD_INPUTS_KWARG, HeadInputs, add_head_outputs, head_precision, is_zero3_param
 from .common import (
     apply_gathered_heads, completion_labels, head_hidden, head_model_kwargs, log_metric, log_metrics,
-    reference_adapter, reference_forward, trainer_mode,
+    log_token_mean, reference_adapter, reference_forward, trainer_mode,
 )
 from .head import FusedHeadArguments
 from .seed import PAIR_COLUMNS, SeedLossArguments, SeedLossesMixin
@@ -35,6 +35,9 @@ _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps") 
 # Loss types the trainer cannot feed.
 _UNSUPPORTED_LOSS_TYPES = frozenset()
 TRAINER_LOSS_TYPES = tuple(name for name in LOSS_TYPES if name not in _UNSUPPORTED_LOSS_TYPES)
+# Per-token metrics of `preference_loss` and the rows of the [2B] batch whose completion tokens each averages.
+_TOKEN_METRIC_ROWS = {"entropy": "all", "logits/chosen": "chosen", "logits/rejected": "rejected",
+                      "mean_token_accuracy": "chosen"}
 
 
 @contextlib.contextmanager
@@ -229,7 +232,7 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
             # TRL's MoE term: the policy forward's router load-balancing loss, weighted and logged as in TRL.
             loss = loss + self.router_aux_loss_coef * policy.aux_loss
             log_metric(self, mode, "aux_loss", policy.aux_loss)
-        self._log_metrics(mode, inputs, output)
+        self._log_metrics(mode, inputs, output, labels)
 
         if return_outputs:
             # Deprecated in TRL as well: logits for `compute_metrics` need an extra, unfused forward.
@@ -254,8 +257,16 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
             )
         return _zero3_preference_loss(heads, hidden, labels, ref_hidden, kwargs)
 
-    def _log_metrics(self, mode: str, inputs: Dict[str, Any], output: PreferenceOutput) -> None:
-        log_metrics(self, mode, output.metrics)
+    def _log_metrics(self, mode: str, inputs: Dict[str, Any], output: PreferenceOutput, labels: torch.Tensor) -> None:
+        """TRL's metrics of the step: per-token means weighted by every process's token count, the rest
+        (per-pair means; each process holds the same number of pairs) averaged over processes."""
+        tokens = (labels != -100).sum(dim=1)
+        chosen, rejected = tokens.chunk(2, dim=0)
+        counts = {"all": tokens.sum(), "chosen": chosen.sum(), "rejected": rejected.sum()}
+        per_token = {n: v for n, v in output.metrics.items() if n in _TOKEN_METRIC_ROWS}
+        for name, value in per_token.items():
+            log_token_mean(self, mode, name, value, counts[_TOKEN_METRIC_ROWS[name]])
+        log_metrics(self, mode, {n: v for n, v in output.metrics.items() if n not in per_token})
         if mode == "train":
             num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += num_tokens // self._tp_size
