@@ -1,0 +1,195 @@
+"""FusedSFTTrainer, FusedGRPOTrainer and FusedRLOOTrainer on LoRA adapters against TRL's own trainers.
+
+Both trainers get the same ``peft_config`` and wrap equal copies of a tiny model (built in code, CPU,
+no downloads) with equal adapters. For GRPO and RLOO with ``beta > 0`` the reference is the policy
+with its adapters disabled. ``modules_to_save=["lm_head"]`` moves the head weight that trains into
+the wrapper's copy (the original stays frozen and is the reference's head); TRL 1.16 refuses a LoRA
+adapter on the head itself (``target_modules`` with ``lm_head``), and so do the drop-ins.
+"""
+import pytest
+import torch
+import transformers
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("trl")
+
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+
+from fpo_ops.integrations.trl import (  # noqa: E402
+    FusedGRPOConfig, FusedGRPOTrainer, FusedRLOOConfig, FusedRLOOTrainer, FusedSFTConfig, FusedSFTTrainer,
+)
+from hf_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
+from test_integration_trl_rl import COMMON, assert_same_training, reward_digits, reward_length  # noqa: E402
+from trainer_fixtures import (  # noqa: E402
+    assert_default_precision_within_budget, completion_dataset, one_batch, trainer_pair,
+)
+
+SFT_FP32 = dict(
+    per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2, optim="sgd", logging_steps=1,
+    report_to="none", bf16=False, gradient_checkpointing=False, save_strategy="no", seed=7,
+    use_cpu=True, disable_tqdm=True, dataloader_drop_last=True,
+)
+# The usual LoRA (lora_B = 0: the policy starts as the base model) and one that moves the policy off the
+# base model from the first step, so that the adapter-disabled reference differs from it at once.
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+LORA_MOVED = dict(LORA, init_lora_weights=False)
+# Every linear layer but the head ("all-linear" leaves the output layer out), and a trained copy of the head.
+ALL_LINEAR_HEAD_COPY = dict(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["lm_head"],
+                            init_lora_weights=False, task_type="CAUSAL_LM")
+RL = {
+    "grpo": (GRPOTrainer, FusedGRPOTrainer, GRPOConfig, FusedGRPOConfig),
+    "rloo": (RLOOTrainer, FusedRLOOTrainer, RLOOConfig, FusedRLOOConfig),
+}
+
+
+def lora(options):
+    return peft.LoraConfig(**options)
+
+
+def head_copy(trainer):
+    """The trained copy of the head that ``modules_to_save=["lm_head"]`` makes, and the frozen original."""
+    wrapper = trainer.model.get_base_model().lm_head
+    return wrapper.modules_to_save["default"].weight, wrapper.original_module.weight
+
+
+def assert_adapters_trained_equal(theirs, ours, before):
+    """Every logged metric and every parameter equal to TRL's (`assert_same_training`); the trainable ones
+    (adapters, the head copy) are exactly those PEFT made trainable, and all of them moved from ``before``."""
+    assert_same_training(theirs, ours)
+    trainable = {n: p for n, p in ours.model.named_parameters() if p.requires_grad}
+    assert trainable and set(trainable) == set(before)
+    assert all("lora_" in n or "modules_to_save" in n for n in trainable)
+    for name, p in trainable.items():
+        assert not torch.equal(p, before[name]), f"{name} did not train"
+
+
+def trainable_copy(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def sft_pair(tmp_path, family="llama", base=SFT_FP32, peft_options=LORA, **overrides):
+    return trainer_pair(SFTTrainer, FusedSFTTrainer, SFTConfig, FusedSFTConfig, tmp_path, completion_dataset(12),
+                        family=family, peft_config=lora(peft_options), **{**base, **overrides})
+
+
+@pytest.mark.parametrize("family, peft_options", [
+    ("llama", LORA), ("cohere", LORA_MOVED), ("llama", ALL_LINEAR_HEAD_COPY), ("llama_tied", LORA_MOVED),
+    ("llama_tied", ALL_LINEAR_HEAD_COPY),
+])
+def test_sft_lora_trains_as_trl(tmp_path, family, peft_options):
+    theirs, ours = sft_pair(tmp_path, family=family, peft_options=peft_options)
+    before = trainable_copy(ours)
+    assert before == {} or all(torch.equal(before[n], p) for n, p in trainable_copy(theirs).items())
+    theirs.train()
+    ours.train()
+    assert_adapters_trained_equal(theirs, ours, before)
+
+
+def test_sft_lora_bf16_default_config_within_budget(tmp_path):
+    """TRL's default precision (bf16 autocast, gradient checkpointing) against the fp32 step, on a LoRA policy."""
+    assert_default_precision_within_budget(
+        lambda path, base, **kw: sft_pair(path, base=base, peft_options=LORA_MOVED, **kw), tmp_path, SFT_FP32,
+        one_batch)
+
+
+def save_tiny(tmp_path, family):
+    path = tmp_path / "model"
+    model = tiny_model(family)
+    if model.config.tie_word_embeddings:
+        # The fixture's wide head, as the input embedding too, makes the model repeat its last token with
+        # near certainty: every completion of a prompt would be the same and no advantage would be non-zero.
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(0.3)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def rl_trainer(kind, fused, tmp_path, path, peft_options, **overrides):
+    trl_cls, fused_cls, config_cls, fused_config_cls = RL[kind]
+    trainer_cls, cfg_cls = (fused_cls, fused_config_cls) if fused else (trl_cls, config_cls)
+    # The trainer wraps the model before Trainer seeds itself: the adapter's initialisation draws from the
+    # global generator as it stands.
+    torch.manual_seed(0)
+    return trainer_cls(
+        model=str(path), reward_funcs=[reward_length, reward_digits], peft_config=lora(peft_options),
+        train_dataset=completion_dataset(8).remove_columns("completion"), processing_class=tiny_tokenizer(),
+        args=cfg_cls(output_dir=str(tmp_path / ("fused" if fused else "trl")), **{**COMMON, **overrides}),
+    )
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+@pytest.mark.parametrize("family, peft_options", [("llama", ALL_LINEAR_HEAD_COPY), ("llama_tied", LORA_MOVED)])
+def test_rl_lora_with_adapter_disabled_reference_trains_as_trl(tmp_path, kind, family, peft_options):
+    path = save_tiny(tmp_path, family)
+    theirs, ours = (rl_trainer(kind, fused, tmp_path, path, peft_options, beta=0.3) for fused in (False, True))
+    # The reference is the policy with its adapters disabled: no reference model.
+    assert theirs.ref_model is None and ours.ref_model is None and ours.beta == 0.3
+    before = trainable_copy(ours)
+    for trainer in (theirs, ours):
+        transformers.set_seed(trainer.args.seed)  # both runs generate the same completions
+        trainer.train()
+    # The adapters move the policy off the reference from the first step: TRL's sampled-token KL is not 0.
+    assert all(abs(h["kl"]) > 1e-4 for h in theirs.state.log_history if "kl" in h)
+    assert_adapters_trained_equal(theirs, ours, before)
+
+
+@pytest.mark.parametrize("kind", ["sft", "grpo", "rloo"])
+@pytest.mark.parametrize("family", ["llama", "llama_tied"])
+def test_lora_on_the_head_is_refused_as_trl_does(tmp_path, kind, family):
+    # TRL 1.16 computes log-probs from the head's weight directly, so it refuses an adapter on the head rather
+    # than ignore it; the drop-ins inherit the check, and their own head reads refuse one as well.
+    options = dict(LORA, target_modules=["q_proj", "lm_head"])
+    for fused in (False, True):
+        with pytest.raises(ValueError, match="lm_head"):
+            if kind == "sft":
+                sft_pair(tmp_path / str(fused), family=family, peft_options=options)
+            else:
+                rl_trainer(kind, fused, tmp_path, save_tiny(tmp_path / str(fused), family), options)
+
+
+def test_head_reads_refuse_an_adapter_on_the_head():
+    from fpo_ops.integrations.hf import lm_head_tensors
+
+    model = peft.get_peft_model(tiny_model("llama"), lora(dict(LORA, target_modules=["lm_head"])))
+    with pytest.raises(ValueError, match="LM head without a PEFT adapter"):
+        lm_head_tensors(model)
+
+
+def float64_kl_to_disabled_adapter(trainer, inputs):
+    """Per-token KL(pi_theta || pi_ref) over the vocabulary from materialised logits, in float64, pi_ref the
+    policy with its adapters disabled (and so the original head in place of a ``modules_to_save`` copy)."""
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    width = inputs["completion_ids"].size(1)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with trainer.model.disable_adapter():
+            ref_logits = trainer.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logp, logq = (torch.log_softmax(z[:, :-1][:, -width:].double() / trainer.temperature, -1)
+                  for z in (logits, ref_logits))
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+@pytest.mark.parametrize("family", ["llama", "llama_tied"])
+def test_exact_kl_to_the_adapter_disabled_policy_equals_a_float64_reference(tmp_path, kind, family):
+    trainer = rl_trainer(kind, True, tmp_path, save_tiny(tmp_path, family), ALL_LINEAR_HEAD_COPY,
+                         kl_estimator="exact", beta=0.3)
+    assert trainer.ref_model is None
+    # The head copy differs from the original head: the policy must read the copy, the reference the original.
+    trained_head, original_head = head_copy(trainer)
+    with torch.no_grad():
+        trained_head.add_(0.2 * torch.randn(trained_head.shape, generator=torch.Generator().manual_seed(1)))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() otherwise
+    transformers.set_seed(trainer.args.seed)
+    inputs = trainer._prepare_inputs([trainer.train_dataset[i] for i in (0, 0, 1, 1)])  # RLOO logs its KL here
+    if kind == "grpo":
+        trainer.compute_loss(trainer.model, inputs).backward()  # GRPO logs its KL in the loss
+        assert trained_head.grad is not None and trained_head.grad.abs().max() > 0 and original_head.grad is None
+    mask = inputs["completion_mask"].double()
+    kl = float64_kl_to_disabled_adapter(trainer, inputs)
+    assert (kl * mask).max() > 1e-2  # the adapters and the head copy move the policy off its reference
+    expected = ((kl * mask).sum() / mask.sum()).item()
+    assert trainer._metrics["train"]["kl"][-1] == pytest.approx(expected, rel=1e-5, abs=1e-7)
