@@ -14,6 +14,7 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("trl")
 
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+from trl.trainer.utils import use_adapter  # noqa: E402
 
 from fpo_ops.integrations.trl import (  # noqa: E402
     FusedGRPOConfig, FusedGRPOTrainer, FusedRLOOConfig, FusedRLOOTrainer, FusedSFTConfig, FusedSFTTrainer,
@@ -46,6 +47,13 @@ def lora(options):
     return peft.LoraConfig(**options)
 
 
+# Prompt learning: virtual tokens in front of the sequence (their positions carry no label).
+PROMPT_LEARNING = {
+    "prompt_tuning": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    "prefix_tuning": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+}
+
+
 def head_copy(trainer):
     """The trained copy of the head that ``modules_to_save=["lm_head"]`` makes, and the frozen original."""
     wrapper = trainer.model.get_base_model().lm_head
@@ -58,7 +66,7 @@ def assert_adapters_trained_equal(theirs, ours, before):
     assert_same_training(theirs, ours)
     trainable = {n: p for n, p in ours.model.named_parameters() if p.requires_grad}
     assert trainable and set(trainable) == set(before)
-    assert all("lora_" in n or "modules_to_save" in n for n in trainable)
+    assert all(any(part in n for part in ("lora_", "modules_to_save", "prompt_encoder")) for n in trainable)
     for name, p in trainable.items():
         assert not torch.equal(p, before[name]), f"{name} did not train"
 
@@ -67,19 +75,25 @@ def trainable_copy(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
+def adapter_config(options):
+    """A LoRA config of ``options``, or for a key of `PROMPT_LEARNING` that config."""
+    return PROMPT_LEARNING[options]() if isinstance(options, str) else lora(options)
+
+
 def sft_pair(tmp_path, family="llama", base=SFT_FP32, peft_options=LORA, **overrides):
     return trainer_pair(SFTTrainer, FusedSFTTrainer, SFTConfig, FusedSFTConfig, tmp_path, completion_dataset(12),
-                        family=family, peft_config=lora(peft_options), **{**base, **overrides})
+                        family=family, peft_config=adapter_config(peft_options), **{**base, **overrides})
 
 
 @pytest.mark.parametrize("family, peft_options", [
     ("llama", LORA), ("cohere", LORA_MOVED), ("llama", ALL_LINEAR_HEAD_COPY), ("llama_tied", LORA_MOVED),
-    ("llama_tied", ALL_LINEAR_HEAD_COPY),
+    ("llama_tied", ALL_LINEAR_HEAD_COPY), ("llama", "prompt_tuning"), ("llama", "prefix_tuning"),
 ])
-def test_sft_lora_trains_as_trl(tmp_path, family, peft_options):
+def test_sft_adapter_trains_as_trl(tmp_path, family, peft_options):
     theirs, ours = sft_pair(tmp_path, family=family, peft_options=peft_options)
     before = trainable_copy(ours)
-    assert before == {} or all(torch.equal(before[n], p) for n, p in trainable_copy(theirs).items())
+    initial = trainable_copy(theirs)  # equal adapters to start from
+    assert initial.keys() == before.keys() and all(torch.equal(before[n], p) for n, p in initial.items())
     theirs.train()
     ours.train()
     assert_adapters_trained_equal(theirs, ours, before)
@@ -105,32 +119,47 @@ def save_tiny(tmp_path, family):
     return path
 
 
-def rl_trainer(kind, fused, tmp_path, path, peft_options, **overrides):
+def rl_trainer(kind, fused, tmp_path, path, peft_options, pretrained=False, **overrides):
+    """A GRPO or RLOO trainer (TRL's or ours) on the model saved at ``path``, given a LoRA config, or with
+    ``pretrained`` a policy already wrapped with that adapter (TRL's reference is then its frozen copy "ref")."""
     trl_cls, fused_cls, config_cls, fused_config_cls = RL[kind]
     trainer_cls, cfg_cls = (fused_cls, fused_config_cls) if fused else (trl_cls, config_cls)
     # The trainer wraps the model before Trainer seeds itself: the adapter's initialisation draws from the
     # global generator as it stands.
     torch.manual_seed(0)
+    if pretrained:
+        model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(path),
+                                    adapter_config(peft_options))
+        adapter = {}
+    else:
+        model, adapter = str(path), dict(peft_config=adapter_config(peft_options))
     return trainer_cls(
-        model=str(path), reward_funcs=[reward_length, reward_digits], peft_config=lora(peft_options),
+        model=model, reward_funcs=[reward_length, reward_digits], **adapter,
         train_dataset=completion_dataset(8).remove_columns("completion"), processing_class=tiny_tokenizer(),
         args=cfg_cls(output_dir=str(tmp_path / ("fused" if fused else "trl")), **{**COMMON, **overrides}),
     )
 
 
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
-@pytest.mark.parametrize("family, peft_options", [("llama", ALL_LINEAR_HEAD_COPY), ("llama_tied", LORA_MOVED)])
-def test_rl_lora_with_adapter_disabled_reference_trains_as_trl(tmp_path, kind, family, peft_options):
+@pytest.mark.parametrize("family, peft_options, pretrained", [
+    ("llama", ALL_LINEAR_HEAD_COPY, False), ("llama_tied", LORA_MOVED, False), ("llama", ALL_LINEAR_HEAD_COPY, True),
+    ("llama", "prompt_tuning", False),
+])
+def test_rl_lora_with_its_reference_trains_as_trl(tmp_path, kind, family, peft_options, pretrained):
     path = save_tiny(tmp_path, family)
-    theirs, ours = (rl_trainer(kind, fused, tmp_path, path, peft_options, beta=0.3) for fused in (False, True))
-    # The reference is the policy with its adapters disabled: no reference model.
+    theirs, ours = (rl_trainer(kind, fused, tmp_path, path, peft_options, pretrained, beta=0.3, max_steps=3)
+                    for fused in (False, True))
+    # The reference is the policy with its adapters disabled, or its pretrained adapter's frozen copy: no
+    # reference model.
     assert theirs.ref_model is None and ours.ref_model is None and ours.beta == 0.3
+    assert ("ref" in ours.model.peft_config) == pretrained
     before = trainable_copy(ours)
     for trainer in (theirs, ours):
         transformers.set_seed(trainer.args.seed)  # both runs generate the same completions
         trainer.train()
-    # The adapters move the policy off the reference from the first step: TRL's sampled-token KL is not 0.
-    assert all(abs(h["kl"]) > 1e-4 for h in theirs.state.log_history if "kl" in h)
+    # The reference is used: TRL's sampled-token KL is not 0 (a pretrained adapter starts as its copy, at 0).
+    kls = [h["kl"] for h in theirs.state.log_history if "kl" in h]
+    assert all(abs(kl) > 1e-4 for kl in kls[1 if pretrained else 0:])
     assert_adapters_trained_equal(theirs, ours, before)
 
 
@@ -156,28 +185,40 @@ def test_head_reads_refuse_an_adapter_on_the_head():
         lm_head_tensors(model)
 
 
-def float64_kl_to_disabled_adapter(trainer, inputs):
-    """Per-token KL(pi_theta || pi_ref) over the vocabulary from materialised logits, in float64, pi_ref the
-    policy with its adapters disabled (and so the original head in place of a ``modules_to_save`` copy)."""
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+@pytest.mark.parametrize("adapter", sorted(PROMPT_LEARNING))
+def test_exact_kl_refuses_a_prompt_learning_reference(tmp_path, kind, adapter):
+    # Its reference would run on the inputs the adapter rewrote (virtual tokens, a prefix cache) and not be the
+    # base model; TRL's estimator, which runs the reference apart, trains as TRL does (above).
+    with pytest.raises(ValueError, match="kl_estimator"):
+        rl_trainer(kind, True, tmp_path, save_tiny(tmp_path, "llama"), adapter, kl_estimator="exact", beta=0.3)
+
+
+def float64_kl_to_the_reference_adapter(trainer, inputs):
+    """Per-token KL(pi_theta || pi_ref) over the vocabulary from materialised logits, in float64, pi_ref TRL's
+    reference of a PEFT policy: its frozen copy "ref" of a pretrained adapter, else the policy with its adapters
+    disabled (and so with the original head in place of a ``modules_to_save`` copy)."""
     input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
     width = inputs["completion_ids"].size(1)
+    model = trainer.model
     with torch.no_grad():
-        logits = trainer.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        with trainer.model.disable_adapter():
-            ref_logits = trainer.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
+            ref_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     logp, logq = (torch.log_softmax(z[:, :-1][:, -width:].double() / trainer.temperature, -1)
                   for z in (logits, ref_logits))
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
-@pytest.mark.parametrize("family", ["llama", "llama_tied"])
-def test_exact_kl_to_the_adapter_disabled_policy_equals_a_float64_reference(tmp_path, kind, family):
-    trainer = rl_trainer(kind, True, tmp_path, save_tiny(tmp_path, family), ALL_LINEAR_HEAD_COPY,
+@pytest.mark.parametrize("family, pretrained", [("llama", False), ("llama_tied", False), ("llama", True)])
+def test_exact_kl_to_the_reference_adapter_equals_a_float64_reference(tmp_path, kind, family, pretrained):
+    trainer = rl_trainer(kind, True, tmp_path, save_tiny(tmp_path, family), ALL_LINEAR_HEAD_COPY, pretrained,
                          kl_estimator="exact", beta=0.3)
-    assert trainer.ref_model is None
-    # The head copy differs from the original head: the policy must read the copy, the reference the original.
+    assert trainer.ref_model is None and ("ref" in trainer.model.peft_config) == pretrained
+    # The head copy differs from the reference's head (the original, or the "ref" adapter's copy of the head):
+    # the policy must read its own copy, the reference its head.
     trained_head, original_head = head_copy(trainer)
     with torch.no_grad():
         trained_head.add_(0.2 * torch.randn(trained_head.shape, generator=torch.Generator().manual_seed(1)))
@@ -189,7 +230,7 @@ def test_exact_kl_to_the_adapter_disabled_policy_equals_a_float64_reference(tmp_
         trainer.compute_loss(trainer.model, inputs).backward()  # GRPO logs its KL in the loss
         assert trained_head.grad is not None and trained_head.grad.abs().max() > 0 and original_head.grad is None
     mask = inputs["completion_mask"].double()
-    kl = float64_kl_to_disabled_adapter(trainer, inputs)
+    kl = float64_kl_to_the_reference_adapter(trainer, inputs)
     assert (kl * mask).max() > 1e-2  # the adapters and the head copy move the policy off its reference
     expected = ((kl * mask).sum() / mask.sum()).item()
     assert trainer._metrics["train"]["kl"][-1] == pytest.approx(expected, rel=1e-5, abs=1e-7)

@@ -239,6 +239,26 @@ def reference_head(trainer: Any, *args: Any, **kwargs: Any) -> HeadInputs:
             return hidden_and_head(unwrapped, *args, **kwargs)
 
 
+def check_exact_kl_reference(trainer: Any) -> None:
+    """Raise a ValueError naming ``kl_estimator`` where the exact KL cannot reach the trainer's reference.
+
+    A prompt-learning PEFT policy (prompt, prefix or p-tuning) without a reference model: the exact KL's
+    reference runs inside the policy's forward on the inputs the adapter rewrote (virtual tokens prepended,
+    or a prefix cache), so disabling the adapter there would not give the base model. TRL's own estimators
+    run the reference forward apart and are unaffected.
+    """
+    if getattr(trainer.args, "kl_estimator", None) != "exact" or getattr(trainer, "ref_model", None) is not None:
+        return
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    config = unwrapped.active_peft_config if is_peft_model(unwrapped) else None
+    if config is not None and config.is_prompt_learning:
+        raise ValueError(
+            "kl_estimator: 'exact' needs a reference forward on the original inputs, which a prompt-learning "
+            f"PEFT adapter ({config.peft_type}) rewrites: expected a LoRA-style adapter or a ref_model, "
+            "got a prompt-learning adapter; use TRL's estimator (the default) with it"
+        )
+
+
 @contextlib.contextmanager
 def exact_kl_of(model: nn.Module, request: ExactKLRequest) -> Iterator[ExactKLRequest]:
     """Within it, every ``fused_lm_head=True`` forward of ``model`` (patched by `add_fused_head`) also
@@ -292,7 +312,8 @@ class FusedHeadTrainer:
     """Mixin before a TRL trainer class: its ``__init__`` installs `add_fused_head` on every model.
 
     Subclasses set ``trl_module`` to the TRL module that imported ``add_fused_lm_head``. The
-    implementation is ``args.fused_impl`` (``"auto"`` for a plain TRL config).
+    implementation is ``args.fused_impl`` (``"auto"`` for a plain TRL config). A config asking for the
+    exact KL is checked against the trainer's reference (`check_exact_kl_reference`).
     """
 
     trl_module: types.ModuleType
@@ -302,3 +323,4 @@ class FusedHeadTrainer:
         config = bound.arguments.get("args")
         with fused_head_in(self.trl_module, getattr(config, "fused_impl", "auto")):
             super().__init__(*args, **kwargs)
+        check_exact_kl_reference(self)

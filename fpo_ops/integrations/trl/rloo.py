@@ -41,6 +41,8 @@ class FusedRLOOConfig(FusedHeadArguments, RLOOConfig):
             ``kl`` (its mean per completion token). Needs ``beta != 0``. TRL takes it through its
             ``log p(y) - log q(y)`` subtraction of fp32 per-token values, so each token's KL carries
             at most half an fp32 ulp of ``|log p(y)|`` of rounding on top of the head's own.
+            Not available with a prompt-learning PEFT adapter (prompt, prefix, p-tuning) as the
+            reference (a ValueError at construction): its reference forward would see the virtual tokens.
     """
 
     kl_estimator: str = field(
