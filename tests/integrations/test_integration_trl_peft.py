@@ -163,6 +163,25 @@ def test_rl_lora_with_its_reference_trains_as_trl(tmp_path, kind, family, peft_o
     assert_adapters_trained_equal(theirs, ours, before)
 
 
+@pytest.mark.parametrize("kind, peft_options, options", [
+    # The old-policy pass of a second iteration, and TRL's fp32 head on the head copy.
+    ("grpo", ALL_LINEAR_HEAD_COPY, dict(num_iterations=2, cast_lm_head_to_fp32=True)),
+    # Gradient checkpointing (the reference forward turns it off) and gradient accumulation.
+    ("grpo", LORA_MOVED, dict(gradient_checkpointing=True, per_device_train_batch_size=2,
+                              gradient_accumulation_steps=2)),
+    # A small step: at 1e-2 the second iteration's ratios leave the clip range (zero gradient).
+    ("rloo", ALL_LINEAR_HEAD_COPY, dict(gradient_checkpointing=True, num_iterations=2, learning_rate=1e-4)),
+])
+def test_rl_lora_options_train_as_trl(tmp_path, kind, peft_options, options):
+    path = save_tiny(tmp_path, "llama")
+    theirs, ours = (rl_trainer(kind, fused, tmp_path, path, peft_options, beta=0.3, **options) for fused in (False, True))
+    before = trainable_copy(ours)
+    for trainer in (theirs, ours):
+        transformers.set_seed(trainer.args.seed)
+        trainer.train()
+    assert_adapters_trained_equal(theirs, ours, before)
+
+
 @pytest.mark.parametrize("kind", ["sft", "grpo", "rloo"])
 @pytest.mark.parametrize("family", ["llama", "llama_tied"])
 def test_lora_on_the_head_is_refused_as_trl_does(tmp_path, kind, family):
@@ -187,11 +206,12 @@ def test_head_reads_refuse_an_adapter_on_the_head():
 
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
 @pytest.mark.parametrize("adapter", sorted(PROMPT_LEARNING))
-def test_exact_kl_refuses_a_prompt_learning_reference(tmp_path, kind, adapter):
-    # Its reference would run on the inputs the adapter rewrote (virtual tokens, a prefix cache) and not be the
-    # base model; TRL's estimator, which runs the reference apart, trains as TRL does (above).
+def test_exact_kl_refuses_a_pretrained_prompt_learning_adapter(tmp_path, kind, adapter):
+    # Its reference is TRL's frozen copy "ref" of the virtual tokens, which the exact KL's reference forward (the
+    # base model's backbone on the PEFT model's inputs) is not; TRL's estimator trains as TRL does (above).
     with pytest.raises(ValueError, match="kl_estimator"):
-        rl_trainer(kind, True, tmp_path, save_tiny(tmp_path, "llama"), adapter, kl_estimator="exact", beta=0.3)
+        rl_trainer(kind, True, tmp_path, save_tiny(tmp_path, "llama"), adapter, pretrained=True,
+                   kl_estimator="exact", beta=0.3)
 
 
 def float64_kl_to_the_reference_adapter(trainer, inputs):
@@ -212,25 +232,32 @@ def float64_kl_to_the_reference_adapter(trainer, inputs):
 
 
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
-@pytest.mark.parametrize("family, pretrained", [("llama", False), ("llama_tied", False), ("llama", True)])
-def test_exact_kl_to_the_reference_adapter_equals_a_float64_reference(tmp_path, kind, family, pretrained):
-    trainer = rl_trainer(kind, True, tmp_path, save_tiny(tmp_path, family), ALL_LINEAR_HEAD_COPY, pretrained,
+@pytest.mark.parametrize("family, peft_options, pretrained", [
+    ("llama", ALL_LINEAR_HEAD_COPY, False), ("llama_tied", ALL_LINEAR_HEAD_COPY, False),
+    ("llama", ALL_LINEAR_HEAD_COPY, True), ("llama", "prompt_tuning", False), ("llama", "prefix_tuning", False),
+])
+def test_exact_kl_to_the_reference_adapter_equals_a_float64_reference(tmp_path, kind, family, peft_options,
+                                                                       pretrained):
+    trainer = rl_trainer(kind, True, tmp_path, save_tiny(tmp_path, family), peft_options, pretrained,
                          kl_estimator="exact", beta=0.3)
     assert trainer.ref_model is None and ("ref" in trainer.model.peft_config) == pretrained
-    # The head copy differs from the reference's head (the original, or the "ref" adapter's copy of the head):
-    # the policy must read its own copy, the reference its head.
-    trained_head, original_head = head_copy(trainer)
-    with torch.no_grad():
-        trained_head.add_(0.2 * torch.randn(trained_head.shape, generator=torch.Generator().manual_seed(1)))
+    head = None
+    if peft_options is ALL_LINEAR_HEAD_COPY:
+        # The head copy differs from the reference's head (the original, or the "ref" adapter's copy of the
+        # head): the policy must read its own copy, the reference its head.
+        head = head_copy(trainer)
+        with torch.no_grad():
+            head[0].add_(0.2 * torch.randn(head[0].shape, generator=torch.Generator().manual_seed(1)))
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() otherwise
     transformers.set_seed(trainer.args.seed)
     inputs = trainer._prepare_inputs([trainer.train_dataset[i] for i in (0, 0, 1, 1)])  # RLOO logs its KL here
     if kind == "grpo":
         trainer.compute_loss(trainer.model, inputs).backward()  # GRPO logs its KL in the loss
-        assert trained_head.grad is not None and trained_head.grad.abs().max() > 0 and original_head.grad is None
+        if head is not None:
+            assert head[0].grad is not None and head[0].grad.abs().max() > 0 and head[1].grad is None
     mask = inputs["completion_mask"].double()
     kl = float64_kl_to_the_reference_adapter(trainer, inputs)
-    assert (kl * mask).max() > 1e-2  # the adapters and the head copy move the policy off its reference
+    assert (kl * mask).max() > 1e-2  # the adapter (and the head copy) move the policy off its reference
     expected = ((kl * mask).sum() / mask.sum()).item()
     assert trainer._metrics["train"]["kl"][-1] == pytest.approx(expected, rel=1e-5, abs=1e-7)
