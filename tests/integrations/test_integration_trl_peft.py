@@ -1,10 +1,13 @@
-"""FusedSFTTrainer, FusedGRPOTrainer and FusedRLOOTrainer on LoRA adapters against TRL's own trainers.
+"""FusedSFTTrainer, FusedGRPOTrainer and FusedRLOOTrainer on PEFT adapters against TRL's own trainers.
 
 Both trainers get the same ``peft_config`` and wrap equal copies of a tiny model (built in code, CPU,
-no downloads) with equal adapters. For GRPO and RLOO with ``beta > 0`` the reference is the policy
-with its adapters disabled. ``modules_to_save=["lm_head"]`` moves the head weight that trains into
-the wrapper's copy (the original stays frozen and is the reference's head); TRL 1.16 refuses a LoRA
-adapter on the head itself (``target_modules`` with ``lm_head``), and so do the drop-ins.
+no downloads) with equal adapters: LoRA mostly, prompt and prefix tuning once each. For GRPO and
+RLOO with ``beta > 0`` the reference is the policy with its adapters disabled, or for a pretrained
+adapter TRL's frozen copy "ref". ``modules_to_save=["lm_head"]`` moves the head weight that trains
+into the wrapper's copy (the original stays frozen and is the reference's head); TRL 1.16 refuses a
+LoRA adapter on the head itself (``target_modules`` with ``lm_head``), and so do the drop-ins. The
+exact KL (``kl_estimator="exact"``, no TRL counterpart) is checked against a float64 KL from
+materialised logits of the policy and of its reference.
 """
 import pytest
 import torch
@@ -86,8 +89,12 @@ def sft_pair(tmp_path, family="llama", base=SFT_FP32, peft_options=LORA, **overr
 
 
 @pytest.mark.parametrize("family, peft_options", [
-    ("llama", LORA), ("cohere", LORA_MOVED), ("llama", ALL_LINEAR_HEAD_COPY), ("llama_tied", LORA_MOVED),
-    ("llama_tied", ALL_LINEAR_HEAD_COPY), ("llama", "prompt_tuning"), ("llama", "prefix_tuning"),
+    pytest.param("llama", LORA, id="lora"), pytest.param("cohere", LORA_MOVED, id="cohere-lora_moved"),
+    pytest.param("llama", ALL_LINEAR_HEAD_COPY, id="all_linear_head_copy"),
+    pytest.param("llama_tied", LORA_MOVED, id="tied-lora_moved"),
+    pytest.param("llama_tied", ALL_LINEAR_HEAD_COPY, id="tied-all_linear_head_copy"),
+    pytest.param("llama", "prompt_tuning", id="prompt_tuning"),
+    pytest.param("llama", "prefix_tuning", id="prefix_tuning"),
 ])
 def test_sft_adapter_trains_as_trl(tmp_path, family, peft_options):
     theirs, ours = sft_pair(tmp_path, family=family, peft_options=peft_options)
@@ -102,8 +109,8 @@ def test_sft_adapter_trains_as_trl(tmp_path, family, peft_options):
 def test_sft_lora_bf16_default_config_within_budget(tmp_path):
     """TRL's default precision (bf16 autocast, gradient checkpointing) against the fp32 step, on a LoRA policy."""
     assert_default_precision_within_budget(
-        lambda path, base, **kw: sft_pair(path, base=base, peft_options=LORA_MOVED, **kw), tmp_path, SFT_FP32,
-        one_batch)
+        lambda path, base, **kw: sft_pair(path, base=base, peft_options=ALL_LINEAR_HEAD_COPY, **kw),
+        tmp_path, SFT_FP32, one_batch)
 
 
 def save_tiny(tmp_path, family):
@@ -140,14 +147,35 @@ def rl_trainer(kind, fused, tmp_path, path, peft_options, pretrained=False, **ov
     )
 
 
-@pytest.mark.parametrize("kind", ["grpo", "rloo"])
-@pytest.mark.parametrize("family, peft_options, pretrained", [
-    ("llama", ALL_LINEAR_HEAD_COPY, False), ("llama_tied", LORA_MOVED, False), ("llama", ALL_LINEAR_HEAD_COPY, True),
-    ("llama", "prompt_tuning", False),
-])
-def test_rl_lora_with_its_reference_trains_as_trl(tmp_path, kind, family, peft_options, pretrained):
+def rl_cases():
+    cases = []
+    for kind in ("grpo", "rloo"):
+        cases += [
+            pytest.param(kind, "llama", ALL_LINEAR_HEAD_COPY, False, {}, id=f"{kind}-all_linear_head_copy"),
+            pytest.param(kind, "llama_tied", LORA_MOVED, False, {}, id=f"{kind}-tied-lora"),
+            # A pretrained adapter starts equal to its copy "ref": a third step, so that two see a KL.
+            pytest.param(kind, "llama", ALL_LINEAR_HEAD_COPY, True, dict(max_steps=3), id=f"{kind}-pretrained"),
+        ]
+    return cases + [
+        pytest.param("grpo", "llama", "prompt_tuning", False, {}, id="grpo-prompt_tuning"),
+        # The old-policy pass of a second iteration, and TRL's fp32 head on the head copy.
+        pytest.param("grpo", "llama", ALL_LINEAR_HEAD_COPY, False, dict(num_iterations=2, cast_lm_head_to_fp32=True),
+                     id="grpo-iterations-fp32_head"),
+        # Gradient checkpointing (the reference forward turns it off) and gradient accumulation.
+        pytest.param("grpo", "llama", LORA_MOVED, False,
+                     dict(gradient_checkpointing=True, per_device_train_batch_size=2, gradient_accumulation_steps=2),
+                     id="grpo-checkpointing-accumulation"),
+        # A small step: at 1e-2 the second iteration's ratios leave the clip range (zero gradient).
+        pytest.param("rloo", "llama", ALL_LINEAR_HEAD_COPY, False,
+                     dict(gradient_checkpointing=True, num_iterations=2, learning_rate=1e-4),
+                     id="rloo-checkpointing-iterations"),
+    ]
+
+
+@pytest.mark.parametrize("kind, family, peft_options, pretrained, options", rl_cases())
+def test_rl_adapter_with_its_reference_trains_as_trl(tmp_path, kind, family, peft_options, pretrained, options):
     path = save_tiny(tmp_path, family)
-    theirs, ours = (rl_trainer(kind, fused, tmp_path, path, peft_options, pretrained, beta=0.3, max_steps=3)
+    theirs, ours = (rl_trainer(kind, fused, tmp_path, path, peft_options, pretrained, beta=0.3, **options)
                     for fused in (False, True))
     # The reference is the policy with its adapters disabled, or its pretrained adapter's frozen copy: no
     # reference model.
@@ -163,37 +191,22 @@ def test_rl_lora_with_its_reference_trains_as_trl(tmp_path, kind, family, peft_o
     assert_adapters_trained_equal(theirs, ours, before)
 
 
-@pytest.mark.parametrize("kind, peft_options, options", [
-    # The old-policy pass of a second iteration, and TRL's fp32 head on the head copy.
-    ("grpo", ALL_LINEAR_HEAD_COPY, dict(num_iterations=2, cast_lm_head_to_fp32=True)),
-    # Gradient checkpointing (the reference forward turns it off) and gradient accumulation.
-    ("grpo", LORA_MOVED, dict(gradient_checkpointing=True, per_device_train_batch_size=2,
-                              gradient_accumulation_steps=2)),
-    # A small step: at 1e-2 the second iteration's ratios leave the clip range (zero gradient).
-    ("rloo", ALL_LINEAR_HEAD_COPY, dict(gradient_checkpointing=True, num_iterations=2, learning_rate=1e-4)),
-])
-def test_rl_lora_options_train_as_trl(tmp_path, kind, peft_options, options):
-    path = save_tiny(tmp_path, "llama")
-    theirs, ours = (rl_trainer(kind, fused, tmp_path, path, peft_options, beta=0.3, **options) for fused in (False, True))
-    before = trainable_copy(ours)
-    for trainer in (theirs, ours):
-        transformers.set_seed(trainer.args.seed)
-        trainer.train()
-    assert_adapters_trained_equal(theirs, ours, before)
-
-
 @pytest.mark.parametrize("kind", ["sft", "grpo", "rloo"])
 @pytest.mark.parametrize("family", ["llama", "llama_tied"])
 def test_lora_on_the_head_is_refused_as_trl_does(tmp_path, kind, family):
     # TRL 1.16 computes log-probs from the head's weight directly, so it refuses an adapter on the head rather
     # than ignore it; the drop-ins inherit the check, and their own head reads refuse one as well.
     options = dict(LORA, target_modules=["q_proj", "lm_head"])
+    path = save_tiny(tmp_path, family)
     for fused in (False, True):
         with pytest.raises(ValueError, match="lm_head"):
             if kind == "sft":
-                sft_pair(tmp_path / str(fused), family=family, peft_options=options)
+                trainer_cls, config_cls = (FusedSFTTrainer, FusedSFTConfig) if fused else (SFTTrainer, SFTConfig)
+                trainer_cls(model=str(path), args=config_cls(output_dir=str(tmp_path / str(fused)), **SFT_FP32),
+                            train_dataset=completion_dataset(4), processing_class=tiny_tokenizer(),
+                            peft_config=lora(options))
             else:
-                rl_trainer(kind, fused, tmp_path, save_tiny(tmp_path / str(fused), family), options)
+                rl_trainer(kind, fused, tmp_path, path, options)
 
 
 def test_head_reads_refuse_an_adapter_on_the_head():
@@ -233,8 +246,11 @@ def float64_kl_to_the_reference_adapter(trainer, inputs):
 
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
 @pytest.mark.parametrize("family, peft_options, pretrained", [
-    ("llama", ALL_LINEAR_HEAD_COPY, False), ("llama_tied", ALL_LINEAR_HEAD_COPY, False),
-    ("llama", ALL_LINEAR_HEAD_COPY, True), ("llama", "prompt_tuning", False), ("llama", "prefix_tuning", False),
+    pytest.param("llama", ALL_LINEAR_HEAD_COPY, False, id="head_copy"),
+    pytest.param("llama_tied", ALL_LINEAR_HEAD_COPY, False, id="tied-head_copy"),
+    pytest.param("llama", ALL_LINEAR_HEAD_COPY, True, id="pretrained-head_copy"),
+    pytest.param("llama", "prompt_tuning", False, id="prompt_tuning"),
+    pytest.param("llama", "prefix_tuning", False, id="prefix_tuning"),
 ])
 def test_exact_kl_to_the_reference_adapter_equals_a_float64_reference(tmp_path, kind, family, peft_options,
                                                                        pretrained):

@@ -279,7 +279,11 @@ def check_exact_kl_reference(trainer: Any) -> None:
 @contextlib.contextmanager
 def exact_kl_of(model: nn.Module, request: ExactKLRequest) -> Iterator[ExactKLRequest]:
     """Within it, every ``fused_lm_head=True`` forward of ``model`` (patched by `add_fused_head`) also
-    computes the exact KL to the reference of ``request`` and stores it in ``request.kl``."""
+    computes the exact KL to the reference of ``request`` and stores it in ``request.kl``.
+
+    For a prompt-learning PEFT ``model`` the arguments of each of its forwards are kept in
+    ``request.inputs``: the head's forward sees them only as the adapter rewrote them.
+    """
     target = unwrap_peft(model)
     target._fpo_exact_kl = request
     hook = None
