@@ -5,7 +5,9 @@ no downloads) with equal adapters: LoRA mostly, prompt and prefix tuning once ea
 RLOO with ``beta > 0`` the reference is the policy with its adapters disabled, or for a pretrained
 adapter TRL's frozen copy "ref". ``modules_to_save=["lm_head"]`` moves the head weight that trains
 into the wrapper's copy (the original stays frozen and is the reference's head); TRL 1.16 refuses a
-LoRA adapter on the head itself (``target_modules`` with ``lm_head``), and so do the drop-ins. The
+LoRA adapter on the head itself (``target_modules`` with ``lm_head``), and so do the drop-ins.
+Trainable tokens of a tied model make the head a wrapper too, on which TRL's head fails: there the
+model's own forward is the oracle. The
 exact KL (``kl_estimator="exact"``, no TRL counterpart) is checked against a float64 KL from
 materialised logits of the policy and of its reference.
 """
@@ -25,7 +27,7 @@ from fpo_ops.integrations.trl import (  # noqa: E402
 from hf_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
 from test_integration_trl_rl import COMMON, assert_same_training, reward_digits, reward_length  # noqa: E402
 from trainer_fixtures import (  # noqa: E402
-    assert_default_precision_within_budget, completion_dataset, one_batch, trainer_pair,
+    assert_default_precision_within_budget, completion_dataset, one_batch, step, trainer_pair,
 )
 
 SFT_FP32 = dict(
@@ -40,6 +42,9 @@ LORA_MOVED = dict(LORA, init_lora_weights=False)
 # Every linear layer but the head ("all-linear" leaves the output layer out), and a trained copy of the head.
 ALL_LINEAR_HEAD_COPY = dict(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["lm_head"],
                             init_lora_weights=False, task_type="CAUSAL_LM")
+# Trained embedding rows (new tokens); with tied embeddings they are rows of the head as well. The word
+# tokens of the tiny vocabulary, so that the data use them.
+TRAINABLE_TOKENS = dict(LORA_MOVED, trainable_token_indices=list(range(3, 40)))
 RL = {
     "grpo": (GRPOTrainer, FusedGRPOTrainer, GRPOConfig, FusedGRPOConfig),
     "rloo": (RLOOTrainer, FusedRLOOTrainer, RLOOConfig, FusedRLOOConfig),
@@ -69,7 +74,7 @@ def assert_adapters_trained_equal(theirs, ours, before):
     assert_same_training(theirs, ours)
     trainable = {n: p for n, p in ours.model.named_parameters() if p.requires_grad}
     assert trainable and set(trainable) == set(before)
-    assert all(any(part in n for part in ("lora_", "modules_to_save", "prompt_encoder")) for n in trainable)
+    assert all(any(part in n for part in ("lora_", "modules_to_save", "prompt_encoder", "trainable_tokens")) for n in trainable)
     for name, p in trainable.items():
         assert not torch.equal(p, before[name]), f"{name} did not train"
 
@@ -93,6 +98,7 @@ def sft_pair(tmp_path, family="llama", base=SFT_FP32, peft_options=LORA, **overr
     pytest.param("llama", ALL_LINEAR_HEAD_COPY, id="all_linear_head_copy"),
     pytest.param("llama_tied", LORA_MOVED, id="tied-lora_moved"),
     pytest.param("llama_tied", ALL_LINEAR_HEAD_COPY, id="tied-all_linear_head_copy"),
+    pytest.param("llama", TRAINABLE_TOKENS, id="trainable_tokens"),
     pytest.param("llama", "prompt_tuning", id="prompt_tuning"),
     pytest.param("llama", "prefix_tuning", id="prefix_tuning"),
 ])
@@ -111,6 +117,31 @@ def test_sft_lora_bf16_default_config_within_budget(tmp_path):
     assert_default_precision_within_budget(
         lambda path, base, **kw: sft_pair(path, base=base, peft_options=ALL_LINEAR_HEAD_COPY, **kw),
         tmp_path, SFT_FP32, one_batch)
+
+
+def test_sft_trainable_tokens_of_a_tied_head_equal_the_model_forward(tmp_path):
+    # PEFT's trainable tokens on a tied model wrap the head too, whose weight is then the embedding with the
+    # trained rows replaced. TRL 1.16's own head fails on it (it reads a bias the wrapper has not), so the
+    # oracle is the model's own forward: its logits, TRL's per-token mean NLL, and every gradient.
+    _, ours = sft_pair(tmp_path, family="llama_tied", peft_options=TRAINABLE_TOKENS)
+    assert type(ours.model.get_output_embeddings()).__name__ == "TrainableTokensWrapper"
+    with torch.no_grad():  # trained rows that differ from the embedding's
+        for name, p in ours.model.named_parameters():
+            if "trainable_tokens_delta" in name and p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    batch = one_batch(ours)
+    loss, _, grads = step(ours, batch)
+    ours.model.zero_grad(set_to_none=True)
+    logits = ours.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-5)
+    delta = next(n for n in grads if "trainable_tokens_delta" in n)
+    assert grads[delta].abs().max() > 0
+    for name, p in ours.model.named_parameters():
+        if p.requires_grad:
+            scale = max(p.grad.abs().max().item(), 1.0)
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
 
 
 def save_tiny(tmp_path, family):
