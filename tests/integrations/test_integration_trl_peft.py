@@ -7,9 +7,8 @@ adapter TRL's frozen copy "ref". ``modules_to_save=["lm_head"]`` moves the head 
 into the wrapper's copy (the original stays frozen and is the reference's head); TRL 1.16 refuses a
 LoRA adapter on the head itself (``target_modules`` with ``lm_head``), and so do the drop-ins.
 Trainable tokens of a tied model make the head a wrapper too, on which TRL's head fails: there the
-model's own forward is the oracle. The
-exact KL (``kl_estimator="exact"``, no TRL counterpart) is checked against a float64 KL from
-materialised logits of the policy and of its reference.
+model's own forward is the oracle. The exact KL (``kl_estimator="exact"``, no TRL counterpart) is
+checked against a float64 KL from materialised logits of the policy and of its reference.
 """
 import pytest
 import torch
