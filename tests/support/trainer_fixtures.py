@@ -30,15 +30,22 @@ def text_dataset(num_rows: int = 6, seed: int = 0):
 
 
 def trainer_pair(trl_cls, fused_cls, config_cls, fused_config_cls, tmp_path, dataset, family="llama",
-                 with_ref=False, ref_kwarg="ref_model", **config):
+                 with_ref=False, ref_kwarg="ref_model", peft_config=None, **config):
     """(TRL trainer, fused trainer) on equal copies of one tiny model, with equal configs.
 
     ``with_ref`` adds, as ``ref_kwarg``, a perturbed copy of the model (reference or teacher).
+    ``peft_config`` (a ``peft.PeftConfig``) is handed to both trainers, each its own copy, which
+    wrap the model with equal adapters.
     """
     model = tiny_model(family)
     made = []
     for trainer_cls, cfg_cls, name in ((trl_cls, config_cls, "trl"), (fused_cls, fused_config_cls, "fused")):
         kwargs = {}
+        if peft_config is not None:
+            kwargs["peft_config"] = copy.deepcopy(peft_config)  # TRL may edit it (modules_to_save)
+            # The trainers wrap the model before Trainer seeds itself: the adapters' initialisation draws
+            # from the global generator as it stands.
+            torch.manual_seed(0)
         if with_ref:
             ref = copy.deepcopy(model)
             with torch.no_grad():

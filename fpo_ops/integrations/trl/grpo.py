@@ -42,6 +42,9 @@ class FusedGRPOConfig(FusedHeadArguments, GRPOConfig):
             aggregation) and is logged as ``kl``. Needs ``beta != 0``. ``use_bias_correction_kl``
             (TRL's importance weight making the sampled-token estimator's gradient the reverse-KL
             gradient) does not apply to it: its gradient is the exact one at every position.
+            With a prompt-learning PEFT adapter (prompt, prefix, p-tuning) the reference runs on the
+            inputs before the adapter rewrites them; a pretrained one, whose reference is TRL's frozen
+            copy ``"ref"`` of its virtual tokens, is refused (ValueError at construction).
     """
 
     kl_estimator: str = field(

@@ -169,7 +169,16 @@ def add_fused_head(
         hidden = backbone_out.last_hidden_state if hasattr(backbone_out, "last_hidden_state") else backbone_out[0]
         # A trainer that wants the exact KL to its reference (`exact_kl_of`) asks through this attribute.
         request = getattr(self, "_fpo_exact_kl", None)
-        reference = request.reference(*args, **kwargs) if request is not None else None
+        reference = None
+        if request is not None:
+            # A prompt-learning adapter rewrote the inputs (virtual tokens, a prefix cache): its reference runs
+            # on the PEFT model's own inputs and gives no hidden states at the virtual tokens' positions
+            # (labelled -100), which are zero-filled in front.
+            ref_args, ref_kwargs = request.inputs if request.inputs is not None else (args, kwargs)
+            reference = request.reference(*ref_args, **ref_kwargs)
+            missing = hidden.size(1) - reference.hidden.size(1)
+            if missing > 0:
+                reference.hidden = torch.nn.functional.pad(reference.hidden, (0, 0, missing, 0))
         if shift_labels is None:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
             if reference is not None:
@@ -204,12 +213,15 @@ class ExactKLRequest:
     Attributes:
         reference: called with the forward's arguments, returns the reference's `HeadInputs`
             (hidden [B, T, H'], no graph) for the same inputs.
+        inputs: (args, kwargs) of the PEFT model's forward when a prompt-learning adapter rewrites them
+            before the head's forward (set by `exact_kl_of`); the reference is called with these.
         kl: set by the forward: [B, T-1] per-token KL (0 where ignored), differentiable in the policy.
         kls: every forward's ``kl`` in call order (a trainer that runs its batch in chunks concatenates them).
     """
 
     def __init__(self, reference):
         self.reference = reference
+        self.inputs: Optional[Tuple[tuple, dict]] = None
         self.kl: Optional[torch.Tensor] = None
         self.kls: list = []
 
@@ -239,16 +251,53 @@ def reference_head(trainer: Any, *args: Any, **kwargs: Any) -> HeadInputs:
             return hidden_and_head(unwrapped, *args, **kwargs)
 
 
+def _is_prompt_learning(model: nn.Module) -> bool:
+    """True for a PEFT model whose active adapter is prompt learning (prompt, prefix or p-tuning)."""
+    return is_peft_model(model) and model.active_peft_config.is_prompt_learning
+
+
+def check_exact_kl_reference(trainer: Any) -> None:
+    """Raise a ValueError naming ``kl_estimator`` where the exact KL cannot reach the trainer's reference.
+
+    A pretrained prompt-learning PEFT adapter (prompt, prefix or p-tuning) whose reference is TRL's frozen
+    copy "ref": the reference's hidden states come from the base model's backbone on the PEFT model's
+    inputs, which is the reference of a fresh adapter (disabled) but not the copy's virtual tokens.
+    TRL's own estimators run the reference forward apart and are unaffected.
+    """
+    if getattr(trainer.args, "kl_estimator", None) != "exact" or getattr(trainer, "ref_model", None) is not None:
+        return
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if _is_prompt_learning(unwrapped) and "ref" in unwrapped.peft_config:
+        raise ValueError(
+            "kl_estimator: 'exact' with a pretrained prompt-learning PEFT adapter "
+            f"({unwrapped.active_peft_config.peft_type}) would need its frozen copy 'ref' as the reference: "
+            "expected a fresh adapter (peft_config), a LoRA-style adapter or a ref_model; use TRL's estimator "
+            "(the default) with it"
+        )
+
+
 @contextlib.contextmanager
 def exact_kl_of(model: nn.Module, request: ExactKLRequest) -> Iterator[ExactKLRequest]:
     """Within it, every ``fused_lm_head=True`` forward of ``model`` (patched by `add_fused_head`) also
-    computes the exact KL to the reference of ``request`` and stores it in ``request.kl``."""
+    computes the exact KL to the reference of ``request`` and stores it in ``request.kl``.
+
+    For a prompt-learning PEFT ``model`` the arguments of each of its forwards are kept in
+    ``request.inputs``: the head's forward sees them only as the adapter rewrote them.
+    """
     target = unwrap_peft(model)
     target._fpo_exact_kl = request
+    hook = None
+    if _is_prompt_learning(model):
+        def keep_inputs(module, args, kwargs):
+            request.inputs = (args, kwargs)
+
+        hook = model.register_forward_pre_hook(keep_inputs, with_kwargs=True)
     try:
         yield request
     finally:
         target._fpo_exact_kl = None
+        if hook is not None:
+            hook.remove()
 
 
 @contextlib.contextmanager
@@ -292,7 +341,8 @@ class FusedHeadTrainer:
     """Mixin before a TRL trainer class: its ``__init__`` installs `add_fused_head` on every model.
 
     Subclasses set ``trl_module`` to the TRL module that imported ``add_fused_lm_head``. The
-    implementation is ``args.fused_impl`` (``"auto"`` for a plain TRL config).
+    implementation is ``args.fused_impl`` (``"auto"`` for a plain TRL config). A config asking for the
+    exact KL is checked against the trainer's reference (`check_exact_kl_reference`).
     """
 
     trl_module: types.ModuleType
@@ -302,3 +352,4 @@ class FusedHeadTrainer:
         config = bound.arguments.get("args")
         with fused_head_in(self.trl_module, getattr(config, "fused_impl", "auto")):
             super().__init__(*args, **kwargs)
+        check_exact_kl_reference(self)

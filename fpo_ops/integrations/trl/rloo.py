@@ -41,6 +41,9 @@ class FusedRLOOConfig(FusedHeadArguments, RLOOConfig):
             ``kl`` (its mean per completion token). Needs ``beta != 0``. TRL takes it through its
             ``log p(y) - log q(y)`` subtraction of fp32 per-token values, so each token's KL carries
             at most half an fp32 ulp of ``|log p(y)|`` of rounding on top of the head's own.
+            With a prompt-learning PEFT adapter (prompt, prefix, p-tuning) the reference runs on the
+            inputs before the adapter rewrites them; a pretrained one, whose reference is TRL's frozen
+            copy ``"ref"`` of its virtual tokens, is refused (ValueError at construction).
     """
 
     kl_estimator: str = field(
