@@ -33,12 +33,16 @@ class OptionGroup:
     cls: type
     renames: Mapping[str, str] = field(default_factory=dict)
 
-    def fields(self) -> Dict[str, dataclasses.Field]:
-        """keyword -> the dataclass field it fills, in field order."""
+    def __post_init__(self) -> None:
+        # keyword -> field, computed once: `build` reads it on every loss call
         to_keyword = {name: keyword for keyword, name in self.renames.items()}
         internal = getattr(self.cls, "NOT_KEYWORDS", frozenset())
-        return {to_keyword.get(f.name, f.name): f for f in dataclasses.fields(self.cls)
-                if f.init and f.name not in internal}
+        object.__setattr__(self, "_fields", {to_keyword.get(f.name, f.name): f for f in dataclasses.fields(self.cls)
+                                             if f.init and f.name not in internal})
+
+    def fields(self) -> Dict[str, dataclasses.Field]:
+        """keyword -> the dataclass field it fills, in field order."""
+        return self._fields
 
     def parameters(self) -> List[inspect.Parameter]:
         """The keyword-only parameters of the public signature."""
@@ -48,10 +52,9 @@ class OptionGroup:
     def build(self, base: Optional[Any], values: Mapping[str, Any]) -> Any:
         """``cls(**values)``, or ``base`` with ``values`` replaced; ``values`` are keyword -> value.
         A check's error names the keyword the caller used."""
-        fields = self.fields()
         if base is not None and not values:
             return base
-        by_field = {fields[keyword].name: value for keyword, value in values.items()}
+        by_field = {self._fields[keyword].name: value for keyword, value in values.items()}
         try:
             return dataclasses.replace(base, **by_field) if base is not None else self.cls(**by_field)
         except (TypeError, ValueError) as error:

@@ -183,7 +183,8 @@ def log_token_mean(trainer, mode: str, name: str, mean: torch.Tensor, count: tor
         count: [] this process's number of tokens.
     """
     count = count.detach().float()
-    total = trainer.accelerator.gather_for_metrics((mean.detach().float() * count).reshape(1)).sum()
-    tokens = trainer.accelerator.gather_for_metrics(count.reshape(1)).sum()
+    # sum and count travel in one collective, and come back to the host in one sync
+    total, tokens = trainer.accelerator.gather_for_metrics(
+        torch.stack([mean.detach().float() * count, count]).reshape(1, 2)).sum(dim=0).tolist()
     # as TRL, 0.0 when no process holds a token
-    trainer._metrics[mode][name].append((total / tokens).item() if tokens > 0 else 0.0)
+    trainer._metrics[mode][name].append(total / tokens if tokens > 0 else 0.0)
