@@ -58,7 +58,8 @@ def _layout(t) -> str:
     return f"placements {tuple(t.placements)} on a device mesh of shape {tuple(t.device_mesh.shape)}"
 
 
-def _is_vocab_sharded(t) -> bool:
+def is_vocab_sharded(t) -> bool:
+    """True for a DTensor placed ``Shard(0)`` on a 1-D device mesh (a head split on the vocabulary)."""
     from torch.distributed.tensor import Shard
 
     # `type is`, not isinstance: FSDP2's _StridedShard is a Shard subclass with another layout.
@@ -108,7 +109,7 @@ def _companion(name: str, t, weight, own_rows, whole_if_plain: bool):
             raise ValueError(f"{name}: expected a DTensor placed like weight ({_layout(weight)}, "
                              f"{weight.shape[0]} rows), got {_layout(t)}, shape {tuple(t.shape)}")
         return t.to_local()
-    if not _is_vocab_sharded(weight):
+    if not is_vocab_sharded(weight):
         return t  # a replicated head: plain tensors are whole, as on one process
     if not whole_if_plain:
         local_rows = weight.to_local().shape[0]
@@ -153,7 +154,7 @@ def local_head(hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias, *
     if process_group is not None:
         raise ValueError("process_group: expected None with a DTensor weight (the group is its device mesh's), "
                          "got a group")
-    sharded = _is_vocab_sharded(weight)
+    sharded = is_vocab_sharded(weight)
     if not sharded and not _is_replicated(weight):
         raise ValueError(
             f"weight: expected a DTensor sharded on the vocabulary dimension (placements (Shard(dim=0),), "

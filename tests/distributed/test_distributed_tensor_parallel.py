@@ -350,3 +350,86 @@ def _worker(rank: int, world: int) -> None:
 
 def test_dtensor_head_matches_single_process():
     launch(_worker, 2)
+
+
+def _preference_step(policy, reference, ids, mask, labels, through_forward: bool):
+    """One TDPO2 loss of a policy against a frozen reference through the HF integration; its
+    loss, metrics and the policy's gradients (whole tensors)."""
+    from torch.distributed.tensor import DTensor
+    from fpo_ops.integrations.hf import add_head_outputs, hidden_and_head
+
+    policy.zero_grad(set_to_none=True)
+    if through_forward:
+        parts = add_head_outputs(policy)(input_ids=ids, attention_mask=mask, return_head_inputs=True)
+    else:
+        parts = hidden_and_head(policy, input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        ref = hidden_and_head(reference, input_ids=ids, attention_mask=mask)
+    out = fpo_ops.preference_loss(parts.hidden[:, :-1], parts.weight, labels, ref.hidden[:, :-1], ref.weight,
+                                  loss_type="tdpo2", beta=0.2, impl="torch")
+    out.loss.backward()
+    grads = {name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+             for name, p in policy.named_parameters()}
+    return out, grads, parts.weight
+
+
+def _hf_worker(rank: int, world: int) -> None:
+    """A tiny Llama whose lm_head is ColwiseParallel trains as one process does, without its head gathered;
+    FSDP2's Shard(0) parameters are still gathered."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    from fpo_ops.integrations.hf import lm_head_tensors
+    from hf_fixtures import tiny_model
+
+    mesh = _mesh(world)
+    vocab = 93  # uneven over 2 processes: 47 and 46 rows
+
+    def models():
+        return (tiny_model("llama", seed=0, vocab_size=vocab).double(),
+                tiny_model("llama", seed=1, vocab_size=vocab).double())
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, vocab, (4, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    labels = ids[:, 1:].clone()
+    labels[:, :2] = -100  # prompt
+    labels[1, :3] = -100
+    labels[0] = torch.arange(8) * 11  # tokens owned by both shards (rows 0..46 and 47..92)
+
+    single_policy, single_reference = models()
+    plans = {"output_replicated": ColwiseParallel(output_layouts=Replicate()), "default": ColwiseParallel()}
+    for plan_name, style in plans.items():
+        for through_forward in (False, True):
+            name = f"{plan_name}/{'forward' if through_forward else 'backbone'}"
+            want, want_grads, _ = _preference_step(single_policy, single_reference, ids, mask, labels, through_forward)
+            policy, reference = models()
+            for model in (policy, reference):
+                parallelize_module(model, mesh, {"lm_head": style})
+            assert isinstance(policy.lm_head.weight, DTensor) and policy.lm_head.weight.placements == (Shard(0),)
+            assert lm_head_tensors(policy)[0] is policy.lm_head.weight  # not gathered
+            got, got_grads, weight = _preference_step(policy, reference, ids, mask, labels, through_forward)
+            assert isinstance(weight, DTensor) and weight.to_local().shape[0] == (47 if rank == 0 else 46), name
+            assert isinstance(policy.lm_head.weight.grad, DTensor), name
+            assert policy.lm_head.weight.grad.placements == (Shard(0),), name
+            assert max_rel_err(got.loss, want.loss) < TOL, name
+            for metric, value in want.metrics.items():
+                assert max_rel_err(got.metrics[metric], value) < TOL, (name, metric)
+            assert set(got_grads) == set(want_grads)
+            for param, grad in want_grads.items():
+                err = (got_grads[param] - grad).abs().max().item() / grad.abs().max().clamp_min(1e-30).item()
+                assert err < TOL, (name, param, err)
+
+    # FSDP2 shards its parameters Shard(0) on a 1-D mesh too, for data parallelism: gathered.
+    sharded, _ = models()
+    fully_shard(sharded, mesh=mesh)
+    assert isinstance(sharded.lm_head.weight, DTensor) and sharded.lm_head.weight.placements == (Shard(0),)
+    weight, bias = lm_head_tensors(sharded)
+    assert not isinstance(weight, DTensor) and bias is None
+    assert torch.equal(weight, single_policy.lm_head.weight)
+
+
+def test_tensor_parallel_hf_model_matches_single_process():
+    pytest.importorskip("transformers")
+    launch(_hf_worker, 2, timeout_s=300)
