@@ -87,7 +87,7 @@ def _own_rows(weight) -> slice:
     got = weight.to_local().shape[0]
     if got != stop - start:
         raise ValueError(
-            f"weight: expected DTensor's even Shard(0) split ({stop - start} of {vocab} rows on group rank "
+            f"weight: expected DTensor's Shard(0) split (torch.chunk's: {stop - start} of {vocab} rows on group rank "
             f"{rank}) to read this process's rows of a plain reference head, got {got} rows; pass the "
             f"reference head as a DTensor placed like weight"
         )
