@@ -73,19 +73,24 @@ def _tp_case(case: Case, mesh, hidden: str = None, plain_companions: bool = Fals
         ref_weight, ref_bias = case.ref_weight, case.ref_bias
     else:
         bias = _dtensor(case.bias, mesh, Shard(0), True)
-        ref_weight, ref_bias = _dtensor(case.ref_weight, mesh, Shard(0), False), _dtensor(case.ref_bias, mesh, Shard(0), False)
+        ref_weight = _dtensor(case.ref_weight, mesh, Shard(0), False)
+        ref_bias = _dtensor(case.ref_bias, mesh, Shard(0), False)
+    labels = case.labels
     placement = {None: None, "replicate": Replicate(), "shard1": Shard(1)}[hidden]
     if placement is None:
         h = case.hidden.detach().clone().requires_grad_()
     else:
         h = _dtensor(case.hidden, mesh, placement, True)
-    return Case(h, weight, case.labels, case.ref_hidden, ref_weight, bias, ref_bias, dict(case.kwargs))
+    if hidden == "replicate":
+        labels = _dtensor(case.labels, mesh, Replicate(), False)  # labels as DTensors too
+    return Case(h, weight, labels, case.ref_hidden, ref_weight, bias, ref_bias, dict(case.kwargs))
 
 
 def _labels_on_every_shard(case: Case, world: int) -> None:
     """Point tokens at the first and last row of every shard, so every process owns a label."""
     vocab, flat = case.weight.shape[0], case.labels.view(-1)
-    targets = [row for r in range(world) for row in (_own_rows(vocab, world, r).start, _own_rows(vocab, world, r).stop - 1)]
+    shards = [_own_rows(vocab, world, r) for r in range(world)]
+    targets = [row for shard in shards for row in (shard.start, shard.stop - 1)]
     for i, row in enumerate(targets[: flat.numel()]):
         flat[i] = row
 
@@ -192,7 +197,7 @@ def _check_optimizer_step(rank: int, world: int, mesh) -> None:
         assert max_rel_err(got.detach(), want.detach()) < TOL
 
 
-def _loss_batch(mesh, rank: int, world: int):
+def _loss_batch(mesh):
     from torch.distributed.tensor import Shard
 
     batch = make_batch(rows=6, T=7, H=16, V=37, ref_H=12, seed=23, bias=True)
@@ -232,26 +237,23 @@ def _compare_losses(name: str, single, tp, single_grads, tp_grads) -> None:
 def _check_losses(rank: int, world: int, mesh) -> None:
     """preference_loss (sigmoid, tdpo2), kto_loss and distill_loss on a DTensor head equal one process."""
     chunked.TOKEN_BLOCK, chunked.VOCAB_BLOCK = 5, 4
-    batch, plain, tp = _loss_batch(mesh, rank, world)
+    batch, plain, tp = _loss_batch(mesh)
     head = dict(temperature=0.8, softcap=4.0, ref_softcap=6.0, logit_scale=1.2)
     desirable = torch.tensor([True, False, True, True, False, True])
     kl_hidden = torch.roll(batch.hidden.detach(), 1, 0)
     kl_ref_hidden, kl_labels = torch.roll(batch.ref_hidden, 1, 0), torch.roll(batch.labels, 1, 0)
 
     def calls(heads, hidden):
+        policy = (hidden, heads["weight"], batch.labels, batch.ref_hidden, heads["ref_weight"])
+        biases = dict(bias=heads["bias"], ref_bias=heads["ref_bias"])
         return {
-            "sigmoid": lambda: fpo_ops.preference_loss(hidden, heads["weight"], batch.labels, batch.ref_hidden,
-                                                       heads["ref_weight"], bias=heads["bias"], ref_bias=heads["ref_bias"],
-                                                       loss_type="sigmoid", beta=0.2, impl="torch", **head),
-            "tdpo2": lambda: fpo_ops.preference_loss(hidden, heads["weight"], batch.labels, batch.ref_hidden,
-                                                     heads["ref_weight"], bias=heads["bias"], ref_bias=heads["ref_bias"],
-                                                     loss_type="tdpo2", beta=0.3, tdpo_alpha=0.7, impl="torch", **head),
-            "kto": lambda: fpo_ops.kto_loss(hidden, heads["weight"], batch.labels, batch.ref_hidden, heads["ref_weight"],
-                                            bias=heads["bias"], ref_bias=heads["ref_bias"], desirable=desirable,
-                                            kl_hidden=kl_hidden, kl_labels=kl_labels, kl_ref_hidden=kl_ref_hidden,
-                                            impl="torch", **head),
-            "distill": lambda: fpo_ops.distill_loss(hidden, heads["weight"], batch.labels, batch.ref_hidden,
-                                                    heads["ref_weight"], bias=heads["bias"], teacher_bias=heads["ref_bias"],
+            "sigmoid": lambda: fpo_ops.preference_loss(*policy, **biases, loss_type="sigmoid", beta=0.2,
+                                                       impl="torch", **head),
+            "tdpo2": lambda: fpo_ops.preference_loss(*policy, **biases, loss_type="tdpo2", beta=0.3, tdpo_alpha=0.7,
+                                                     impl="torch", **head),
+            "kto": lambda: fpo_ops.kto_loss(*policy, **biases, desirable=desirable, kl_hidden=kl_hidden,
+                                            kl_labels=kl_labels, kl_ref_hidden=kl_ref_hidden, impl="torch", **head),
+            "distill": lambda: fpo_ops.distill_loss(*policy, bias=heads["bias"], teacher_bias=heads["ref_bias"],
                                                     beta=0.4, temperature=0.9, softcap=4.0, teacher_softcap=3.0,
                                                     impl="torch"),
         }
@@ -304,9 +306,8 @@ def _check_refusals(rank: int, world: int, mesh) -> None:
             dict(impl="reference"),
         r"^bias: expected a DTensor placed like weight \(placements \(Shard\(dim=0\),\).*got placements "
         r"\(Replicate\(\),\)": dict(bias=_dtensor(case.bias, mesh, Replicate(), True)),
-        rf"^bias: expected a DTensor placed like weight or this process's rows of it \(shape \({rows.stop - rows.start},\)\), "
-        r"got a "
-        r"plain tensor of shape \(37,\)": dict(bias=case.bias),
+        rf"^bias: expected a DTensor placed like weight or this process's rows of it \(shape "
+        rf"\({rows.stop - rows.start},\)\), got a plain tensor of shape \(37,\)": dict(bias=case.bias),
         r"^ref_weight: expected a DTensor placed like weight or the whole reference head \(37 rows": dict(
             ref_weight=case.ref_weight.detach()[rows]),
         r"^ref_bias: expected a DTensor placed like weight \(.*37 rows\), got .*shape \(36,\)": dict(
