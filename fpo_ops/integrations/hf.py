@@ -3,7 +3,8 @@
 A causal LM computes ``logits = cap(scale * lm_head(backbone(x)))``; the fused ops want the parts:
 the backbone's last hidden state, the head's weight and bias, and the softcap and scale the family
 applies. This module finds them for any ``transformers`` causal LM, through PEFT wrappers, with tied
-embeddings, FSDP2 (DTensor parameters) and DeepSpeed ZeRO-3 (partitioned parameters).
+embeddings, FSDP2 (DTensor parameters), a tensor-parallel head (a vocabulary-sharded DTensor, passed
+through) and DeepSpeed ZeRO-3 (partitioned parameters).
 """
 import contextlib
 import inspect
@@ -38,7 +39,8 @@ class HeadInputs:
 
     Attributes:
         hidden: [B, T, H] final hidden states (after the final norm), one per input position.
-        weight: [V, H] LM-head weight (a full tensor: DTensors are gathered).
+        weight: [V, H] LM-head weight: a full tensor (FSDP2's DTensors are gathered), or the
+            vocabulary-sharded DTensor of a tensor-parallel head (see `lm_head_tensors`).
         bias: [V] LM-head bias or None.
         softcap: logit softcap of the family or None.
         logit_scale: multiplier of the logits before the cap.
@@ -156,12 +158,42 @@ def _full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t
 
 
+def _managed_by_fsdp(model: nn.Module, param: torch.Tensor) -> bool:
+    """True when FSDP2 manages ``param``: ``fully_shard`` was applied to a module holding it."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return any(isinstance(module, FSDPModule) and any(p is param for p in module.parameters())
+               for module in model.modules())
+
+
+def _tensor_parallel_head(model: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """True for a head split on the vocabulary by tensor parallelism (PyTorch's ``ColwiseParallel``).
+
+    That is a DTensor weight placed ``Shard(0)`` on a 1-D device mesh (bias None or placed alike) that
+    FSDP2 does not manage. FSDP2's own parameters look the same (``Shard(0)`` on its 1-D mesh) but
+    split the parameter for data parallelism, and are gathered: they are told apart by ownership, a
+    module holding the parameter having been passed to ``fully_shard``.
+    """
+    from ..distributed.tensor_parallel import has_dtensor, is_vocab_sharded
+
+    if not has_dtensor(weight) or not is_vocab_sharded(weight):
+        return False
+    if bias is not None and not (has_dtensor(bias) and bias.device_mesh == weight.device_mesh
+                                 and tuple(bias.placements) == tuple(weight.placements)):
+        return False
+    return not _managed_by_fsdp(model, weight)
+
+
 def lm_head_tensors(model: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Weight and bias of the LM head, from ``get_output_embeddings()``.
 
-    With tied embeddings this is the input embedding matrix itself. A DTensor (FSDP2) is gathered with
-    ``full_tensor()``. Under DeepSpeed ZeRO-3 the parameters come back partitioned: read them inside
-    `gathered_params` or pass them to `apply_gathered`.
+    With tied embeddings this is the input embedding matrix itself. A head split on the vocabulary
+    by tensor parallelism (a ``Shard(0)`` DTensor of ``ColwiseParallel``, not managed by FSDP2) is
+    returned as it is: `fpo_ops.token_stats` runs vocabulary-parallel on it. Any other DTensor (FSDP2,
+    or a head sharded another way) is gathered with ``full_tensor()``. Under DeepSpeed ZeRO-3 the
+    parameters come back partitioned: read them inside `gathered_params` or pass them to `apply_gathered`.
 
     Args:
         model: a causal LM, possibly wrapped by PEFT.
@@ -179,7 +211,10 @@ def lm_head_tensors(model: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tens
             "model: expected an LM head without a PEFT adapter (the fused head reads the weight directly), "
             f"got {type(head).__name__}; remove the head from the adapter's target_modules"
         )
-    return _full(head.weight), _full(getattr(head, "bias", None))
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if _tensor_parallel_head(model, weight, bias):
+        return weight, bias
+    return _full(weight), _full(bias)
 
 
 def is_zero3_param(t: Optional[torch.Tensor]) -> bool:
@@ -367,10 +402,15 @@ def _head_inputs_through_forward(model: nn.Module, forward: Callable[..., Any], 
         seen["hidden"], seen["autocast_dtype"] = hidden, _autocast_dtype(hidden.device.type)
 
     # The head's device (read without gathering a sharded head), where the index must live.
-    device = unwrap_peft(model).get_output_embeddings().weight.device
+    head = unwrap_peft(model).get_output_embeddings()
+    logits_to_keep = torch.empty(0, dtype=torch.long, device=head.weight.device)
+    if _tensor_parallel_head(model, head.weight, getattr(head, "bias", None)):
+        # DTensor's sharding propagation fails on a zero-position input (torch 2.13: "integer modulo by
+        # zero" reshaping [B, 0, V]): a tensor-parallel head projects the last position instead.
+        logits_to_keep = 1
     handle = backbone.register_forward_hook(keep)
     try:
-        outputs = forward(*args, logits_to_keep=torch.empty(0, dtype=torch.long, device=device), **kwargs)
+        outputs = forward(*args, logits_to_keep=logits_to_keep, **kwargs)
     finally:
         handle.remove()
     if "hidden" not in seen:

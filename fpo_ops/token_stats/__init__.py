@@ -12,6 +12,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from ..distributed.tensor_parallel import has_dtensor
 from .custom_op import op_token_stats
 from .function import function_token_stats
 from .options import HeadOptions
@@ -111,6 +112,12 @@ def token_stats(
             of the rows of ``weight``/``bias`` (and ``ref_weight``/``ref_bias``), slices in rank
             order. Statistics come out identical on every process; backward gives each its slice's
             weight gradient and the full hidden gradient (see `fpo_ops.distributed`).
+            A DTensor ``weight`` placed ``Shard(0)`` on a 1-D device mesh (PyTorch's
+            ``ColwiseParallel``) runs the same way over ``mesh.get_group()`` with ``process_group``
+            None: ``bias`` and the reference head DTensors placed alike (or plain: the bias this
+            process's rows, the reference the whole head), hidden states plain or DTensors (made
+            whole); ``weight.grad`` comes back a ``Shard(0)`` DTensor. Any other placement raises
+            (`fpo_ops.distributed.tensor_parallel`).
         grad_filter_eps: ``impl="triton"`` only (the other implementations ignore it): when > 0,
             backward drops every logit-gradient tile (a block of tokens x vocabulary columns
             without a label) whose p and q are all below it, skipping its two gradient GEMMs.
@@ -124,6 +131,14 @@ def token_stats(
         shapes and dtypes are computed. Under ``torch.compile`` the call is one graph node for
         any N (see the README).
     """
+    if has_dtensor(hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias):
+        return _token_stats_of_dtensors(
+            hidden, weight, labels, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
+            ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+            ref_softcap=ref_softcap, ref_logit_scale=ref_logit_scale, outputs=outputs, jsd_beta=jsd_beta,
+            impl=impl, check_labels=check_labels, check_finite=check_finite, process_group=process_group,
+            grad_filter_eps=grad_filter_eps,
+        )
     outputs = normalize_outputs(outputs)
     labels = int64_labels(labels)
     # Under torch.compile, and on meta tensors, the streaming and fused implementations run as
@@ -183,3 +198,18 @@ def token_stats(
             flat(ref_hidden), cast(ref_weight), ref_bias, opts,
         )
     return TokenStats(**{name: value.reshape(labels.shape) for name, value in stats.items()})
+
+
+# Eager under torch.compile (a graph break; fullgraph=True refuses it): the vocabulary-parallel
+# Function issues collectives and host syncs that are not traced.
+@torch.compiler.disable
+def _token_stats_of_dtensors(hidden, weight, labels, ref_hidden, ref_weight, *, bias, ref_bias, process_group,
+                             impl, **options) -> TokenStats:
+    """`token_stats` given DTensors: on this process's rows of the head and its mesh's process group
+    (`fpo_ops.distributed.tensor_parallel`)."""
+    from ..distributed.tensor_parallel import local_head
+
+    head = local_head(hidden, weight, labels, ref_hidden, ref_weight, bias, ref_bias,
+                      process_group=process_group, impl=impl)
+    return token_stats(head.hidden, head.weight, head.labels, head.ref_hidden, head.ref_weight, bias=head.bias,
+                       ref_bias=head.ref_bias, process_group=head.group, impl=impl, **options)

@@ -131,14 +131,18 @@ def test_model_without_backbone_is_a_type_error():
 
 def test_dtensor_head_is_gathered_and_gets_sharded_gradient(tmp_path):
     dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DeviceMesh, DTensor, Shard
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         model = tiny_model("llama")
         dense = model.lm_head.weight.detach().clone().requires_grad_(True)
         mesh = DeviceMesh("cpu", [0])
-        model.lm_head.weight = torch.nn.Parameter(distribute_tensor(dense.detach().clone(), mesh, [Shard(0)]))
+        # FSDP2's Shard(0) parameters are gathered (a tensor-parallel Shard(0) head is not: see
+        # tests/distributed/test_distributed_tensor_parallel.py).
+        fully_shard(model, mesh=mesh)
+        assert isinstance(model.lm_head.weight, DTensor) and model.lm_head.weight.placements == (Shard(0),)
         weight, _ = hf.lm_head_tensors(model)
         assert type(weight) is torch.Tensor
         hidden = torch.randn(5, dense.shape[1])
