@@ -1,0 +1,477 @@
+"""`apply_fused_head`: any Hugging Face causal LM computes its own loss with the fused head.
+
+After ``apply_fused_head(model)``, ``model(input_ids, attention_mask=..., labels=...)`` returns the loss
+the unpatched model returns (transformers' ``ForCausalLMLoss``: the causal shift, ``ignore_index``,
+``num_items_in_batch``, ``shift_labels``; plus the Mixture-of-Experts load-balancing loss as the model
+adds it) from `fpo_ops.linear_cross_entropy`, with ``logits`` None. Without labels the forward is the
+model's own, so ``generate`` and evaluation see the logits as before.
+
+The patch is generic: it runs the model's own forward with logits for no position (``logits_to_keep``
+an empty index) and reads the final hidden states off the backbone with a hook, then takes the head
+from `hf.lm_head_tensors` and its softcap and scale from `hf.head_scaling`. At patch time one short
+forward checks that this head reproduces the model's logits, so a family that transforms its logits
+in a way the config does not say is refused instead of trained wrong.
+
+Label smoothing: transformers' ``Trainer`` with ``label_smoothing_factor`` (and TRL's SFT) pops the
+labels and smooths the model's logits afterwards (``LabelSmoother``). `fused_label_smoothing` puts a
+fused smoother in its place for the duration of one ``compute_loss``: the model's forward, asked
+without labels, hands its head inputs to the smoother instead of projecting logits
+(`DeferredHead`). `apply_fused_head` installs this around ``Trainer.compute_loss`` once.
+"""
+import contextlib
+import functools
+import inspect
+import types
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..losses.cross_entropy import linear_cross_entropy
+from ..token_stats.validation import IMPLS, validate_grad_filter_eps
+from .hf import (
+    HeadInputs, _autocast_dtype, _head_inputs, _last_hidden, apply_gathered, find_backbone, head_precision,
+    head_scaling, is_zero3_param, lm_head_tensors, unwrap_peft,
+)
+
+_STATE = "_fpo_fused_head"      # attribute of a patched model: its `_PatchState`
+_DEFERRED = "_fpo_deferred"     # attribute of a model whose next label-free forward defers its head
+
+
+class DeferredHead:
+    """Filled by a forward asked for no logits: the head inputs the loss is computed from afterwards.
+
+    Attributes:
+        parts: `HeadInputs` of the last forward (hidden [B, T, H] with its graph), None before one ran.
+    """
+
+    def __init__(self):
+        self.parts: Optional[HeadInputs] = None
+
+
+def forward_without_logits(model: nn.Module, forward: Callable[..., Any], kwargs: Dict[str, Any]) -> Tuple[Any, HeadInputs]:
+    """Run ``forward(**kwargs)`` projecting logits for no position; return (its output without
+    ``logits``, the `HeadInputs` of the final hidden states).
+
+    Everything else the forward computes (the cache, hidden states and attentions when asked, the MoE
+    router logits and load-balancing loss) stays in the output.
+    """
+    backbone = find_backbone(model)
+    seen = {}
+
+    def keep(module, inputs, outputs):
+        hidden = _last_hidden(outputs)
+        seen["hidden"], seen["autocast_dtype"] = hidden, _autocast_dtype(hidden.device.type)
+
+    # The index must live where the head does (read without gathering a sharded head).
+    device = unwrap_peft(model).get_output_embeddings().weight.device
+    handle = backbone.register_forward_hook(keep)
+    try:
+        outputs = forward(**kwargs, return_dict=True, logits_to_keep=torch.empty(0, dtype=torch.long, device=device))
+    finally:
+        handle.remove()
+    if "hidden" not in seen:
+        raise ValueError(f"model: expected {type(model).__name__}.forward to run its backbone "
+                         f"{type(backbone).__name__}, it did not")
+    fields = {key: value for key, value in outputs.items() if key != "logits"}
+    return type(outputs)(**fields), _head_inputs(model, seen["hidden"], seen["autocast_dtype"])
+
+
+def head_cross_entropy(parts: HeadInputs, hidden: torch.Tensor, labels: torch.Tensor, *, reduction: str = "sum",
+                       label_smoothing: float = 0.0, ignore_index: int = -100, impl: str = "auto",
+                       check_labels: bool = True, grad_filter_eps: float = 0.0) -> torch.Tensor:
+    """`linear_cross_entropy` of ``hidden`` against ``labels`` on the head of ``parts``.
+
+    The head runs in the precision its backbone ran in (`hf.head_precision`); a ZeRO-3 partitioned head
+    is gathered for forward and for backward (`hf.apply_gathered`).
+
+    Args:
+        parts: a forward's `HeadInputs` (its head, softcap and scale are used; ``parts.hidden`` is not).
+        hidden: [..., H] hidden states aligned with ``labels``.
+        labels: [...] next-token ids.
+        reduction, label_smoothing, ignore_index, impl, check_labels, grad_filter_eps: as in
+            `linear_cross_entropy`.
+
+    Returns:
+        The loss, reduced as asked, float32.
+    """
+    has_bias = parts.bias is not None
+    params = [parts.weight] + ([parts.bias] if has_bias else [])
+
+    def run(weight, *rest):
+        bias = rest[0] if has_bias else None
+        h, y = rest[-2:]
+        return (linear_cross_entropy(
+            h, weight, y, bias=bias, softcap=parts.softcap, logit_scale=parts.logit_scale, reduction=reduction,
+            label_smoothing=label_smoothing, ignore_index=ignore_index, impl=impl,
+            # a partitioned head holds no rows outside the gather; labels are checked inside it
+            check_labels=check_labels, grad_filter_eps=grad_filter_eps),)
+
+    device = parts.weight.device
+    with head_precision(parts):
+        (loss,) = apply_gathered(run, params, hidden.to(device), labels.to(device))
+    return loss
+
+
+class FusedLabelSmoother:
+    """transformers' ``LabelSmoother`` on the fused head: the same loss, from the head inputs a
+    deferred forward left in ``deferred`` instead of the logits.
+
+    ``(1 - eps) * sum(nll) / n + eps * sum(lse - mean_v z_v) / n`` over the positions whose label is not
+    ``ignore_index``, ``n`` being ``num_items_in_batch`` when given, else their count.
+    """
+
+    def __init__(self, epsilon: float, ignore_index: int, deferred: DeferredHead, options: Dict[str, Any]):
+        self.epsilon, self.ignore_index, self.deferred, self.options = epsilon, ignore_index, deferred, options
+
+    def __call__(self, model_output, labels, shift_labels=False, num_items_in_batch=None):
+        parts = self.deferred.parts
+        if parts is None:
+            raise RuntimeError("FusedLabelSmoother: the model's forward ran without deferring its head")
+        self.deferred.parts = None
+        hidden = parts.hidden
+        if shift_labels:
+            hidden, labels = hidden[..., :-1, :], labels[..., 1:]
+        total = head_cross_entropy(parts, hidden, labels, reduction="sum", label_smoothing=self.epsilon,
+                                   ignore_index=self.ignore_index, **self.options)
+        if num_items_in_batch is None:
+            count = (labels != self.ignore_index).sum().to(total.device)
+        else:
+            count = num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+        return total / count
+
+
+@contextlib.contextmanager
+def fused_label_smoothing(trainer: Any, model: nn.Module, options: Optional[Dict[str, Any]] = None) -> Iterator[None]:
+    """Within it, ``trainer.label_smoother`` is a `FusedLabelSmoother` and the label-free forward of
+    ``model`` (patched by `apply_fused_head`, or by the TRL drop-ins' fused head) defers its head to it.
+
+    Args:
+        trainer: a ``transformers.Trainer`` whose ``label_smoother`` is set.
+        model: the transformers model that computes the head (PEFT and accelerate wrappers removed).
+        options: `head_cross_entropy` options (impl, check_labels, grad_filter_eps); default: the
+            model's `apply_fused_head` options, else the defaults.
+    """
+    smoother = trainer.label_smoother
+    state = getattr(model, _STATE, None)
+    if options is None:
+        options = dict(state.options) if state is not None else {}
+    deferred = DeferredHead()
+    trainer.label_smoother = FusedLabelSmoother(smoother.epsilon, smoother.ignore_index, deferred, options)
+    setattr(model, _DEFERRED, deferred)
+    try:
+        yield
+    finally:
+        trainer.label_smoother = smoother
+        setattr(model, _DEFERRED, None)
+
+
+def deferred_head_of(model: nn.Module) -> Optional[DeferredHead]:
+    """The `DeferredHead` a label-free forward of ``model`` must fill, or None (compute logits)."""
+    return getattr(model, _DEFERRED, None)
+
+
+def defer_forward(model: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: Dict[str, Any],
+                  deferred: DeferredHead) -> Any:
+    """A label-free forward that fills ``deferred`` and returns its output without logits."""
+    kwargs = _as_keywords(forward, args, kwargs)
+    return_dict = kwargs.pop("return_dict", None)
+    outputs, deferred.parts = forward_without_logits(model, forward, kwargs)
+    return _as_requested(model, outputs, return_dict)
+
+
+def _as_keywords(forward: Callable[..., Any], args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """``args`` bound to their parameter names of ``forward`` and merged into ``kwargs``."""
+    if not args:
+        return dict(kwargs)
+    names = [p.name for p in inspect.signature(forward).parameters.values()
+             if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(names):
+        raise TypeError(f"forward: expected at most {len(names)} positional arguments, got {len(args)}")
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _as_requested(model: nn.Module, outputs: Any, return_dict: Optional[bool]) -> Any:
+    """A tuple where the caller (or the config) asks for one, as transformers' ``can_return_tuple`` does."""
+    if return_dict is None:
+        return_dict = getattr(getattr(model, "config", None), "return_dict", True)
+    return outputs if return_dict or return_dict is None else outputs.to_tuple()
+
+
+class _PatchState:
+    """What `apply_fused_head` put on a model, so that `remove_fused_head` can undo it."""
+
+    def __init__(self, original: Callable[..., Any], previous: Optional[Callable[..., Any]],
+                 options: Dict[str, Any], aux_loss_coef: Optional[float]):
+        self.original, self.previous, self.options, self.aux_loss_coef = original, previous, options, aux_loss_coef
+        self.forward: Optional[Callable[..., Any]] = None
+
+
+def _router_aux_loss_coef(model: nn.Module) -> Optional[float]:
+    """The coefficient a Mixture-of-Experts family weighs its load-balancing loss by, None for a dense model.
+
+    The forward of an MoE causal LM adds ``coef * aux_loss`` to its loss when it returns router logits; the
+    coefficient lives on the model (``router_aux_loss_coef``, ``aux_loss_coef``) or its text config.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if not hasattr(config, "output_router_logits"):
+        return None
+    for owner, name in ((model, "router_aux_loss_coef"), (model, "aux_loss_coef"), (config, "router_aux_loss_coef")):
+        value = getattr(owner, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    raise ValueError(
+        f"model: {type(model).__name__} returns router logits (its config has output_router_logits) but no "
+        "router_aux_loss_coef was found on the model or its config: expected the coefficient of its "
+        "load-balancing loss, got none"
+    )
+
+
+def _check_patchable(model: nn.Module) -> None:
+    """Raise a ValueError naming what ``model`` lacks for the fused loss."""
+    name = type(model).__name__
+    try:
+        find_backbone(model)
+    except TypeError as err:
+        raise ValueError(str(err)) from None
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"model: expected a causal LM with an output embedding (get_output_embeddings()), "
+                         f"got {name} without one")
+    lm_head_tensors(model)  # refuses a PEFT adapter on the head
+    try:
+        parameters = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    missing = [p for p in ("labels", "logits_to_keep") if p not in parameters]
+    if missing:
+        raise ValueError(f"model: expected {name}.forward to take {missing} (the head projects no position "
+                         f"through logits_to_keep), got a forward without them")
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    loss_function = getattr(model, "loss_function", None)
+    if loss_function is not ForCausalLMLoss:
+        raise ValueError(f"model.loss_function: expected transformers' ForCausalLMLoss (the loss the fused head "
+                         f"computes), got {getattr(loss_function, '__name__', loss_function)!r}")
+
+
+def _check_head(model: nn.Module, forward: Callable[..., Any]) -> None:
+    """One 2-token forward: the head read from the model reproduces the model's own logits."""
+    seen = {}
+
+    def keep(module, inputs, outputs):
+        seen["hidden"] = _last_hidden(outputs)
+
+    handle = find_backbone(model).register_forward_hook(keep)
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device if embeddings is not None else next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            logits = forward(input_ids=torch.tensor([[0, 1]], device=device), use_cache=False, return_dict=True).logits
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        parts = _head_inputs(model, seen["hidden"], None)
+        if is_zero3_param(parts.weight):
+            return  # partitioned outside a gather: nothing to compare against here
+        z = parts.hidden.float() @ parts.weight.float().T
+        if parts.bias is not None:
+            z = z + parts.bias.float()
+        z = z * parts.logit_scale
+        if parts.softcap is not None:
+            z = parts.softcap * torch.tanh(z / parts.softcap)
+        expected = logits.float().to(z.device)
+        scale = float(expected.abs().max()) + 1.0
+        error = float((z - expected).abs().max())
+    # Loose on purpose (bf16 models, GEMM order): it catches a missing transform, not rounding.
+    if not error <= 0.02 * scale:
+        scaling = head_scaling(model.config)
+        raise ValueError(
+            f"model: expected {type(model).__name__}'s logits to equal cap(logit_scale * (hidden @ W^T + b)) with "
+            f"the softcap {scaling.softcap} and logit_scale {scaling.logit_scale} read from its config, got a "
+            f"largest difference of {error:.3g} (logits up to {scale - 1.0:.3g}): the family transforms its "
+            "logits in a way the fused head does not know"
+        )
+
+
+def apply_fused_head(model: nn.Module, *, impl: str = "auto", check_labels: bool = True,
+                     grad_filter_eps: float = 0.0, check_head: bool = True) -> nn.Module:
+    """Make a Hugging Face causal LM compute its loss with the fused head, without logits.
+
+    Afterwards ``model(input_ids, attention_mask=..., labels=...)`` (and any other argument the model
+    takes) returns the output the unpatched model returns with ``loss`` computed by
+    `fpo_ops.linear_cross_entropy` and ``logits`` None: transformers' causal-LM loss (labels shifted by
+    one, or ``shift_labels`` as given; ``ignore_index``; the sum divided by ``num_items_in_batch`` when
+    given, as ``Trainer`` passes it under gradient accumulation, else the mean), plus the MoE
+    load-balancing loss times the family's coefficient where the model adds it. Without labels the
+    forward is the model's own (``generate``, evaluation, ``logits_to_keep``). A ``Trainer`` with
+    ``label_smoothing_factor`` smooths on the fused head too (`fused_label_smoothing`).
+
+    The model's head is read as `hidden_and_head` reads it (tied embeddings, softcap, logit scale,
+    PEFT, FSDP2 and ZeRO-3 heads), and the family is checked at patch time.
+
+    Args:
+        model: a transformers causal LM, possibly wrapped by PEFT (the transformers model inside is patched).
+        impl: `token_stats` implementation: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
+        check_labels: check that labels lie in [0, V) (one host sync per forward).
+        grad_filter_eps: `token_stats`' gradient filter (``impl="triton"``; 0 is exact).
+        check_head: run one 2-token forward now to check that the head read from the model reproduces
+            its logits (skip it for a model that cannot run a forward yet, e.g. on the meta device).
+
+    Returns:
+        ``model``, patched in place (idempotent: a patched model is left as it is).
+
+    Raises:
+        ValueError: naming what the model lacks: a backbone, an output embedding, a forward taking
+            ``labels`` and ``logits_to_keep``, transformers' causal-LM loss, a router loss coefficient
+            for an MoE family, or a head that reproduces its logits.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {list(IMPLS)}, got {impl!r}")
+    validate_grad_filter_eps(grad_filter_eps)
+    target = unwrap_peft(model)
+    if getattr(target, _STATE, None) is not None:
+        return model
+    _check_patchable(target)
+    aux_loss_coef = _router_aux_loss_coef(target)
+    original = target.forward
+    if check_head:
+        _check_head(target, original)
+    state = _PatchState(original, target.__dict__.get("forward"),
+                        dict(impl=impl, check_labels=check_labels, grad_filter_eps=grad_filter_eps), aux_loss_coef)
+
+    # The class forward's signature is kept: generate and Trainer inspect it.
+    @functools.wraps(type(target).forward)
+    def forward(self, *args, **kwargs):
+        deferred = deferred_head_of(self)
+        labels_given = kwargs.get("labels") is not None or _positional(state.original, args, "labels") is not None
+        keep = kwargs.get("logits_to_keep", 0)
+        if (not labels_given and deferred is None) or not (isinstance(keep, int) and keep == 0):
+            return state.original(*args, **kwargs)
+        if not labels_given:
+            return defer_forward(self, state.original, args, kwargs, deferred)
+        return _fused_loss_forward(self, state, args, kwargs)
+
+    state.forward = types.MethodType(forward, target)
+    target.forward = state.forward
+    setattr(target, _STATE, state)
+    _install_trainer_hook()
+    return model
+
+
+def remove_fused_head(model: nn.Module) -> nn.Module:
+    """Undo `apply_fused_head`: the model's forward is the one it had before.
+
+    Args:
+        model: a model patched by `apply_fused_head` (possibly wrapped by PEFT).
+
+    Returns:
+        ``model``, restored in place.
+
+    Raises:
+        ValueError: the model is not patched, or its forward was replaced again after the patch (undo that first).
+    """
+    target = unwrap_peft(model)
+    state = getattr(target, _STATE, None)
+    if state is None:
+        raise ValueError(f"model: expected a model patched by apply_fused_head, got an unpatched {type(target).__name__}")
+    if target.__dict__.get("forward") is not state.forward:
+        raise ValueError("model: its forward was replaced after apply_fused_head (e.g. by accelerate's mixed-precision "
+                         "wrapper); expected the patched forward outermost, got another one")
+    if state.previous is None:
+        del target.forward
+    else:
+        target.forward = state.previous
+    setattr(target, _STATE, None)
+    return model
+
+
+def is_fused_head_applied(model: nn.Module) -> bool:
+    """True for a model patched by `apply_fused_head` (possibly wrapped by PEFT)."""
+    return getattr(unwrap_peft(model), _STATE, None) is not None
+
+
+def _positional(forward: Callable[..., Any], args: tuple, name: str) -> Any:
+    """The value of parameter ``name`` among the positional ``args`` of ``forward``, or None."""
+    if not args:
+        return None
+    return _as_keywords(forward, args, {}).get(name)
+
+
+def _fused_loss_forward(model: nn.Module, state: _PatchState, args: tuple, kwargs: Dict[str, Any]) -> Any:
+    """The model's forward with labels: its output, with the fused causal-LM loss and no logits."""
+    kwargs = _as_keywords(state.original, args, kwargs)
+    labels = kwargs.pop("labels")
+    return_dict = kwargs.pop("return_dict", None)
+    kwargs.pop("logits_to_keep", None)
+    # As ForCausalLMLoss reads them from the forward's keyword arguments (which also reach the backbone).
+    shift_labels = kwargs.get("shift_labels")
+    num_items_in_batch = kwargs.get("num_items_in_batch")
+    ignore_index = kwargs.get("ignore_index", -100)
+    outputs, parts = forward_without_logits(model, state.original, kwargs)
+    if shift_labels is None:
+        hidden, targets = parts.hidden[..., :-1, :], labels[..., 1:]
+    else:
+        hidden, targets = parts.hidden, shift_labels
+    if num_items_in_batch is None:
+        loss = head_cross_entropy(parts, hidden, targets, reduction="mean", ignore_index=ignore_index, **state.options)
+    else:
+        total = head_cross_entropy(parts, hidden, targets, reduction="sum", ignore_index=ignore_index, **state.options)
+        count = num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+        loss = total / count
+    aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+    if aux_loss is not None and state.aux_loss_coef is not None:
+        loss = loss + state.aux_loss_coef * aux_loss.to(loss.device)
+    outputs["loss"] = loss
+    outputs.loss = loss
+    return _as_requested(model, outputs, return_dict)
+
+
+# ---- transformers.Trainer with label_smoothing_factor ------------------------------------------------
+
+def _install_trainer_hook() -> None:
+    """Wrap ``transformers.Trainer.compute_loss`` once so that a fused model's label smoothing is fused."""
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - apply_fused_head needs transformers models anyway
+        return
+    trainer_cls = transformers.Trainer
+    if getattr(trainer_cls.compute_loss, "_fpo_fused", False):
+        return
+    original = trainer_cls.compute_loss
+
+    @functools.wraps(original)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        target = _fused_target(self, model)
+        if target is None or not _smooths_causal_lm_loss(self, target, inputs, return_outputs):
+            return original(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        with fused_label_smoothing(self, target):
+            return original(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    compute_loss._fpo_fused = True
+    trainer_cls.compute_loss = compute_loss
+
+
+def _fused_target(trainer: Any, model: nn.Module) -> Optional[nn.Module]:
+    """The transformers model inside ``model`` (accelerate and PEFT wrappers removed) if it is patched."""
+    unwrapped = trainer.accelerator.unwrap_model(model) if hasattr(trainer, "accelerator") else model
+    target = unwrap_peft(unwrapped)
+    return target if getattr(target, _STATE, None) is not None else None
+
+
+def _smooths_causal_lm_loss(trainer: Any, target: nn.Module, inputs: Dict[str, Any], return_outputs: bool) -> bool:
+    """True where ``Trainer.compute_loss`` would smooth shifted labels on the model's logits.
+
+    Not when the caller wants the outputs (their logits), with a ``compute_loss_func``, or under
+    DeepSpeed sequence parallelism (which computes the loss its own way).
+    """
+    if getattr(trainer, "label_smoother", None) is None or getattr(trainer, "compute_loss_func", None) is not None:
+        return False
+    if return_outputs or "labels" not in inputs:
+        return False
+    pc = getattr(getattr(trainer, "accelerator", None), "parallelism_config", None)
+    if pc is not None and getattr(pc, "sp_backend", None) == "deepspeed" and getattr(pc, "sp_enabled", False):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    # Trainer shifts the labels only for a model of the causal-LM mapping; elsewhere it smooths unshifted.
+    return target._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
