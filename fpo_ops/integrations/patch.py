@@ -421,8 +421,8 @@ def _fused_loss_forward(model: nn.Module, state: _PatchState, args: tuple, kwarg
     aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
     if aux_loss is not None and state.aux_loss_coef is not None:
         loss = loss + state.aux_loss_coef * aux_loss.to(loss.device)
-    outputs["loss"] = loss
-    outputs.loss = loss
+    # A new output, so that the loss comes first in its tuple form as in the model's own.
+    outputs = type(outputs)(loss=loss, **{key: value for key, value in outputs.items() if key != "loss"})
     return _as_requested(model, outputs, return_dict)
 
 
@@ -468,10 +468,15 @@ def _smooths_causal_lm_loss(trainer: Any, target: nn.Module, inputs: Dict[str, A
         return False
     if return_outputs or "labels" not in inputs:
         return False
-    pc = getattr(getattr(trainer, "accelerator", None), "parallelism_config", None)
-    if pc is not None and getattr(pc, "sp_backend", None) == "deepspeed" and getattr(pc, "sp_enabled", False):
+    if sequence_parallel_loss(trainer):
         return False
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     # Trainer shifts the labels only for a model of the causal-LM mapping; elsewhere it smooths unshifted.
     return target._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
+def sequence_parallel_loss(trainer: Any) -> bool:
+    """True where the trainer runs DeepSpeed sequence parallelism, whose loss is computed its own way."""
+    pc = getattr(getattr(trainer, "accelerator", None), "parallelism_config", None)
+    return pc is not None and getattr(pc, "sp_backend", None) == "deepspeed" and bool(getattr(pc, "sp_enabled", False))
