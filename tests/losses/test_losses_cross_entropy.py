@@ -196,3 +196,32 @@ def test_shift_needs_two_positions():
         fpo_ops.linear_cross_entropy(hidden[:, :1], weight, labels[:, :1], shift=True)
     with pytest.raises(ValueError, match=r"^shift: expected hidden of shape \[..., T, H\]"):
         fpo_ops.linear_cross_entropy(hidden[0, 0], weight, labels[0, :2], shift=True)
+
+
+def _vocab_parallel_worker(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    from fpo_ops.token_stats import chunked
+
+    chunked.TOKEN_BLOCK, chunked.VOCAB_BLOCK = 5, 4  # several partial tiles on each slice
+    head = HEADS["biased_capped"]
+    hidden, weight, bias, labels = make_inputs(head)
+    start, stop = (0, V // 3) if rank == 0 else (V // 3, V)  # uneven slices
+    options = dict(reduction="mean", label_smoothing=0.2, z_loss=1e-2 if HAS_LSE else 0.0, shift=True)
+    local_w = weight.detach()[start:stop].clone().requires_grad_()
+    local_b = bias.detach()[start:stop].clone().requires_grad_()
+    fn = ours("torch", head)
+    got = run(lambda *a, **k: fn(*a, process_group=dist.group.WORLD, **k), hidden, local_w, local_b, labels,
+              HAS_LSE, **options)
+    want = run(reference_fn(head), hidden, weight, bias, labels, HAS_LSE, **options)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    # dhidden whole on every process, dweight and dbias this slice's rows
+    for a, b in zip(got[2], (want[2][0], want[2][1][start:stop], want[2][2][start:stop])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10 * max(b.abs().max().item(), 1.0))
+
+
+def test_vocab_parallel_head_equals_one_process():
+    """Label smoothing over a vocabulary split: log V is the whole vocabulary's, on 2 gloo processes."""
+    from distributed_launch import launch
+
+    launch(_vocab_parallel_worker, 2)
