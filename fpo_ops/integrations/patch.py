@@ -195,7 +195,7 @@ def _as_requested(model: nn.Module, outputs: Any, return_dict: Optional[bool]) -
     """A tuple where the caller (or the config) asks for one, as transformers' ``can_return_tuple`` does."""
     if return_dict is None:
         return_dict = getattr(getattr(model, "config", None), "return_dict", True)
-    return outputs if return_dict or return_dict is None else outputs.to_tuple()
+    return outputs if return_dict else outputs.to_tuple()
 
 
 class _PatchState:
@@ -339,9 +339,21 @@ def apply_fused_head(model: nn.Module, *, impl: str = "auto", check_labels: bool
     state = _PatchState(original, target.__dict__.get("forward"),
                         dict(impl=impl, check_labels=check_labels, grad_filter_eps=grad_filter_eps), aux_loss_coef)
 
+    state.forward = types.MethodType(_patched_forward(type(target)), target)
+    target.forward = state.forward
+    setattr(target, _STATE, state)
+    _install_trainer_hook()
+    return model
+
+
+def _patched_forward(cls: type) -> Callable[..., Any]:
+    """The patched forward of a ``cls`` model. It reads its `_PatchState` from the model at each call, so
+    that a deep copy of a patched model (a TRL reference) runs its own original forward."""
+
     # The class forward's signature is kept: generate and Trainer inspect it.
-    @functools.wraps(type(target).forward)
+    @functools.wraps(cls.forward)
     def forward(self, *args, **kwargs):
+        state = getattr(self, _STATE)
         deferred = deferred_head_of(self)
         labels_given = kwargs.get("labels") is not None or _positional(state.original, args, "labels") is not None
         keep = kwargs.get("logits_to_keep", 0)
@@ -351,11 +363,7 @@ def apply_fused_head(model: nn.Module, *, impl: str = "auto", check_labels: bool
             return defer_forward(self, state.original, args, kwargs, deferred)
         return _fused_loss_forward(self, state, args, kwargs)
 
-    state.forward = types.MethodType(forward, target)
-    target.forward = state.forward
-    setattr(target, _STATE, state)
-    _install_trainer_hook()
-    return model
+    return forward
 
 
 def remove_fused_head(model: nn.Module) -> nn.Module:

@@ -132,6 +132,21 @@ def test_remove_restores_the_forward_and_patching_is_idempotent():
         remove_fused_head(model)
 
 
+def test_a_deep_copy_of_a_patched_model_runs_on_its_own_parameters():
+    patched = apply_fused_head(tiny_model("llama").train(), impl="torch")
+    copied = copy.deepcopy(patched)
+    with torch.no_grad():
+        for p in copied.parameters():
+            p.mul_(0.5)
+    input_ids, attention_mask, labels = batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    unpatched = remove_fused_head(copy.deepcopy(copied))
+    expected, expected_grads = loss_and_grads(unpatched, **inputs)
+    got, got_grads = loss_and_grads(copied, **inputs)
+    assert got.logits is None and all(p.grad is None for p in patched.parameters())
+    assert_same(got, got_grads, expected, expected_grads)
+
+
 def test_reexported_from_hf():
     assert hf.apply_fused_head is apply_fused_head and hf.remove_fused_head is remove_fused_head
 
