@@ -12,7 +12,7 @@ from fpo_ops.integrations import hf  # noqa: E402
 from fpo_ops.integrations.patch import apply_fused_head, is_fused_head_applied, remove_fused_head  # noqa: E402
 from hf_fixtures import VOCAB_SIZE, tiny_model  # noqa: E402
 
-# Gemma-2: softcap; Qwen2: tied embeddings; Cohere: logit scale; Mixtral: router loss (router_aux_loss_coef 0.3).
+# Gemma-2: softcap; Qwen2: tied embeddings; Cohere: logit scale; Mixtral: router loss (coefficient 0.3).
 FAMILIES = {
     "llama": {}, "gemma2": {}, "qwen2_tied": {}, "cohere": {},
     "mixtral": dict(output_router_logits=True, router_aux_loss_coef=0.3),
@@ -43,7 +43,8 @@ def assert_same(out_a, grads_a, out_b, grads_b, tol=1e-5):
     assert set(grads_a) == set(grads_b) and grads_b
     for name, expected in grads_b.items():
         scale = max(expected.abs().max().item(), 1.0)
-        torch.testing.assert_close(grads_a[name], expected, rtol=10 * tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads_a[name], expected, rtol=10 * tol, atol=tol * scale,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -106,7 +107,7 @@ def test_every_label_ignored_gives_nan_as_transformers():
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in patched.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_tied", "mixtral"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_without_labels_logits_and_greedy_generation_unchanged(family):
     # (Mixtral's own generate fails with output_router_logits=True under a padded batch, patched or not.)
     model = tiny_model(family)

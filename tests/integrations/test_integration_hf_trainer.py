@@ -11,7 +11,9 @@ import transformers  # noqa: E402
 
 from fpo_ops.integrations.patch import apply_fused_head  # noqa: E402
 from hf_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
-from trainer_fixtures import assert_same_step, completion_dataset, one_batch, step, text_dataset, trainer_pair  # noqa: E402
+from trainer_fixtures import (  # noqa: E402
+    assert_same_step, completion_dataset, one_batch, step, text_dataset, trainer_pair,
+)
 
 TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
 

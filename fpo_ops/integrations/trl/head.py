@@ -25,7 +25,7 @@ from torch import nn
 
 from ...token_stats import token_stats
 from ..hf import HeadInputs, find_backbone, head_scaling, hidden_and_head, is_peft_model, lm_head_tensors, unwrap_peft
-from ..patch import defer_forward, deferred_head_of
+from ..deferred import defer_forward, deferred_head_of
 from .common import apply_gathered_heads, reference_adapter
 
 # TRL's output field -> token_stats statistic.

@@ -16,7 +16,7 @@ import trl.trainer.sft_trainer as trl_sft_trainer
 from trl import SFTConfig, SFTTrainer
 
 from ..hf import unwrap_peft
-from ..patch import fused_label_smoothing, sequence_parallel_loss
+from ..deferred import fused_label_smoothing, sequence_parallel_loss
 from .head import FusedHeadArguments, FusedHeadTrainer
 
 
