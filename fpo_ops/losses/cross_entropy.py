@@ -13,10 +13,12 @@ Label smoothing is the cross-entropy against ``(1 - eps) onehot(y) + eps u``, i.
 are all 0 (a one-column zero head) gives it with its exact gradient ``p - 1/V`` through every
 softcap, scale and temperature, in every implementation and over a vocabulary split.
 """
+import inspect
 import math
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
+from torch import nn
 
 from ..token_stats import STAT_NAMES, token_stats
 from .checks import check_bool, check_number
@@ -24,13 +26,17 @@ from .checks import check_bool, check_number
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _validate(hidden, labels, reduction, label_smoothing, z_loss, shift, return_lse) -> None:
+def _validate_options(reduction, label_smoothing, z_loss, shift, return_lse) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {list(REDUCTIONS)}, got {reduction!r}")
     check_number("label_smoothing", label_smoothing, 0.0, 1.0)
     check_number("z_loss", z_loss, 0.0)
     check_bool("shift", shift)
     check_bool("return_lse", return_lse)
+
+
+def _validate(hidden, labels, reduction, label_smoothing, z_loss, shift, return_lse) -> None:
+    _validate_options(reduction, label_smoothing, z_loss, shift, return_lse)
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden: expected a torch.Tensor, got {type(hidden).__name__}")
     if not isinstance(labels, torch.Tensor):
@@ -142,3 +148,36 @@ def linear_cross_entropy(
         # 0 / 0 = NaN with every position ignored, as F.cross_entropy; the gradient stays 0.
         loss = per_token.sum() / valid.sum().to(per_token.dtype)
     return (loss, lse) if return_lse else loss
+
+
+class LinearCrossEntropy(nn.Module):
+    """`linear_cross_entropy` as a module: options fixed and checked at construction.
+
+    ``forward(hidden, weight, labels, **overrides)`` takes the function's positional arguments (hidden
+    first, as Cut-Cross-Entropy's ``LinearCrossEntropy``; Liger's module takes the weight first) and,
+    per call, ``bias`` or an option to override.
+
+    Args:
+        options: keyword options of `linear_cross_entropy` (``ignore_index``, ``reduction``,
+            ``label_smoothing``, ``z_loss``, ``softcap``, ``shift``, ``return_lse``, ``impl``, ...).
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        parameters = inspect.signature(linear_cross_entropy).parameters
+        unknown = [name for name in options if name not in parameters
+                   or parameters[name].kind is not inspect.Parameter.KEYWORD_ONLY or name == "bias"]
+        if unknown:
+            raise TypeError(f"LinearCrossEntropy: expected keyword options of linear_cross_entropy, "
+                            f"got unknown {unknown}")
+        defaults = {name: p.default for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        merged = {**defaults, **options}
+        _validate_options(merged["reduction"], merged["label_smoothing"], merged["z_loss"], merged["shift"],
+                          merged["return_lse"])
+        self.options = dict(options)
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **overrides: Any):
+        return linear_cross_entropy(hidden, weight, labels, **{**self.options, **overrides})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

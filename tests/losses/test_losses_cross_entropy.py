@@ -190,6 +190,19 @@ def test_bad_options_name_the_argument(kwargs, error, match):
         fpo_ops.linear_cross_entropy(hidden, weight, labels, **kwargs)
 
 
+def test_module_fixes_the_options_and_checks_them_at_construction():
+    hidden, weight, bias, labels = make_inputs(HEADS["plain"])
+    module = fpo_ops.LinearCrossEntropy(label_smoothing=0.1, reduction="sum", shift=True, impl="torch")
+    torch.testing.assert_close(module(hidden, weight, labels), fpo_ops.linear_cross_entropy(
+        hidden, weight, labels, label_smoothing=0.1, reduction="sum", shift=True, impl="torch"))
+    torch.testing.assert_close(module(hidden, weight, labels, reduction="mean"), fpo_ops.linear_cross_entropy(
+        hidden, weight, labels, label_smoothing=0.1, shift=True, impl="torch"))
+    with pytest.raises(ValueError, match=r"^label_smoothing: expected"):
+        fpo_ops.LinearCrossEntropy(label_smoothing=2.0)
+    with pytest.raises(TypeError, match=r"^LinearCrossEntropy: expected keyword options .* \['lse_square_scale'\]"):
+        fpo_ops.LinearCrossEntropy(lse_square_scale=1e-4)
+
+
 def test_shift_needs_two_positions():
     hidden, weight, _, labels = make_inputs(HEADS["plain"])
     with pytest.raises(ValueError, match=r"^shift: expected labels with at least 2 positions"):
