@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
+from ..losses.checks import check_bool
 from ..token_stats.validation import IMPLS, validate_grad_filter_eps
 from .deferred import (
     _as_keywords, _as_requested, defer_forward, deferred_head_of, forward_without_logits, fused_label_smoothing,
@@ -39,8 +40,9 @@ class _PatchState:
     """What `apply_fused_head` put on a model, so that `remove_fused_head` can undo it."""
 
     def __init__(self, original: Callable[..., Any], previous: Optional[Callable[..., Any]],
-                 options: Dict[str, Any], aux_loss_coef: Optional[float]):
+                 options: Dict[str, Any], aux_loss_coef: Optional[float], train_only: bool):
         self.original, self.previous, self.options, self.aux_loss_coef = original, previous, options, aux_loss_coef
+        self.train_only = train_only
         self.forward: Optional[Callable[..., Any]] = None
 
 
@@ -131,17 +133,18 @@ def _check_head(model: nn.Module, forward: Callable[..., Any]) -> None:
 
 
 def apply_fused_head(model: nn.Module, *, impl: str = "auto", check_labels: bool = True,
-                     grad_filter_eps: float = 0.0, check_head: bool = True) -> nn.Module:
+                     grad_filter_eps: float = 0.0, train_only: bool = True, check_head: bool = True) -> nn.Module:
     """Make a Hugging Face causal LM compute its loss with the fused head, without logits.
 
     Afterwards ``model(input_ids, attention_mask=..., labels=...)`` (and any other argument the model
-    takes) returns the output the unpatched model returns with ``loss`` computed by
+    takes) in training mode returns the output the unpatched model returns with ``loss`` computed by
     `fpo_ops.linear_cross_entropy` and ``logits`` None: transformers' causal-LM loss (labels shifted by
     one, or ``shift_labels`` as given; ``ignore_index``; the sum divided by ``num_items_in_batch`` when
     given, as ``Trainer`` passes it under gradient accumulation, else the mean), plus the MoE
     load-balancing loss times the family's coefficient where the model adds it. Without labels the
-    forward is the model's own (``generate``, evaluation, ``logits_to_keep``). A ``Trainer`` with
-    ``label_smoothing_factor`` smooths on the fused head too (`deferred.fused_label_smoothing`).
+    forward is the model's own (``generate``, ``logits_to_keep``), and so it is in eval mode unless
+    ``train_only=False`` (evaluation with ``compute_metrics`` and ``Trainer.predict`` need the logits). A
+    ``Trainer`` with ``label_smoothing_factor`` smooths on the fused head too (`deferred.fused_label_smoothing`).
 
     The model's head is read as `hidden_and_head` reads it (tied embeddings, softcap, logit scale,
     PEFT, FSDP2 and ZeRO-3 heads), and the family is checked at patch time.
@@ -151,6 +154,8 @@ def apply_fused_head(model: nn.Module, *, impl: str = "auto", check_labels: bool
         impl: `token_stats` implementation: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
         check_labels: check that labels lie in [0, V) (one host sync per forward).
         grad_filter_eps: `token_stats`' gradient filter (``impl="triton"``; 0 is exact).
+        train_only: fuse only while the model is in training mode (``model.training``), as Liger-Kernel's
+            patches do; False: in eval mode too (``logits`` None there as well).
         check_head: run one 2-token forward now to check that the head read from the model reproduces
             its logits (skip it for a model that cannot run a forward yet, e.g. on the meta device).
 
@@ -173,8 +178,10 @@ def apply_fused_head(model: nn.Module, *, impl: str = "auto", check_labels: bool
     original = target.forward
     if check_head:
         _check_head(target, original)
+    check_bool("train_only", train_only)
     state = _PatchState(original, target.__dict__.get("forward"),
-                        dict(impl=impl, check_labels=check_labels, grad_filter_eps=grad_filter_eps), aux_loss_coef)
+                        dict(impl=impl, check_labels=check_labels, grad_filter_eps=grad_filter_eps), aux_loss_coef,
+                        train_only)
 
     state.forward = types.MethodType(_patched_forward(type(target)), target)
     target.forward = state.forward
@@ -191,6 +198,8 @@ def _patched_forward(cls: type) -> Callable[..., Any]:
     @functools.wraps(cls.forward)
     def forward(self, *args, **kwargs):
         state = getattr(self, _STATE)
+        if state.train_only and not self.training:
+            return state.original(*args, **kwargs)
         deferred = deferred_head_of(self)
         labels_given = kwargs.get("labels") is not None or _positional(state.original, args, "labels") is not None
         keep = kwargs.get("logits_to_keep", 0)
@@ -313,6 +322,8 @@ def _smooths_causal_lm_loss(trainer: Any, target: nn.Module, inputs: Dict[str, A
     if getattr(trainer, "label_smoother", None) is None or getattr(trainer, "compute_loss_func", None) is not None:
         return False
     if return_outputs or "labels" not in inputs:
+        return False
+    if getattr(target, _STATE).train_only and not target.training:
         return False
     if sequence_parallel_loss(trainer):
         return False

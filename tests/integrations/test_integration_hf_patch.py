@@ -120,8 +120,21 @@ def test_without_labels_logits_and_greedy_generation_unchanged(family):
         assert torch.equal(patched.generate(input_ids, **kwargs), model.generate(input_ids, **kwargs))
 
 
+def test_eval_mode_keeps_the_logits_unless_asked():
+    model = tiny_model("llama")  # eval mode
+    input_ids, attention_mask, labels = batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    expected = model(**inputs)
+    got = apply_fused_head(copy.deepcopy(model))(**inputs)  # train_only=True: the model's own forward
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=0)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
+    fused = apply_fused_head(copy.deepcopy(model), train_only=False, impl="torch")(**inputs)
+    assert fused.logits is None
+    torch.testing.assert_close(fused.loss, expected.loss, rtol=1e-6, atol=1e-6)
+
+
 def test_remove_restores_the_forward_and_patching_is_idempotent():
-    model = tiny_model("llama")
+    model = tiny_model("llama").train()
     assert "forward" not in model.__dict__
     assert apply_fused_head(apply_fused_head(model)) is model and is_fused_head_applied(model)
     input_ids, attention_mask, labels = batch()
@@ -250,3 +263,5 @@ def test_refuses_bad_options():
         apply_fused_head(tiny_model("llama"), impl="cuda")
     with pytest.raises((ValueError, TypeError), match="^grad_filter_eps"):
         apply_fused_head(tiny_model("llama"), grad_filter_eps=-1.0)
+    with pytest.raises(TypeError, match="^train_only: expected a bool"):
+        apply_fused_head(tiny_model("llama"), train_only="yes")

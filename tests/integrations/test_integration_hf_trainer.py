@@ -61,22 +61,22 @@ def test_trainer_with_accumulation_equals_unpatched(tmp_path, family, label_smoo
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_trainer_evaluation_and_outputs_keep_logits(tmp_path):
-    """Evaluation asking for predictions (``return_outputs``) smooths the logits as Trainer does."""
+@pytest.mark.parametrize("label_smoothing_factor", [0.0, 0.2])
+def test_trainer_evaluation_and_predictions_equal_unpatched(tmp_path, label_smoothing_factor):
+    """Evaluation runs the model in eval mode, where the patched model keeps its logits (``train_only``):
+    the same eval loss, and the same predictions for ``compute_metrics``."""
     model = tiny_model("llama")
     patched = apply_fused_head(copy.deepcopy(model), impl="torch")
     results = []
     for m, name in ((patched, "ours"), (model, "theirs")):
-        trainer = train(m, tmp_path / name, label_smoothing_factor=0.2, max_steps=1)
-        batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(3)]))
-        with torch.no_grad():
-            loss, logits, _ = trainer.prediction_step(trainer.model, batch, prediction_loss_only=False)
-            loss_only, _, _ = trainer.prediction_step(trainer.model, batch, prediction_loss_only=True)
-        results.append((loss, logits, loss_only))
-    (loss, logits, loss_only), (their_loss, their_logits, their_loss_only) = results
-    torch.testing.assert_close(logits, their_logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loss, their_loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loss_only, their_loss_only, rtol=1e-5, atol=1e-5)
+        trainer = train(m, tmp_path / name, label_smoothing_factor=label_smoothing_factor, max_steps=1)
+        evaluated = trainer.evaluate(tokenized(6, seed=1))["eval_loss"]
+        predicted = trainer.predict(tokenized(6, seed=1))
+        results.append((evaluated, predicted.metrics["test_loss"], torch.as_tensor(predicted.predictions)))
+    (loss, test_loss, predictions), (their_loss, their_test_loss, their_predictions) = results
+    assert loss == pytest.approx(their_loss, rel=1e-5) and test_loss == pytest.approx(their_test_loss, rel=1e-5)
+    assert predictions.shape[-1] == tiny_model("llama").config.vocab_size
+    torch.testing.assert_close(predictions, their_predictions, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_sft_label_smoothing_equals_trl(tmp_path):
