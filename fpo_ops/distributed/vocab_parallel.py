@@ -7,8 +7,11 @@ order. Each folds its slice into the online partials of `fpo_ops.token_stats.onl
 them exactly with a few all-reduces over per-token scalars, never over logits:
 
     forward   all-reduce(sum)  [world]   int64   rows per rank: where each slice starts
-              all-reduce(max)  [2, N]            policy and reference maxima ([1, N] when no
-                                                 requested statistic reads the reference)
+              all-reduce(max)  [M, N]            policy and reference maxima ([1, N] when no
+                                                 requested statistic reads the reference), and
+                                                 for ``top1_correct`` the maximum logit before
+                                                 the label (slices before the label's hold all
+                                                 of their rows before it, slices after none)
               all-reduce(sum)  [K, N]            partials shifted to the global maxima (K <= 9;
                                                  the label logit comes from the one owner, others add 0)
               all-reduce(sum)  [2, N]            only for ``jsd``: its second pass over the slices
@@ -23,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..token_stats.online import MAXIMA, Partials, shift_partials
+from ..token_stats.stats import PARTIAL_MERGE
 
 
 def vocab_range(vocab_size: int, group=None) -> Tuple[int, int]:
@@ -57,17 +61,18 @@ def slice_bounds(local_vocab: int, group, device: torch.device) -> Tuple[torch.T
 def combine_partials(local: Partials, group) -> Partials:
     """Exact group-wide partials from each process's partials of its own slice (two all-reduces)."""
     has_ref = "m_ref" in local
+    # every partial that merges by max, the two maxima the sums are relative to first
+    max_names = [key for key in MAXIMA if key in local]
+    max_names += [key for key in local if PARTIAL_MERGE[key] == "max" and key not in MAXIMA]
     # A copy: the all-reduce writes in place, and the local maxima are still needed to shift.
-    maxima = torch.stack([local["m"], local["m_ref"]] if has_ref else [local["m"]])
+    maxima = torch.stack([local[key] for key in max_names])
     dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
     shifted = shift_partials(local, maxima[0], maxima[1] if has_ref else None)
-    names = [key for key in shifted if key not in MAXIMA]
+    names = [key for key in shifted if key not in max_names]
     sums = torch.stack([shifted[key] for key in names])
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     combined = dict(zip(names, sums.unbind(0)))
-    combined["m"] = maxima[0]
-    if has_ref:
-        combined["m_ref"] = maxima[1]
+    combined.update(zip(max_names, maxima.unbind(0)))
     return combined
 
 

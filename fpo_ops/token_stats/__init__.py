@@ -98,7 +98,8 @@ def token_stats(
         outputs: names of the statistics to compute: ``logp`` (log p[y]), ``ref_logp`` (log q[y]),
             ``kl`` (KL(q||p)), ``reverse_kl`` (KL(p||q)), ``entropy`` (H(p)), ``jsd``
             (beta KL(q||m) + (1-beta) KL(p||m), m = beta q + (1-beta) p), and the gradient-free
-            metrics ``log_sum_p2`` (log sum p^2), ``mean_logit`` and ``top1_correct``.
+            metrics ``log_sum_p2`` (log sum p^2), ``mean_logit`` and ``top1_correct`` (1 where
+            the label is the first maximal index of the logits, torch.argmax's tie rule).
         jsd_beta: beta of ``jsd``, in [0, 1].
         impl: ``"auto"`` (Triton on CUDA, else ``"torch"``), ``"triton"``, ``"torch"`` (streaming
             PyTorch) or ``"reference"`` (materialises logits; the test oracle).

@@ -60,7 +60,8 @@ def reference_token_stats(
         if opts.wants("mean_logit"):
             stats["mean_logit"] = z.mean(-1)
         if opts.wants("top1_correct"):
-            stats["top1_correct"] = (at_label(z) >= z.max(-1).values).to(opts.accum_dtype)
+            # torch.argmax returns the first maximal index: a tie with an earlier index is wrong
+            stats["top1_correct"] = (in_vocab & (z.argmax(-1) == labels)).to(opts.accum_dtype)
 
     if ref_hidden is not None:
         # The reference is frozen: no gradient reaches it, even through a shared weight.

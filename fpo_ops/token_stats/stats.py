@@ -16,22 +16,26 @@ import torch
 
 
 class Partial(NamedTuple):
-    """One online sum over the vocabulary (see `fpo_ops.token_stats.online`)."""
+    """One online partial over the vocabulary (see `fpo_ops.token_stats.online`)."""
 
     key: str
     reads_reference: bool
     # m, s, z_label (and their reference twins) are kept by every call; the others on request
     always: bool
+    # how the partials of disjoint vocabulary blocks combine: "sum" (relative to the common
+    # maxima, see `online.shift_partials`), "max" (a maximum, never shifted)
+    merge: str = "sum"
 
 
 PARTIALS = (
-    Partial("m", False, True),             # max z
+    Partial("m", False, True, "max"),      # max z
     Partial("s", False, True),             # sum e^{z-m}
     Partial("z_label", False, True),       # z[y]
     Partial("ent", False, False),          # sum e^{z-m} (z-m)
     Partial("s2", False, False),           # sum e^{2(z-m)}
     Partial("sum_z", False, False),        # sum z
-    Partial("m_ref", True, True),          # max z'
+    Partial("m_pre", False, False, "max"),  # max z_v over v < y (-inf when y is the first index)
+    Partial("m_ref", True, True, "max"),   # max z'
     Partial("s_ref", True, True),          # sum e^{z'-m'}
     Partial("z_ref_label", True, True),    # z'[y]
     Partial("rkl", True, False),           # sum e^{z-m} ((z-m) - (z'-m'))
@@ -61,7 +65,8 @@ STATS = (
     Stat("jsd", True, True, saved="kl_p_m"),
     Stat("log_sum_p2", False, False, partials=("s2",)),               # log sum_v p_v^2 (WPO weighting)
     Stat("mean_logit", False, False, partials=("sum_z",)),            # mean of the policy logits over V
-    Stat("top1_correct", False, False),                               # 1.0 where z[y] attains max z
+    # 1.0 where y is the first index attaining max z (torch.argmax's and TRL's tie rule)
+    Stat("top1_correct", False, False, partials=("m_pre",)),
 )
 
 STAT_NAMES = tuple(stat.name for stat in STATS)
@@ -78,6 +83,8 @@ SAVED_FOR_GRAD = {stat.name: stat.saved for stat in STATS if stat.saved is not N
 # Rows of the Triton kernels' buffers: partials [splits, PARTIAL_KEYS, N], upstream gradients
 # [GRAD_KEYS, N] and saved per-token values [SAVED_KEYS, N].
 PARTIAL_KEYS = tuple(partial.key for partial in PARTIALS)
+# How each partial combines over vocabulary blocks, splits and slices.
+PARTIAL_MERGE = {partial.key: partial.merge for partial in PARTIALS}
 GRAD_KEYS = tuple(stat.name for stat in STATS if stat.differentiable)
 SAVED_KEYS = ("lse", "lse_ref") + tuple(SAVED_FOR_GRAD.values())
 
@@ -95,6 +102,9 @@ def present_partials(keys, has_ref: bool) -> Tuple[str, ...]:
 
 def _check_table() -> None:
     known = set(PARTIAL_KEYS)
+    odd = [p.key for p in PARTIALS if p.merge not in ("sum", "max")]
+    if odd:
+        raise ValueError(f"PARTIALS: {odd} merge: expected 'sum' or 'max'")
     for stat in STATS:
         unknown = [key for key in stat.partials if key not in known]
         if unknown:

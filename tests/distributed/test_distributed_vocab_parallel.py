@@ -246,7 +246,8 @@ def _check_collectives(rank: int, world: int) -> None:
         # Without a reference statistic the reference head is not read at all.
         ("logp",): [("MAX", (1, n_tokens)), ("SUM", (2, n_tokens))],
         ("logp", "ref_logp", "kl"): [("MAX", (2, n_tokens)), ("SUM", (5, n_tokens))],
-        ALL_STATS: [("MAX", (2, n_tokens)), ("SUM", (9, n_tokens)), ("SUM", (2, n_tokens))],
+        # top1_correct adds the maximum logit before the label to the MAX all-reduce
+        ALL_STATS: [("MAX", (3, n_tokens)), ("SUM", (9, n_tokens)), ("SUM", (2, n_tokens))],
     }
     dist.all_reduce = recording
     try:

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..stats import PARTIAL_KEYS
 from .rows import (
-    ENT_ROW, KL_ROW, M_REF_ROW, M_ROW, RKL_ROW, S2_ROW, S_REF_ROW, S_ROW, SUM_Z_ROW, Z_LABEL_ROW,
+    ENT_ROW, KL_ROW, M_PRE_ROW, M_REF_ROW, M_ROW, RKL_ROW, S2_ROW, S_REF_ROW, S_ROW, SUM_Z_ROW, Z_LABEL_ROW,
     Z_REF_LABEL_ROW,
 )
 from .utils import dot_precision, head_logits, log_mixture, triton_dtype, upcast_dot_operands
@@ -54,7 +54,7 @@ def token_stats_fwd_kernel(
     logit_scale, softcap, ref_logit_scale, ref_softcap, temperature,
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
     CAPPED: tl.constexpr, REF_CAPPED: tl.constexpr,
-    WANT_ENT: tl.constexpr, WANT_S2: tl.constexpr, WANT_SUM_Z: tl.constexpr,
+    WANT_ENT: tl.constexpr, WANT_S2: tl.constexpr, WANT_SUM_Z: tl.constexpr, WANT_M_PRE: tl.constexpr,
     WANT_RKL: tl.constexpr, WANT_KL: tl.constexpr,
     ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -70,6 +70,7 @@ def token_stats_fwd_kernel(
     ent = tl.zeros([BN], dtype=ACC)
     s2 = tl.zeros([BN], dtype=ACC)
     sum_z = tl.zeros([BN], dtype=ACC)
+    m_pre = tl.full([BN], float("-inf"), dtype=ACC)
     m_ref = tl.full([BN], float("-inf"), dtype=ACC)
     s_ref = tl.zeros([BN], dtype=ACC)
     z_ref_label = tl.zeros([BN], dtype=ACC)
@@ -111,6 +112,10 @@ def token_stats_fwd_kernel(
             s2 = alpha * alpha * s2 + tl.sum(e * e, 1)
         if WANT_SUM_Z:
             sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+        if WANT_M_PRE:
+            # the columns before the label (labels of ignored tokens are -1: none)
+            before = (cols[None, :] < labels[:, None]) & col_mask[None, :]
+            m_pre = tl.maximum(m_pre, tl.max(tl.where(before, z, float("-inf")), 1))
         z_label += tl.sum(tl.where(is_label, z, 0.0), 1)
         s = alpha * s + tl.sum(e, 1)
         m = m_new
@@ -128,6 +133,8 @@ def token_stats_fwd_kernel(
         tl.store(out + S2_ROW * stride_part_key, s2, mask=in_range)
     if WANT_SUM_Z:
         tl.store(out + SUM_Z_ROW * stride_part_key, sum_z, mask=in_range)
+    if WANT_M_PRE:
+        tl.store(out + M_PRE_ROW * stride_part_key, m_pre, mask=in_range)
     if HAS_REF:
         m_ref = tl.where(s_ref > 0, m_ref, 0.0)
         s_ref = tl.where(s_ref > 0, s_ref, 1.0)
@@ -221,7 +228,7 @@ def token_stats_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labe
         HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=has_ref and ref_bias is not None,
         CAPPED=opts.softcap is not None, REF_CAPPED=opts.ref_softcap is not None,
         WANT_ENT="ent" in keys, WANT_S2="s2" in keys, WANT_SUM_Z="sum_z" in keys,
-        WANT_RKL=has_ref and "rkl" in keys, WANT_KL=has_ref and "kl" in keys,
+        WANT_M_PRE="m_pre" in keys, WANT_RKL=has_ref and "rkl" in keys, WANT_KL=has_ref and "kl" in keys,
         ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
         UPCAST=upcast_dot_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
