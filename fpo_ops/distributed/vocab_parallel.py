@@ -14,6 +14,8 @@ them exactly with a few all-reduces over per-token scalars, never over logits:
                                                  of their rows before it, slices after none)
               all-reduce(sum)  [K, N]            partials shifted to the global maxima (K <= 9;
                                                  the label logit comes from the one owner, others add 0)
+              all-reduce(min)  [N]      int64    only for ``argmax``: the lowest global index at the
+                                                 global maximum (slices below it offer none)
               all-reduce(sum)  [2, N]            only for ``jsd``: its second pass over the slices
     backward  all-reduce(sum)  [N, H]            dhidden: the slices' shares of dz @ W
 
@@ -58,8 +60,9 @@ def slice_bounds(local_vocab: int, group, device: torch.device) -> Tuple[torch.T
     return sizes, sizes[: dist.get_rank(group)].sum()
 
 
-def combine_partials(local: Partials, group) -> Partials:
-    """Exact group-wide partials from each process's partials of its own slice (two all-reduces)."""
+def combine_partials(local: Partials, group, start=0) -> Partials:
+    """Exact group-wide partials from each process's partials of its own slice (two all-reduces,
+    three with ``argmax``); ``start`` is the slice's first row, which makes its indices global."""
     has_ref = "m_ref" in local
     # every partial that merges by max, the two maxima the sums are relative to first
     max_names = [key for key in MAXIMA if key in local]
@@ -68,11 +71,18 @@ def combine_partials(local: Partials, group) -> Partials:
     maxima = torch.stack([local[key] for key in max_names])
     dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
     shifted = shift_partials(local, maxima[0], maxima[1] if has_ref else None)
-    names = [key for key in shifted if key not in max_names]
+    names = [key for key in shifted if key not in max_names and PARTIAL_MERGE[key] == "sum"]
     sums = torch.stack([shifted[key] for key in names])
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     combined = dict(zip(names, sums.unbind(0)))
     combined.update(zip(max_names, maxima.unbind(0)))
+    if "argmax" in local:
+        # in int64, exact for any vocabulary: a slice below the global maximum offers no index
+        none = torch.iinfo(torch.int64).max
+        index = torch.where(local["m"] == maxima[0], local["argmax"].to(torch.int64) + start,
+                            torch.full_like(local["argmax"], none, dtype=torch.int64))
+        dist.all_reduce(index, op=dist.ReduceOp.MIN, group=group)
+        combined["argmax"] = index
     return combined
 
 

@@ -11,8 +11,10 @@ Per token, with m = max z, s = sum e^{z-m} (primed: reference):
     rkl = sum e^{z-m} ((z-m) - (z'-m'))          reverse_kl  = rkl / s - log s + log s'
     kl  = sum e^{z'-m'} ((z'-m') - (z-m))        kl          = kl / s' - log s' + log s
     m_pre = max_{v < y} z_v                      top1_correct = z[y] == m and m_pre < m
+    argmax = min {v : z_v == m}                  argmax (the predicted token)
 (``m_pre`` is a maximum, not a sum: it merges by max and is never shifted; the tie rule is
-torch.argmax's: y is the prediction only if no earlier index attains the maximum.)
+torch.argmax's: y is the prediction only if no earlier index attains the maximum. ``argmax``
+merges as the smallest index among the blocks whose maximum is the common one.)
 Shifting by the maxima keeps the sums free of the cancellation that ``sum p z`` suffers at |z| ~ 1e4.
 """
 import math
@@ -52,8 +54,9 @@ def logit_to_preactivation_grad(dz: torch.Tensor, z: torch.Tensor, softcap: Opti
 
 
 def tile_partials(z: torch.Tensor, z_ref: Optional[torch.Tensor], local_labels: torch.Tensor,
-                  keys: Tuple[str, ...]) -> Partials:
-    """Partials of one [n, b] tile; ``local_labels`` is the label's column in the tile or -1."""
+                  keys: Tuple[str, ...], first_column: int = 0) -> Partials:
+    """Partials of one [n, b] tile; ``local_labels`` is the label's column in the tile or -1.
+    ``first_column``: the tile's first row of the head (``argmax`` is counted from there)."""
     in_tile = (local_labels >= 0) & (local_labels < z.shape[1])
     col = torch.where(in_tile, local_labels, torch.zeros_like(local_labels))[:, None]
     zero = z.new_zeros(())
@@ -72,6 +75,9 @@ def tile_partials(z: torch.Tensor, z_ref: Optional[torch.Tensor], local_labels: 
         # label columns past the tile put the whole tile before the label; -1 puts none of it
         before = torch.arange(z.shape[1], device=z.device)[None, :] < local_labels[:, None]
         out["m_pre"] = torch.where(before, z, z.new_full((), float("-inf"))).max(dim=1).values
+    if "argmax" in keys:
+        # torch.argmax returns the first maximal index
+        out["argmax"] = (z.argmax(dim=1) + first_column).to(z.dtype)
     if z_ref is not None:
         m_ref = z_ref.max(dim=1).values
         shifted_ref = z_ref - m_ref[:, None]
@@ -106,6 +112,9 @@ def shift_partials(p: Partials, m: torch.Tensor, m_ref: Optional[torch.Tensor]) 
     for key in p:
         if key not in MAXIMA and PARTIAL_MERGE[key] == "max":
             out[key] = p[key]  # other maxima (m_pre) are not relative to anything
+        elif PARTIAL_MERGE[key] == "min":
+            # a block below the common maximum holds no maximal index
+            out[key] = torch.where(p["m"] == m, p[key], p[key].new_full((), float("inf")))
     if "sum_z" in p:
         out["sum_z"] = p["sum_z"]
     if "m_ref" in p:
@@ -129,7 +138,10 @@ def merge_stacked(blocks: Partials) -> Partials:
     def merge(key, value):
         if key in MAXIMA:
             return value  # already the common maximum
-        return value.max(dim=0).values if PARTIAL_MERGE[key] == "max" else value.sum(0)
+        merge_op = PARTIAL_MERGE[key]
+        if merge_op == "max":
+            return value.max(dim=0).values
+        return value.min(dim=0).values if merge_op == "min" else value.sum(0)
     return {key: merge(key, value) for key, value in shifted.items()}
 
 
@@ -143,6 +155,8 @@ def finalize(p: Partials, vocab_size: int) -> Dict[str, torch.Tensor]:
     log_s = torch.log(p["s"])
     lse = p["m"] + log_s
     out = {"lse": lse, "logp": p["z_label"] - lse}
+    if "argmax" in p:
+        out["argmax"] = p["argmax"].to(torch.int64)
     if "m_pre" in p:
         # the first maximal index, as torch.argmax: a tie with an earlier index is not correct
         out["top1_correct"] = ((p["z_label"] >= p["m"]) & (p["m_pre"] < p["m"])).to(lse.dtype)

@@ -1,5 +1,6 @@
 """Ties at the maximum logit across the slices of a vocabulary-parallel head (2 gloo processes):
-``top1_correct`` takes the lowest global index that attains the maximum, as on one process."""
+``top1_correct`` and ``argmax`` take the lowest global index that attains the maximum, as on one
+process."""
 import torch
 import torch.distributed as dist
 
@@ -10,7 +11,7 @@ from tie_cases import CASES, first_argmax
 
 # (start, stop) per rank: the first tied column (3) on rank 1 with the others, or on rank 0 alone
 SPLITS = {"first_tie_on_rank_1": [(0, 3), (3, 37)], "even": [(0, 19), (19, 37)]}
-OUTPUTS = ("logp", "top1_correct")
+OUTPUTS = ("logp", "top1_correct", "argmax")
 
 
 def _worker(rank: int, world: int) -> None:
@@ -18,7 +19,9 @@ def _worker(rank: int, world: int) -> None:
     for name, make in CASES.items():
         case = make()
         predicted, _ = first_argmax(case)
-        want = ((predicted == case.labels) & (case.labels != -100)).double()
+        valid = case.labels != -100
+        want = ((predicted == case.labels) & valid).double()
+        want_argmax = torch.where(valid, predicted, -1)
         single = fpo_ops.token_stats(case.hidden, case.weight, case.labels, bias=case.bias, outputs=OUTPUTS,
                                      impl="torch", **case.kwargs)
         assert torch.equal(single.top1_correct, want), name
@@ -30,6 +33,7 @@ def _worker(rank: int, world: int) -> None:
                                             outputs=OUTPUTS, impl=impl, process_group=dist.group.WORLD,
                                             **case.kwargs)
                 assert torch.equal(stats.top1_correct, want), (name, split, impl)
+                assert torch.equal(stats.argmax, want_argmax), (name, split, impl)
 
 
 def test_top1_correct_ties_across_slices():

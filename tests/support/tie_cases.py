@@ -40,6 +40,20 @@ def duplicated_rows_case(n: int = 19, hidden_size: int = 16, vocab: int = 37, se
     return Case(hidden.requires_grad_(), weight.requires_grad_(), labels)
 
 
+def planted_pairs_case(n: int = 23, vocab: int = 37, seed: int = 2) -> Case:
+    """An identity head (H = V) and integer hidden states holding their maximum 5 at two random
+    columns a < b per token: the prediction is a, different from token to token and tile to tile;
+    labels alternate between a, b and a random column."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randint(-2, 3, (n, vocab), generator=g).double()
+    pairs = torch.stack([torch.randperm(vocab, generator=g)[:2].sort().values for _ in range(n)])
+    hidden.scatter_(1, pairs, 5.0)
+    labels = torch.where(torch.arange(n) % 3 == 0, pairs[:, 0], pairs[:, 1])
+    labels[2::3] = torch.randint(0, vocab, (len(labels[2::3]),), generator=g)
+    labels[7] = -100
+    return Case(hidden.requires_grad_(), torch.eye(vocab, dtype=torch.float64).requires_grad_(), labels)
+
+
 def first_argmax(case: Case):
     """(torch.argmax of the float64 logits [N], the logits [N, V])."""
     opts = HeadOptions(compute_dtype=torch.float64, softcap=case.kwargs.get("softcap"))
@@ -48,4 +62,5 @@ def first_argmax(case: Case):
     return z.argmax(-1), z
 
 
-CASES = {"saturated_softcap": saturated_softcap_case, "duplicated_rows": duplicated_rows_case}
+CASES = {"saturated_softcap": saturated_softcap_case, "duplicated_rows": duplicated_rows_case,
+         "planted_pairs": planted_pairs_case}

@@ -1,6 +1,7 @@
-"""Ties at the maximum logit: ``top1_correct`` follows torch.argmax (the first maximal index), as
-TRL's ``mean_token_accuracy`` does, in every implementation. A label on a later copy of the
-maximum is not the prediction (inputs: `tie_cases`)."""
+"""Ties at the maximum logit: ``top1_correct`` and the predicted token ``argmax`` follow
+torch.argmax (the first maximal index), as TRL's ``mean_token_accuracy`` and Liger's
+``return_predicted_tokens`` do, in every implementation. A label on a later copy of the maximum
+is not the prediction (inputs: `tie_cases`)."""
 import pytest
 import torch
 
@@ -33,3 +34,20 @@ def test_top1_correct_takes_the_first_maximal_index(name, impl, monkeypatch):
                                 outputs=("logp", "top1_correct"), impl=impl, **case.kwargs)
     assert torch.equal(stats.top1_correct, want)
     assert torch.all(stats.top1_correct[later_tie] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_argmax_is_the_first_maximal_index(name, impl, monkeypatch):
+    """int64 ids, -1 at ignored tokens (as Liger's predicted tokens), no gradient."""
+    case = CASES[name]()
+    monkeypatch.setattr(chunked, "VOCAB_BLOCK", 8)
+    monkeypatch.setattr(chunked, "TOKEN_BLOCK", 5)
+    predicted, _ = first_argmax(case)
+    ignored = case.labels == -100
+    stats = fpo_ops.token_stats(case.hidden, case.weight, case.labels, bias=case.bias,
+                                outputs=("argmax", "logp"), impl=impl, **case.kwargs)
+    assert stats.argmax.dtype == torch.int64 and not stats.argmax.requires_grad
+    assert torch.equal(stats.argmax, torch.where(ignored, -1, predicted))
+    # the first of several maxima, not the label: where the label is a later copy they differ
+    assert (stats.argmax[~ignored] != case.labels[~ignored]).any()
