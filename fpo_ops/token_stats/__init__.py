@@ -95,7 +95,8 @@ def token_stats(
         softcap, ref_softcap: tanh logit cap of each model (Gemma-2's ``final_logit_softcapping``).
         logit_scale, ref_logit_scale: multiply each model's logits before the cap.
             ``temperature``, the caps and the scales must lie in [2^-40, 2^40].
-        outputs: names of the statistics to compute: ``logp`` (log p[y]), ``ref_logp`` (log q[y]),
+        outputs: names of the statistics to compute: ``logp`` (log p[y]), ``lse`` (log sum_v e^{z_v}
+            of the policy logits z after temperature, cap and scale; gradient p), ``ref_logp`` (log q[y]),
             ``kl`` (KL(q||p)), ``reverse_kl`` (KL(p||q)), ``entropy`` (H(p)), ``jsd``
             (beta KL(q||m) + (1-beta) KL(p||m), m = beta q + (1-beta) p), and the gradient-free
             metrics ``log_sum_p2`` (log sum p^2), ``mean_logit`` and ``top1_correct`` (1 where

@@ -5,7 +5,7 @@ the block's running maxima so that no exponential overflows. Partials of disjoin
 exactly (`merge_partials`), so the same code folds vocabulary tiles one after another, or combines
 slices of the vocabulary held by different processes. `finalize` turns them into statistics.
 
-Per token, with m = max z, s = sum e^{z-m} (primed: reference):
+Per token, with m = max z, s = sum e^{z-m} (primed: reference), lse = m + log s:
     ent = sum e^{z-m} (z-m)                      entropy     = log s - ent / s
     s2  = sum e^{2(z-m)}                         log_sum_p2  = log s2 - 2 log s
     rkl = sum e^{z-m} ((z-m) - (z'-m'))          reverse_kl  = rkl / s - log s + log s'
@@ -145,9 +145,17 @@ def merge_stacked(blocks: Partials) -> Partials:
     return {key: merge(key, value) for key, value in shifted.items()}
 
 
+_PAIRWISE = {"max": torch.maximum, "min": torch.minimum, "sum": torch.add}
+
+
 def merge_partials(a: Partials, b: Partials) -> Partials:
-    """Exact combination of the partials of two disjoint vocabulary blocks."""
-    return merge_stacked({key: torch.stack([value, b[key]]) for key, value in a.items()})
+    """Exact combination of the partials of two disjoint vocabulary blocks (`merge_stacked` of two,
+    without stacking: this runs once per tile)."""
+    m = torch.maximum(a["m"], b["m"])
+    m_ref = torch.maximum(a["m_ref"], b["m_ref"]) if "m_ref" in a else None
+    a, b = shift_partials(a, m, m_ref), shift_partials(b, m, m_ref)
+    return {key: value if key in MAXIMA else _PAIRWISE[PARTIAL_MERGE[key]](value, b[key])
+            for key, value in a.items()}
 
 
 def finalize(p: Partials, vocab_size: int) -> Dict[str, torch.Tensor]:
@@ -199,6 +207,7 @@ def tile_logit_grad(
 ) -> torch.Tensor:
     """d loss / d z on one [n, b] tile (DESIGN section 2), given per-token upstream gradients.
 
+    Terms: logp -> onehot(y) - p, lse -> p, and those of the divergences and the entropy.
     ``coef`` maps each differentiable statistic with an upstream gradient to that gradient [n]
     (already 0 at ignored tokens); ``saved`` holds lse, lse_ref and the statistic values the
     formula needs, each [n].
@@ -206,6 +215,8 @@ def tile_logit_grad(
     logp = z - saved["lse"][:, None]
     p = torch.exp(logp)
     dz = torch.zeros_like(z)
+    if "lse" in coef:
+        dz = dz + coef["lse"][:, None] * p
     if "logp" in coef:
         g = coef["logp"][:, None]
         in_tile = (local_labels >= 0) & (local_labels < z.shape[1])

@@ -52,6 +52,8 @@ def reference_token_stats(
     stats = {}
     if opts.wants("logp"):
         stats["logp"] = label_log_prob(logp_all, z)
+    if opts.wants("lse"):
+        stats["lse"] = torch.logsumexp(z, dim=-1)
     if opts.wants("entropy"):
         stats["entropy"] = -(logp_all.exp() * logp_all).sum(-1)
     with torch.no_grad():  # metric statistics carry no gradient

@@ -62,6 +62,7 @@ class Stat(NamedTuple):
 
 STATS = (
     Stat("logp", False, True),                                        # log p[y]
+    Stat("lse", False, True),                                         # log sum_v e^{z_v}; d/dz = p
     Stat("ref_logp", True, False),                                    # log q[y]
     Stat("kl", True, True, partials=("kl",)),                         # KL(q || p), TDPO's token KL
     Stat("reverse_kl", True, True, partials=("rkl",), saved="reverse_kl"),  # KL(p || q)

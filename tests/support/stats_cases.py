@@ -33,7 +33,7 @@ ORACLE_CASES = {
 }
 
 # Each gradient formula on its own (the other statistics' terms absent).
-GRADIENTS_ALONE = [("logp",), ("kl",), ("reverse_kl", "entropy"), ("jsd",)]
+GRADIENTS_ALONE = [("logp",), ("lse",), ("kl",), ("reverse_kl", "entropy"), ("jsd",)]
 
 
 @dataclass

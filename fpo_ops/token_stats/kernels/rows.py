@@ -25,6 +25,7 @@ KL_ROW = tl.constexpr(PARTIAL_KEYS.index("kl"))
 
 # upstream gradients [GRAD_KEYS, N], read by the logit-gradient kernel
 G_LOGP_ROW = tl.constexpr(GRAD_KEYS.index("logp"))
+G_LSE_ROW = tl.constexpr(GRAD_KEYS.index("lse"))
 G_ENT_ROW = tl.constexpr(GRAD_KEYS.index("entropy"))
 G_KL_ROW = tl.constexpr(GRAD_KEYS.index("kl"))
 G_RKL_ROW = tl.constexpr(GRAD_KEYS.index("reverse_kl"))
