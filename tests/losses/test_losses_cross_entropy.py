@@ -6,10 +6,6 @@ import torch
 import torch.nn.functional as F
 
 import fpo_ops
-from fpo_ops.token_stats import STAT_NAMES
-
-HAS_LSE = "lse" in STAT_NAMES
-needs_lse = pytest.mark.skipif(not HAS_LSE, reason="z_loss and return_lse read the lse statistic")
 
 # Odd sizes: V not a multiple of any block, H not a power of two.
 B, T, H, V = 2, 7, 20, 37
@@ -109,8 +105,6 @@ GRID = list(itertools.product(list(HEADS), ["mean", "sum", "none"], [0.0, 0.2], 
 @pytest.mark.parametrize("impl", ["torch", "reference"])
 @pytest.mark.parametrize("head,reduction,label_smoothing,z_loss,shift", GRID)
 def test_float64_equals_cross_entropy_of_the_logits(impl, head, reduction, label_smoothing, z_loss, shift):
-    if z_loss and not HAS_LSE:
-        pytest.skip("z_loss reads the lse statistic")
     check(impl, HEADS[head], reduction, label_smoothing, z_loss, shift, return_lse=False)
 
 
@@ -119,8 +113,8 @@ TRITON_CASES = [
     ("plain", "mean", 0.0, 0.0, False, False),
     ("biased_capped", "sum", 0.2, 0.0, True, False),
     ("biased_capped", "none", 0.1, 0.0, False, False),
-    pytest.param("biased_capped", "mean", 0.3, 1e-2, True, True, marks=needs_lse),
-    pytest.param("plain", "none", 0.0, 1e-2, False, True, marks=needs_lse),
+    ("biased_capped", "mean", 0.3, 1e-2, True, True),
+    ("plain", "none", 0.0, 1e-2, False, True),
 ]
 
 
@@ -130,7 +124,6 @@ def test_triton_float32_within_tolerance_of_float64(head, reduction, label_smoot
     check("triton", HEADS[head], reduction, label_smoothing, z_loss, shift, return_lse, dtype=torch.float32, tol=2e-5)
 
 
-@needs_lse
 @pytest.mark.parametrize("impl", ["torch", "reference"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_return_lse_is_the_log_sum_exp_with_its_gradient(impl, reduction):
@@ -220,21 +213,23 @@ def _vocab_parallel_worker(rank: int, world: int) -> None:
     head = HEADS["biased_capped"]
     hidden, weight, bias, labels = make_inputs(head)
     start, stop = (0, V // 3) if rank == 0 else (V // 3, V)  # uneven slices
-    options = dict(reduction="mean", label_smoothing=0.2, z_loss=1e-2 if HAS_LSE else 0.0, shift=True)
+    options = dict(reduction="mean", label_smoothing=0.2, z_loss=1e-2, shift=True)
     local_w = weight.detach()[start:stop].clone().requires_grad_()
     local_b = bias.detach()[start:stop].clone().requires_grad_()
     fn = ours("torch", head)
     got = run(lambda *a, **k: fn(*a, process_group=dist.group.WORLD, **k), hidden, local_w, local_b, labels,
-              HAS_LSE, **options)
-    want = run(reference_fn(head), hidden, weight, bias, labels, HAS_LSE, **options)
+              True, **options)
+    want = run(reference_fn(head), hidden, weight, bias, labels, True, **options)
     torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-10)  # the whole vocabulary's lse
     # dhidden whole on every process, dweight and dbias this slice's rows
     for a, b in zip(got[2], (want[2][0], want[2][1][start:stop], want[2][2][start:stop])):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10 * max(b.abs().max().item(), 1.0))
 
 
 def test_vocab_parallel_head_equals_one_process():
-    """Label smoothing over a vocabulary split: log V is the whole vocabulary's, on 2 gloo processes."""
+    """Label smoothing, z-loss and lse over a vocabulary split (log V and lse the whole vocabulary's), on 2
+    gloo processes, equal to the float64 oracle with dhidden whole and dweight/dbias per slice."""
     from distributed_launch import launch
 
     launch(_vocab_parallel_worker, 2)
