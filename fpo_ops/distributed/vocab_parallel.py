@@ -7,10 +7,15 @@ order. Each folds its slice into the online partials of `fpo_ops.token_stats.onl
 them exactly with a few all-reduces over per-token scalars, never over logits:
 
     forward   all-reduce(sum)  [world]   int64   rows per rank: where each slice starts
-              all-reduce(max)  [2, N]            policy and reference maxima ([1, N] when no
-                                                 requested statistic reads the reference)
+              all-reduce(max)  [M, N]            policy and reference maxima ([1, N] when no
+                                                 requested statistic reads the reference), and
+                                                 for ``top1_correct`` the maximum logit before
+                                                 the label (slices before the label's hold all
+                                                 of their rows before it, slices after none)
               all-reduce(sum)  [K, N]            partials shifted to the global maxima (K <= 9;
                                                  the label logit comes from the one owner, others add 0)
+              all-reduce(min)  [N]      int64    only for ``argmax``: the lowest global index at the
+                                                 global maximum (slices below it offer none)
               all-reduce(sum)  [2, N]            only for ``jsd``: its second pass over the slices
     backward  all-reduce(sum)  [N, H]            dhidden: the slices' shares of dz @ W
 
@@ -23,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..token_stats.online import MAXIMA, Partials, shift_partials
+from ..token_stats.stats import PARTIAL_MERGE
 
 
 def vocab_range(vocab_size: int, group=None) -> Tuple[int, int]:
@@ -54,20 +60,29 @@ def slice_bounds(local_vocab: int, group, device: torch.device) -> Tuple[torch.T
     return sizes, sizes[: dist.get_rank(group)].sum()
 
 
-def combine_partials(local: Partials, group) -> Partials:
-    """Exact group-wide partials from each process's partials of its own slice (two all-reduces)."""
+def combine_partials(local: Partials, group, start=0) -> Partials:
+    """Exact group-wide partials from each process's partials of its own slice (two all-reduces,
+    three with ``argmax``); ``start`` is the slice's first row, which makes its indices global."""
     has_ref = "m_ref" in local
+    # every partial that merges by max, the two maxima the sums are relative to first
+    max_names = [key for key in MAXIMA if key in local]
+    max_names += [key for key in local if PARTIAL_MERGE[key] == "max" and key not in MAXIMA]
     # A copy: the all-reduce writes in place, and the local maxima are still needed to shift.
-    maxima = torch.stack([local["m"], local["m_ref"]] if has_ref else [local["m"]])
+    maxima = torch.stack([local[key] for key in max_names])
     dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
     shifted = shift_partials(local, maxima[0], maxima[1] if has_ref else None)
-    names = [key for key in shifted if key not in MAXIMA]
+    names = [key for key in shifted if key not in max_names and PARTIAL_MERGE[key] == "sum"]
     sums = torch.stack([shifted[key] for key in names])
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     combined = dict(zip(names, sums.unbind(0)))
-    combined["m"] = maxima[0]
-    if has_ref:
-        combined["m_ref"] = maxima[1]
+    combined.update(zip(max_names, maxima.unbind(0)))
+    if "argmax" in local:
+        # in int64, exact for any vocabulary: a slice below the global maximum offers no index
+        none = torch.iinfo(torch.int64).max
+        index = torch.where(local["m"] == maxima[0], local["argmax"].to(torch.int64) + start,
+                            torch.full_like(local["argmax"], none, dtype=torch.int64))
+        dist.all_reduce(index, op=dist.ReduceOp.MIN, group=group)
+        combined["argmax"] = index
     return combined
 
 

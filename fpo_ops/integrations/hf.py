@@ -493,3 +493,15 @@ def reference_context(model: nn.Module) -> contextlib.AbstractContextManager:
         ``model.disable_adapter()`` for a PEFT model, else a null context.
     """
     return model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+
+
+_PATCH_NAMES = ("apply_fused_head", "remove_fused_head", "is_fused_head_applied")
+
+
+def __getattr__(name: str) -> Any:
+    # The loss patch of any causal LM (`fpo_ops.integrations.patch`, which imports this module) is
+    # reachable from here too, loaded on first use.
+    if name in _PATCH_NAMES:
+        from . import patch
+        return getattr(patch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -96,10 +96,14 @@ def token_stats(
         softcap, ref_softcap: tanh logit cap of each model (Gemma-2's ``final_logit_softcapping``).
         logit_scale, ref_logit_scale: multiply each model's logits before the cap.
             ``temperature``, the caps and the scales must lie in [2^-40, 2^40].
-        outputs: names of the statistics to compute: ``logp`` (log p[y]), ``ref_logp`` (log q[y]),
+        outputs: names of the statistics to compute: ``logp`` (log p[y]), ``lse`` (log sum_v e^{z_v}
+            of the policy logits z after temperature, cap and scale; gradient p), ``ref_logp`` (log q[y]),
             ``kl`` (KL(q||p)), ``reverse_kl`` (KL(p||q)), ``entropy`` (H(p)), ``jsd``
             (beta KL(q||m) + (1-beta) KL(p||m), m = beta q + (1-beta) p), and the gradient-free
-            metrics ``log_sum_p2`` (log sum p^2), ``mean_logit`` and ``top1_correct``.
+            metrics ``log_sum_p2`` (log sum p^2), ``mean_logit`` and ``top1_correct`` (1 where
+            the label is the first maximal index of the logits, torch.argmax's tie rule), and
+            ``argmax``, the predicted token (that first maximal index; a global id with
+            ``process_group``), int64 and -1 at ignored positions.
         jsd_beta: beta of ``jsd``, in [0, 1].
         impl: ``"auto"`` (Triton on CUDA, else ``"torch"``), ``"triton"``, ``"torch"`` (streaming
             PyTorch) or ``"reference"`` (materialises logits; the test oracle).
@@ -125,7 +129,7 @@ def token_stats(
 
     Returns:
         TokenStats with the requested fields set, each shaped like ``labels``: float32 (float64 for
-        float64 inputs), 0 at ignored positions. Gradients flow to ``hidden``, ``weight``, ``bias``.
+        float64 inputs), 0 at ignored positions; ``argmax`` int64, -1 at ignored positions. Gradients flow to ``hidden``, ``weight``, ``bias``.
         Under ``torch.autocast`` the GEMMs run in the autocast dtype; the statistics stay fp32.
         Gradients are first-order: differentiating them again raises. On meta tensors only the
         shapes and dtypes are computed. Under ``torch.compile`` the call is one graph node for

@@ -80,7 +80,7 @@ def vocab_partials(h, rh, labels, weight, bias, ref_weight, ref_bias, keys, opts
         z = _logit_tile(h, weight, bias, v0, v1, opts.softcap, opts.logit_scale, opts)
         z_ref = (_logit_tile(rh, ref_weight, ref_bias, v0, v1, opts.ref_softcap,
                              opts.ref_logit_scale, opts) if has_ref else None)
-        tile = tile_partials(z, z_ref, labels - v0, keys)
+        tile = tile_partials(z, z_ref, labels - v0, keys, first_column=v0)
         partials = tile if partials is None else merge_partials(partials, tile)
     return partials
 

@@ -20,7 +20,7 @@ from .backend import backend_for
 from .function import RunOptions, backward_pass, forward_pass, local_labels_of
 from .function_io import first_order_backward, kept_names, mark_outputs
 from .options import HeadOptions
-from .stats import REFERENCE_STATS
+from .stats import INDEX_STATS, REFERENCE_STATS
 from .validation import check_values
 
 _SCALARS = ("temperature", "softcap", "logit_scale", "ref_softcap", "ref_logit_scale", "jsd_beta",
@@ -63,8 +63,9 @@ def token_stats_fwd(
 def _token_stats_fwd_fake(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, impl, outputs,
                           ignore_index, scalars, check_labels, check_finite):
     opts = _head_options(hidden, outputs, ignore_index, scalars)
-    count = len(opts.outputs) + _n_kept(opts, ref_hidden)
-    return [hidden.new_empty(labels.shape, dtype=opts.accum_dtype) for _ in range(count)]
+    stats = [hidden.new_empty(labels.shape, dtype=torch.int64 if name in INDEX_STATS else opts.accum_dtype)
+             for name in opts.outputs]
+    return stats + [hidden.new_empty(labels.shape, dtype=opts.accum_dtype) for _ in range(_n_kept(opts, ref_hidden))]
 
 
 @torch.library.custom_op("fpo_ops::token_stats_bwd", mutates_args=())

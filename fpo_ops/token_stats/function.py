@@ -76,7 +76,7 @@ def forward_pass(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
     partials = run.backend.partials(hidden, ref_hidden, local_labels, weight, bias, ref_weight, ref_bias,
                                     needed_partials(opts), opts, valid=valid)
     if group is not None:
-        partials = vp.combine_partials(partials, group)
+        partials = vp.combine_partials(partials, group, start)
     stats = finalize(partials, vocab)
     if opts.wants("jsd"):
         jsd = run.backend.jsd(hidden, ref_hidden, weight, bias, ref_weight, ref_bias, stats, opts, valid=valid)

@@ -8,7 +8,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from .options import HeadOptions
-from .stats import DIFFERENTIABLE_STATS, REFERENCE_STATS, SAVED_FOR_GRAD
+from .stats import DIFFERENTIABLE_STATS, INDEX_STATS, REFERENCE_STATS, SAVED_FOR_GRAD
 
 
 def reference_if_needed(opts: HeadOptions, ref_hidden, ref_weight, ref_bias) -> Tuple:
@@ -25,11 +25,18 @@ def kept_names(opts: HeadOptions, has_ref: bool) -> Tuple[str, ...]:
     return tuple(names)
 
 
+def ignored_value(name: str, opts: HeadOptions, device) -> torch.Tensor:
+    """What statistic ``name`` holds at ignored tokens: 0 in the accumulation dtype, or -1 (int64)
+    for a vocabulary index, which has no 0 to spare."""
+    if name in INDEX_STATS:
+        return torch.full((), -1, dtype=torch.int64, device=device)
+    return torch.zeros((), dtype=opts.accum_dtype, device=device)
+
+
 def masked_outputs(stats: Dict[str, torch.Tensor], valid: torch.Tensor,
                    opts: HeadOptions) -> Tuple[torch.Tensor, ...]:
-    """The requested statistics, 0 at ignored tokens."""
-    zero = torch.zeros((), dtype=opts.accum_dtype, device=valid.device)
-    return tuple(torch.where(valid, stats[name], zero) for name in opts.outputs)
+    """The requested statistics, 0 (an index: -1) at ignored tokens."""
+    return tuple(torch.where(valid, stats[name], ignored_value(name, opts, valid.device)) for name in opts.outputs)
 
 
 def mark_outputs(ctx, results: Sequence[torch.Tensor], opts: HeadOptions,

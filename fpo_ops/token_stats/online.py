@@ -5,11 +5,16 @@ the block's running maxima so that no exponential overflows. Partials of disjoin
 exactly (`merge_partials`), so the same code folds vocabulary tiles one after another, or combines
 slices of the vocabulary held by different processes. `finalize` turns them into statistics.
 
-Per token, with m = max z, s = sum e^{z-m} (primed: reference):
+Per token, with m = max z, s = sum e^{z-m} (primed: reference), lse = m + log s:
     ent = sum e^{z-m} (z-m)                      entropy     = log s - ent / s
     s2  = sum e^{2(z-m)}                         log_sum_p2  = log s2 - 2 log s
     rkl = sum e^{z-m} ((z-m) - (z'-m'))          reverse_kl  = rkl / s - log s + log s'
     kl  = sum e^{z'-m'} ((z'-m') - (z-m))        kl          = kl / s' - log s' + log s
+    m_pre = max_{v < y} z_v                      top1_correct = z[y] == m and m_pre < m
+    argmax = min {v : z_v == m}                  argmax (the predicted token)
+(``m_pre`` is a maximum, not a sum: it merges by max and is never shifted; the tie rule is
+torch.argmax's: y is the prediction only if no earlier index attains the maximum. ``argmax``
+merges as the smallest index among the blocks whose maximum is the common one.)
 Shifting by the maxima keeps the sums free of the cancellation that ``sum p z`` suffers at |z| ~ 1e4.
 """
 import math
@@ -18,7 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .options import HeadOptions
-from .stats import partials_for
+from .stats import PARTIAL_MERGE, partials_for
 
 Partials = Dict[str, torch.Tensor]
 
@@ -49,8 +54,9 @@ def logit_to_preactivation_grad(dz: torch.Tensor, z: torch.Tensor, softcap: Opti
 
 
 def tile_partials(z: torch.Tensor, z_ref: Optional[torch.Tensor], local_labels: torch.Tensor,
-                  keys: Tuple[str, ...]) -> Partials:
-    """Partials of one [n, b] tile; ``local_labels`` is the label's column in the tile or -1."""
+                  keys: Tuple[str, ...], first_column: int = 0) -> Partials:
+    """Partials of one [n, b] tile; ``local_labels`` is the label's column in the tile or -1.
+    ``first_column``: the tile's first row of the head (``argmax`` is counted from there)."""
     in_tile = (local_labels >= 0) & (local_labels < z.shape[1])
     col = torch.where(in_tile, local_labels, torch.zeros_like(local_labels))[:, None]
     zero = z.new_zeros(())
@@ -65,6 +71,13 @@ def tile_partials(z: torch.Tensor, z_ref: Optional[torch.Tensor], local_labels: 
         out["s2"] = (e * e).sum(1)
     if "sum_z" in keys:
         out["sum_z"] = z.sum(1)
+    if "m_pre" in keys:
+        # label columns past the tile put the whole tile before the label; -1 puts none of it
+        before = torch.arange(z.shape[1], device=z.device)[None, :] < local_labels[:, None]
+        out["m_pre"] = torch.where(before, z, z.new_full((), float("-inf"))).max(dim=1).values
+    if "argmax" in keys:
+        # torch.argmax returns the first maximal index
+        out["argmax"] = (z.argmax(dim=1) + first_column).to(z.dtype)
     if z_ref is not None:
         m_ref = z_ref.max(dim=1).values
         shifted_ref = z_ref - m_ref[:, None]
@@ -76,6 +89,10 @@ def tile_partials(z: torch.Tensor, z_ref: Optional[torch.Tensor], local_labels: 
         if "kl" in keys:
             out["kl"] = (e_ref * (shifted_ref - shifted)).sum(1)
     return out
+
+
+# The maxima the sums are relative to.
+MAXIMA = ("m", "m_ref")
 
 
 def shift_partials(p: Partials, m: torch.Tensor, m_ref: Optional[torch.Tensor]) -> Partials:
@@ -92,6 +109,12 @@ def shift_partials(p: Partials, m: torch.Tensor, m_ref: Optional[torch.Tensor]) 
         out["ent"] = r * (p["ent"] + d * p["s"])
     if "s2" in p:
         out["s2"] = r * r * p["s2"]
+    for key in p:
+        if key not in MAXIMA and PARTIAL_MERGE[key] == "max":
+            out[key] = p[key]  # other maxima (m_pre) are not relative to anything
+        elif PARTIAL_MERGE[key] == "min":
+            # a block below the common maximum holds no maximal index
+            out[key] = torch.where(p["m"] == m, p[key], p[key].new_full((), float("inf")))
     if "sum_z" in p:
         out["sum_z"] = p["sum_z"]
     if "m_ref" in p:
@@ -105,22 +128,46 @@ def shift_partials(p: Partials, m: torch.Tensor, m_ref: Optional[torch.Tensor]) 
     return out
 
 
-MAXIMA = ("m", "m_ref")
+def merge_stacked(blocks: Partials) -> Partials:
+    """Exact combination of the partials of disjoint vocabulary blocks stacked on dim 0 ({key:
+    [S, N]} -> {key: [N]}): maxima by max, the sums after shifting to the common maxima."""
+    m = blocks["m"].max(dim=0).values
+    m_ref = blocks["m_ref"].max(dim=0).values if "m_ref" in blocks else None
+    shifted = shift_partials(blocks, m, m_ref)
+
+    def merge(key, value):
+        if key in MAXIMA:
+            return value  # already the common maximum
+        merge_op = PARTIAL_MERGE[key]
+        if merge_op == "max":
+            return value.max(dim=0).values
+        return value.min(dim=0).values if merge_op == "min" else value.sum(0)
+    return {key: merge(key, value) for key, value in shifted.items()}
+
+
+_PAIRWISE = {"max": torch.maximum, "min": torch.minimum, "sum": torch.add}
 
 
 def merge_partials(a: Partials, b: Partials) -> Partials:
-    """Exact combination of the partials of two disjoint vocabulary blocks."""
+    """Exact combination of the partials of two disjoint vocabulary blocks (`merge_stacked` of two,
+    without stacking: this runs once per tile)."""
     m = torch.maximum(a["m"], b["m"])
     m_ref = torch.maximum(a["m_ref"], b["m_ref"]) if "m_ref" in a else None
     a, b = shift_partials(a, m, m_ref), shift_partials(b, m, m_ref)
-    return {key: value if key in MAXIMA else value + b[key] for key, value in a.items()}
+    return {key: value if key in MAXIMA else _PAIRWISE[PARTIAL_MERGE[key]](value, b[key])
+            for key, value in a.items()}
 
 
 def finalize(p: Partials, vocab_size: int) -> Dict[str, torch.Tensor]:
     """Statistics (and the log-normalisers ``lse``/``lse_ref``) from fully merged partials."""
     log_s = torch.log(p["s"])
     lse = p["m"] + log_s
-    out = {"lse": lse, "logp": p["z_label"] - lse, "top1_correct": (p["z_label"] >= p["m"]).to(lse.dtype)}
+    out = {"lse": lse, "logp": p["z_label"] - lse}
+    if "argmax" in p:
+        out["argmax"] = p["argmax"].to(torch.int64)
+    if "m_pre" in p:
+        # the first maximal index, as torch.argmax: a tie with an earlier index is not correct
+        out["top1_correct"] = ((p["z_label"] >= p["m"]) & (p["m_pre"] < p["m"])).to(lse.dtype)
     if "ent" in p:
         out["entropy"] = log_s - p["ent"] / p["s"]
     if "s2" in p:
@@ -160,6 +207,7 @@ def tile_logit_grad(
 ) -> torch.Tensor:
     """d loss / d z on one [n, b] tile (DESIGN section 2), given per-token upstream gradients.
 
+    Terms: logp -> onehot(y) - p, lse -> p, and those of the divergences and the entropy.
     ``coef`` maps each differentiable statistic with an upstream gradient to that gradient [n]
     (already 0 at ignored tokens); ``saved`` holds lse, lse_ref and the statistic values the
     formula needs, each [n].
@@ -167,6 +215,8 @@ def tile_logit_grad(
     logp = z - saved["lse"][:, None]
     p = torch.exp(logp)
     dz = torch.zeros_like(z)
+    if "lse" in coef:
+        dz = dz + coef["lse"][:, None] * p
     if "logp" in coef:
         g = coef["logp"][:, None]
         in_tile = (local_labels >= 0) & (local_labels < z.shape[1])

@@ -52,6 +52,8 @@ def reference_token_stats(
     stats = {}
     if opts.wants("logp"):
         stats["logp"] = label_log_prob(logp_all, z)
+    if opts.wants("lse"):
+        stats["lse"] = torch.logsumexp(z, dim=-1)
     if opts.wants("entropy"):
         stats["entropy"] = -(logp_all.exp() * logp_all).sum(-1)
     with torch.no_grad():  # metric statistics carry no gradient
@@ -60,7 +62,10 @@ def reference_token_stats(
         if opts.wants("mean_logit"):
             stats["mean_logit"] = z.mean(-1)
         if opts.wants("top1_correct"):
-            stats["top1_correct"] = (at_label(z) >= z.max(-1).values).to(opts.accum_dtype)
+            # torch.argmax returns the first maximal index: a tie with an earlier index is wrong
+            stats["top1_correct"] = (in_vocab & (z.argmax(-1) == labels)).to(opts.accum_dtype)
+        if opts.wants("argmax"):
+            stats["argmax"] = z.argmax(-1)
 
     if ref_hidden is not None:
         # The reference is frozen: no gradient reaches it, even through a shared weight.
@@ -79,7 +84,8 @@ def reference_token_stats(
             stats["jsd"] = _jsd(logp_all, logq_all, opts.jsd_beta)
 
     zero = torch.zeros((), dtype=opts.accum_dtype, device=hidden.device)
-    return {name: torch.where(valid, stats[name], zero) for name in opts.outputs}
+    none = torch.full((), -1, dtype=torch.int64, device=hidden.device)  # an index at ignored rows
+    return {name: torch.where(valid, stats[name], none if name == "argmax" else zero) for name in opts.outputs}
 
 
 def _jsd(logp_all: torch.Tensor, logq_all: torch.Tensor, beta: float) -> torch.Tensor:

@@ -16,22 +16,29 @@ import torch
 
 
 class Partial(NamedTuple):
-    """One online sum over the vocabulary (see `fpo_ops.token_stats.online`)."""
+    """One online partial over the vocabulary (see `fpo_ops.token_stats.online`)."""
 
     key: str
     reads_reference: bool
     # m, s, z_label (and their reference twins) are kept by every call; the others on request
     always: bool
+    # how the partials of disjoint vocabulary blocks combine: "sum" (relative to the common
+    # maxima, see `online.shift_partials`), "max" (a maximum, never shifted), "min" (the smallest
+    # among the blocks that attain the common maximum m: the first maximal index)
+    merge: str = "sum"
 
 
 PARTIALS = (
-    Partial("m", False, True),             # max z
+    Partial("m", False, True, "max"),      # max z
     Partial("s", False, True),             # sum e^{z-m}
     Partial("z_label", False, True),       # z[y]
     Partial("ent", False, False),          # sum e^{z-m} (z-m)
     Partial("s2", False, False),           # sum e^{2(z-m)}
     Partial("sum_z", False, False),        # sum z
-    Partial("m_ref", True, True),          # max z'
+    Partial("m_pre", False, False, "max"),  # max z_v over v < y (-inf when y is the first index)
+    # first v with z_v == max z; held in the accumulation dtype (exact below 2^24 rows per pass)
+    Partial("argmax", False, False, "min"),
+    Partial("m_ref", True, True, "max"),   # max z'
     Partial("s_ref", True, True),          # sum e^{z'-m'}
     Partial("z_ref_label", True, True),    # z'[y]
     Partial("rkl", True, False),           # sum e^{z-m} ((z-m) - (z'-m'))
@@ -49,10 +56,13 @@ class Stat(NamedTuple):
     partials: Tuple[str, ...] = ()
     # the per-token value, besides lse/lse_ref, that its gradient formula reads
     saved: Optional[str] = None
+    # a vocabulary index: int64, and -1 (no token) at ignored positions instead of 0
+    index: bool = False
 
 
 STATS = (
     Stat("logp", False, True),                                        # log p[y]
+    Stat("lse", False, True),                                         # log sum_v e^{z_v}; d/dz = p
     Stat("ref_logp", True, False),                                    # log q[y]
     Stat("kl", True, True, partials=("kl",)),                         # KL(q || p), TDPO's token KL
     Stat("reverse_kl", True, True, partials=("rkl",), saved="reverse_kl"),  # KL(p || q)
@@ -61,7 +71,10 @@ STATS = (
     Stat("jsd", True, True, saved="kl_p_m"),
     Stat("log_sum_p2", False, False, partials=("s2",)),               # log sum_v p_v^2 (WPO weighting)
     Stat("mean_logit", False, False, partials=("sum_z",)),            # mean of the policy logits over V
-    Stat("top1_correct", False, False),                               # 1.0 where z[y] attains max z
+    # 1.0 where y is the first index attaining max z (torch.argmax's and TRL's tie rule)
+    Stat("top1_correct", False, False, partials=("m_pre",)),
+    # the predicted token (first maximal index; a global id under vocabulary parallelism)
+    Stat("argmax", False, False, partials=("argmax",), index=True),
 )
 
 STAT_NAMES = tuple(stat.name for stat in STATS)
@@ -72,12 +85,16 @@ DIFFERENTIABLE_STATS = frozenset(stat.name for stat in STATS if stat.differentia
 REFERENCE_STATS = frozenset(stat.name for stat in STATS if stat.reads_reference)
 # Gradients whose formula reads the reference distribution q (backward recomputes its tiles).
 REFERENCE_GRADS = frozenset(DIFFERENTIABLE_STATS & REFERENCE_STATS)
+# Statistics that are vocabulary indices (int64, -1 at ignored positions).
+INDEX_STATS = frozenset(stat.name for stat in STATS if stat.index)
 # {statistic: the per-token value its gradient reads} (besides lse/lse_ref).
 SAVED_FOR_GRAD = {stat.name: stat.saved for stat in STATS if stat.saved is not None}
 
 # Rows of the Triton kernels' buffers: partials [splits, PARTIAL_KEYS, N], upstream gradients
 # [GRAD_KEYS, N] and saved per-token values [SAVED_KEYS, N].
 PARTIAL_KEYS = tuple(partial.key for partial in PARTIALS)
+# How each partial combines over vocabulary blocks, splits and slices.
+PARTIAL_MERGE = {partial.key: partial.merge for partial in PARTIALS}
 GRAD_KEYS = tuple(stat.name for stat in STATS if stat.differentiable)
 SAVED_KEYS = ("lse", "lse_ref") + tuple(SAVED_FOR_GRAD.values())
 
@@ -95,6 +112,9 @@ def present_partials(keys, has_ref: bool) -> Tuple[str, ...]:
 
 def _check_table() -> None:
     known = set(PARTIAL_KEYS)
+    odd = [p.key for p in PARTIALS if p.merge not in ("sum", "max", "min")]
+    if odd:
+        raise ValueError(f"PARTIALS: {odd} merge: expected 'sum', 'max' or 'min'")
     for stat in STATS:
         unknown = [key for key in stat.partials if key not in known]
         if unknown:
@@ -108,5 +128,6 @@ TokenStats.__new__.__defaults__ = (None,) * len(STAT_NAMES)
 TokenStats.__doc__ = """Per-token statistics, each shaped like ``labels`` (None when not requested).
 
 One field per entry of `STATS`, in that order. Values are float32 (float64 when the inputs are
-float64) and exactly 0 at ignored positions.
+float64) and exactly 0 at ignored positions, except the index ``argmax``: int64, -1 at ignored
+positions.
 """

@@ -23,7 +23,7 @@ from .backend import Backend
 from .kernels.token_stats_bwd import token_stats_bwd_chunk
 from .kernels.token_stats_fwd import token_stats_fwd, token_stats_jsd_fwd
 from .kernels.utils import TileConfig, tile_config
-from .online import MAXIMA, Partials, shift_partials
+from .online import Partials, merge_stacked
 from .options import HeadOptions
 from .stats import GRAD_KEYS, PARTIAL_KEYS, REFERENCE_GRADS, SAVED_KEYS, present_partials
 
@@ -49,11 +49,7 @@ def _merge_splits(part: torch.Tensor, keys: Sequence[str], has_ref: bool) -> Par
     splits = {k: part[:, PARTIAL_KEYS.index(k)] for k in present_partials(keys, has_ref)}
     if part.shape[0] == 1:
         return {k: v[0] for k, v in splits.items()}
-    m = splits["m"].max(dim=0).values
-    m_ref = splits["m_ref"].max(dim=0).values if has_ref else None
-    # relative to common maxima every partial is a plain sum over the splits
-    shifted = shift_partials(splits, m, m_ref)
-    return {k: v if k in MAXIMA else v.sum(0) for k, v in shifted.items()}
+    return merge_stacked(splits)
 
 
 def triton_vocab_partials(h, rh, labels, weight, bias, ref_weight, ref_bias, keys: Sequence[str],

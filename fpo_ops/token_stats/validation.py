@@ -7,6 +7,8 @@ import torch
 from .stats import REFERENCE_STATS, STAT_NAMES
 
 IMPLS = ("auto", "triton", "torch", "reference")
+# Largest vocabulary (per process) whose row indices fp32 holds exactly.
+ARGMAX_MAX_ROWS = 2 ** 24
 
 
 def _require_tensor(name: str, value) -> None:
@@ -140,6 +142,10 @@ def validate_token_stats_args(
 
     if ignore_index < -2 ** 63 or ignore_index >= 2 ** 63:
         raise ValueError(f"ignore_index: expected an int64 value, got {ignore_index}")
+    if "argmax" in outputs and hidden.dtype != torch.float64 and weight.shape[0] > ARGMAX_MAX_ROWS:
+        # the index travels in an fp32 partial, exact up to 2^24 (global ids are formed in int64)
+        raise ValueError(f"weight: expected at most {ARGMAX_MAX_ROWS} rows (per process) for outputs "
+                         f"'argmax' with fp32 accumulation, got {weight.shape[0]}")
     check_values(hidden, ref_hidden, labels, weight.shape[0], ignore_index, check_labels, check_finite)
 
 

@@ -43,6 +43,7 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
         "gemma2": lambda: transformers.Gemma2Config(**_common(
             final_logit_softcapping=0.7, attn_logit_softcapping=50.0, query_pre_attn_scalar=10,
             sliding_window=16, **overrides)),
+        "qwen2_tied": lambda: transformers.Qwen2Config(**_common(tie_word_embeddings=True, **overrides)),
         "cohere": lambda: transformers.CohereConfig(**_common(logit_scale=0.37, **overrides)),
         "granite": lambda: transformers.GraniteConfig(**_common(logits_scaling=3.0, **overrides)),
         # Mixture-of-Experts: 4 experts, 2 per token, so routing is uneven and the load-balancing loss matters.
@@ -54,7 +55,8 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     }
     classes = {
         "llama": transformers.LlamaForCausalLM, "llama_tied": transformers.LlamaForCausalLM,
-        "gemma2": transformers.Gemma2ForCausalLM, "cohere": transformers.CohereForCausalLM,
+        "gemma2": transformers.Gemma2ForCausalLM, "qwen2_tied": transformers.Qwen2ForCausalLM,
+        "cohere": transformers.CohereForCausalLM,
         "granite": transformers.GraniteForCausalLM, "mixtral": transformers.MixtralForCausalLM,
         "qwen2_moe": transformers.Qwen2MoeForCausalLM,
     }

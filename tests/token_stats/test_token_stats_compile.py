@@ -12,13 +12,13 @@ import fpo_ops
 from fpo_ops.token_stats.custom_op import token_stats_bwd, token_stats_fwd
 from stats_cases import make_case, max_rel_err
 
-OUTPUTS = ("logp", "ref_logp", "kl", "entropy", "top1_correct")
+OUTPUTS = ("logp", "lse", "ref_logp", "kl", "entropy", "top1_correct", "argmax")
 
 
 def _loss_and_stats(hidden, weight, labels, ref_hidden, ref_weight, bias, impl):
     stats = fpo_ops.token_stats(hidden, weight, labels, ref_hidden, ref_weight, bias=bias, outputs=OUTPUTS,
                                 softcap=5.0, temperature=0.9, impl=impl)
-    loss = (0.7 * stats.logp - 0.2 * stats.kl + 0.1 * stats.entropy).sum()
+    loss = (0.7 * stats.logp - 0.2 * stats.kl + 0.1 * stats.entropy + 0.05 * stats.lse ** 2).sum()
     return loss, tuple(getattr(stats, name) for name in OUTPUTS)
 
 

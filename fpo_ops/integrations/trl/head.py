@@ -25,6 +25,7 @@ from torch import nn
 
 from ...token_stats import token_stats
 from ..hf import HeadInputs, find_backbone, head_scaling, hidden_and_head, is_peft_model, lm_head_tensors, unwrap_peft
+from ..deferred import defer_forward, deferred_head_of
 from .common import apply_gathered_heads, reference_adapter
 
 # TRL's output field -> token_stats statistic.
@@ -160,6 +161,10 @@ def add_fused_head(
                                 ("num_items_in_batch", num_items_in_batch)):
                 if value is not None:
                     kwargs[name] = value
+            # Label smoothing on the fused head (`fused_label_smoothing`): the head inputs, not logits.
+            deferred = deferred_head_of(self)
+            if deferred is not None and labels is None:
+                return defer_forward(self, original_forward, args, kwargs, deferred)
             return original_forward(*args, **kwargs)
         kwargs["use_cache"] = False
         if getattr(text, "output_router_logits", False):

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .rows import (
-    ENTROPY_ROW, G_ENT_ROW, G_JSD_ROW, G_KL_ROW, G_LOGP_ROW, G_RKL_ROW, KL_P_M_ROW, LSE_REF_ROW, LSE_ROW,
-    REVERSE_KL_ROW,
+    ENTROPY_ROW, G_ENT_ROW, G_JSD_ROW, G_KL_ROW, G_LOGP_ROW, G_LSE_ROW, G_RKL_ROW, KL_P_M_ROW, LSE_REF_ROW,
+    LSE_ROW, REVERSE_KL_ROW,
 )
 from .utils import (
     dot_acc, dot_precision, head_logits, log_mixture, preactivation_grad, triton_dtype,
@@ -55,8 +55,8 @@ def token_stats_bwd_kernel(
     logit_scale, softcap, ref_logit_scale, ref_softcap, temperature, jsd_beta, log_beta, log1m_beta,
     filter_eps,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, CAPPED: tl.constexpr, REF_CAPPED: tl.constexpr,
-    G_LOGP: tl.constexpr, G_ENT: tl.constexpr, G_KL: tl.constexpr, G_RKL: tl.constexpr,
-    G_JSD: tl.constexpr, WANT_DB: tl.constexpr, FILTER: tl.constexpr,
+    G_LOGP: tl.constexpr, G_LSE: tl.constexpr, G_ENT: tl.constexpr, G_KL: tl.constexpr,
+    G_RKL: tl.constexpr, G_JSD: tl.constexpr, WANT_DB: tl.constexpr, FILTER: tl.constexpr,
     ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -80,6 +80,9 @@ def token_stats_bwd_kernel(
         if G_LOGP:
             g = tl.load(coef_ptr + G_LOGP_ROW * stride_coef + rows, mask=row_mask, other=0.0)
             dz += tl.where(is_label, g[:, None], 0.0) - g[:, None] * p
+        if G_LSE:
+            g = tl.load(coef_ptr + G_LSE_ROW * stride_coef + rows, mask=row_mask, other=0.0)
+            dz += g[:, None] * p
         if G_ENT:
             g = tl.load(coef_ptr + G_ENT_ROW * stride_coef + rows, mask=row_mask, other=0.0)
             entropy = tl.load(saved_ptr + ENTROPY_ROW * stride_saved + rows, mask=row_mask, other=0.0)
@@ -266,7 +269,7 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
         math.log1p(-beta) if beta < 1.0 else float("-inf"), float(opts.grad_filter_eps),
         HAS_BIAS=bias is not None, HAS_REF_BIAS=has_ref and ref_bias is not None,
         CAPPED=opts.softcap is not None, REF_CAPPED=opts.ref_softcap is not None,
-        G_LOGP="logp" in grad_flags, G_ENT="entropy" in grad_flags,
+        G_LOGP="logp" in grad_flags, G_LSE="lse" in grad_flags, G_ENT="entropy" in grad_flags,
         G_KL=has_ref and "kl" in grad_flags, G_RKL=has_ref and "reverse_kl" in grad_flags,
         G_JSD=has_ref and "jsd" in grad_flags, WANT_DB=db_part is not None, FILTER=filtering,
         ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..stats import PARTIAL_KEYS
 from .rows import (
-    ENT_ROW, KL_ROW, M_REF_ROW, M_ROW, RKL_ROW, S2_ROW, S_REF_ROW, S_ROW, SUM_Z_ROW, Z_LABEL_ROW,
+    ARGMAX_ROW, ENT_ROW, KL_ROW, M_PRE_ROW, M_REF_ROW, M_ROW, RKL_ROW, S2_ROW, S_REF_ROW, S_ROW, SUM_Z_ROW, Z_LABEL_ROW,
     Z_REF_LABEL_ROW,
 )
 from .utils import dot_precision, head_logits, log_mixture, triton_dtype, upcast_dot_operands
@@ -54,8 +54,8 @@ def token_stats_fwd_kernel(
     logit_scale, softcap, ref_logit_scale, ref_softcap, temperature,
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
     CAPPED: tl.constexpr, REF_CAPPED: tl.constexpr,
-    WANT_ENT: tl.constexpr, WANT_S2: tl.constexpr, WANT_SUM_Z: tl.constexpr,
-    WANT_RKL: tl.constexpr, WANT_KL: tl.constexpr,
+    WANT_ENT: tl.constexpr, WANT_S2: tl.constexpr, WANT_SUM_Z: tl.constexpr, WANT_M_PRE: tl.constexpr,
+    WANT_ARGMAX: tl.constexpr, WANT_RKL: tl.constexpr, WANT_KL: tl.constexpr,
     ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -70,6 +70,8 @@ def token_stats_fwd_kernel(
     ent = tl.zeros([BN], dtype=ACC)
     s2 = tl.zeros([BN], dtype=ACC)
     sum_z = tl.zeros([BN], dtype=ACC)
+    m_pre = tl.full([BN], float("-inf"), dtype=ACC)
+    argmax = tl.zeros([BN], dtype=tl.int64) + v_lo
     m_ref = tl.full([BN], float("-inf"), dtype=ACC)
     s_ref = tl.zeros([BN], dtype=ACC)
     z_ref_label = tl.zeros([BN], dtype=ACC)
@@ -83,7 +85,14 @@ def token_stats_fwd_kernel(
                         logit_scale, softcap, temperature, HAS_BIAS, CAPPED, ACC, BN, BV, BH,
                         UPCAST, PRECISION)
         is_label = (cols[None, :] == labels[:, None]) & col_mask[None, :]
-        m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], z, float("-inf")), 1))
+        tile_max = tl.max(tl.where(col_mask[None, :], z, float("-inf")), 1)
+        m_new = tl.maximum(m, tile_max)
+        if WANT_ARGMAX:
+            # the tile's first column at its maximum; it replaces the running index only when
+            # strictly larger, so the first maximal index (torch.argmax's) wins across tiles
+            at_max = (z == tile_max[:, None]) & col_mask[None, :]
+            tile_arg = tl.min(tl.where(at_max, cols[None, :], v_hi), 1)
+            argmax = tl.where(tile_max > m, tile_arg, argmax)
         # before the first tile s is 0 and every sum is 0: any finite shift keeps them 0
         d = tl.where(s > 0, m - m_new, 0.0)
         alpha = tl.exp(d)
@@ -111,6 +120,10 @@ def token_stats_fwd_kernel(
             s2 = alpha * alpha * s2 + tl.sum(e * e, 1)
         if WANT_SUM_Z:
             sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+        if WANT_M_PRE:
+            # the columns before the label (labels of ignored tokens are -1: none)
+            before = (cols[None, :] < labels[:, None]) & col_mask[None, :]
+            m_pre = tl.maximum(m_pre, tl.max(tl.where(before, z, float("-inf")), 1))
         z_label += tl.sum(tl.where(is_label, z, 0.0), 1)
         s = alpha * s + tl.sum(e, 1)
         m = m_new
@@ -128,6 +141,10 @@ def token_stats_fwd_kernel(
         tl.store(out + S2_ROW * stride_part_key, s2, mask=in_range)
     if WANT_SUM_Z:
         tl.store(out + SUM_Z_ROW * stride_part_key, sum_z, mask=in_range)
+    if WANT_M_PRE:
+        tl.store(out + M_PRE_ROW * stride_part_key, m_pre, mask=in_range)
+    if WANT_ARGMAX:
+        tl.store(out + ARGMAX_ROW * stride_part_key, argmax.to(ACC), mask=in_range)
     if HAS_REF:
         m_ref = tl.where(s_ref > 0, m_ref, 0.0)
         s_ref = tl.where(s_ref > 0, s_ref, 1.0)
@@ -221,7 +238,7 @@ def token_stats_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labe
         HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=has_ref and ref_bias is not None,
         CAPPED=opts.softcap is not None, REF_CAPPED=opts.ref_softcap is not None,
         WANT_ENT="ent" in keys, WANT_S2="s2" in keys, WANT_SUM_Z="sum_z" in keys,
-        WANT_RKL=has_ref and "rkl" in keys, WANT_KL=has_ref and "kl" in keys,
+        WANT_M_PRE="m_pre" in keys, WANT_ARGMAX="argmax" in keys, WANT_RKL=has_ref and "rkl" in keys, WANT_KL=has_ref and "kl" in keys,
         ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
         UPCAST=upcast_dot_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
