@@ -247,7 +247,7 @@ def compile_report(dtype_name: str = "bf16", variants: Sequence[str] = tuple(v.n
 
     Args:
         dtype_name: bf16, fp16 or fp32 (hidden states and weights).
-        variants: names from `VARIANTS`.
+        variants: names from `VARIANTS`, or Variants.
         wave_tokens: token counts N at which each launch's grid is read.
         cfg: launch shape (default `tile_config` on a 132-SM Hopper GPU).
 
@@ -260,7 +260,7 @@ def compile_report(dtype_name: str = "bf16", variants: Sequence[str] = tuple(v.n
         raise RuntimeError("compile_report: run without TRITON_INTERPRET=1 (the interpreter compiles nothing)")
     dtype = DTYPES[dtype_name]
     cfg = cfg or hopper_config(dtype)
-    chosen = [v for v in VARIANTS if v.name in variants]
+    chosen = [v for v in VARIANTS if v.name in variants] + [v for v in variants if isinstance(v, Variant)]
     rows: Dict[Tuple, dict] = {}
     # ptxas' log is the only report of spills without a GPU: compile even what triton's cache holds
     previous = triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile

@@ -89,6 +89,18 @@ def token_stats_fwd_kernel(
         alpha = tl.exp(d)
         shifted = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
         e = tl.where(col_mask[None, :], tl.exp(shifted), 0.0)
+        # the policy tile is folded before the reference tile is formed: across the reference GEMM
+        # only `shifted` stays live (for the divergences), not z, e and their sums as well
+        if WANT_ENT:
+            ent = alpha * (ent + d * s) + tl.sum(e * shifted, 1)
+        if WANT_S2:
+            s2 = alpha * alpha * s2 + tl.sum(e * e, 1)
+        if WANT_SUM_Z:
+            sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+        z_label += tl.sum(tl.where(is_label, z, 0.0), 1)
+        s_before = s
+        s = alpha * s + tl.sum(e, 1)
+        m = m_new
         if HAS_REF:
             zr = head_logits(rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, HR, stride_rh,
                              stride_rw, ref_logit_scale, ref_softcap, temperature, HAS_REF_BIAS,
@@ -99,21 +111,18 @@ def token_stats_fwd_kernel(
             shifted_ref = tl.where(col_mask[None, :], zr - m_ref_new[:, None], 0.0)
             e_ref = tl.where(col_mask[None, :], tl.exp(shifted_ref), 0.0)
             if WANT_RKL:
-                rkl = alpha * (rkl + (d - d_ref) * s) + tl.sum(e * (shifted - shifted_ref), 1)
+                # e again from `shifted`: one exp per logit is cheaper than a tile kept live
+                e_again = tl.where(col_mask[None, :], tl.exp(shifted), 0.0)
+                rkl = alpha * (rkl + (d - d_ref) * s_before) + tl.sum(e_again * (shifted - shifted_ref), 1)
             if WANT_KL:
                 kl = alpha_ref * (kl + (d_ref - d) * s_ref) + tl.sum(e_ref * (shifted_ref - shifted), 1)
-            z_ref_label += tl.sum(tl.where(is_label, zr, 0.0), 1)
+            # the label's column again, from the label's offset in the tile: no [BN, BV] mask
+            # kept live across the reference GEMM
+            label_in_tile = labels - v0
+            ref_is_label = (tl.arange(0, BV)[None, :] == label_in_tile[:, None]) & col_mask[None, :]
+            z_ref_label += tl.sum(tl.where(ref_is_label, zr, 0.0), 1)
             s_ref = alpha_ref * s_ref + tl.sum(e_ref, 1)
             m_ref = m_ref_new
-        if WANT_ENT:
-            ent = alpha * (ent + d * s) + tl.sum(e * shifted, 1)
-        if WANT_S2:
-            s2 = alpha * alpha * s2 + tl.sum(e * e, 1)
-        if WANT_SUM_Z:
-            sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
-        z_label += tl.sum(tl.where(is_label, z, 0.0), 1)
-        s = alpha * s + tl.sum(e, 1)
-        m = m_new
 
     # skipped blocks hold ignored tokens only: finite placeholders (one logit 0) that merge cleanly
     m = tl.where(s > 0, m, 0.0)

@@ -227,6 +227,15 @@ def resident_programs(registers: int, shared_bytes: int, num_warps: int) -> int:
     return min(by_registers, by_shared, 64 // num_warps)
 
 
+# The 16-bit CUDA launch shape: [128, 128] logit tiles over 8 warps, so each of the two warpgroups
+# issues wgmma.64x128x16 (tests/support/kernel_compile_check.py reads the shape from the SASS; the
+# previous [64, 128] tiles gave 64x64, which needs more shared-memory bandwidth per multiply-add than
+# an SM has). Not yet timed on a GPU: scripts/gpu_check.sh's sweep times it beside
+# `PREVIOUS_16BIT_TILES` and prints the faster.
+HOPPER_16BIT_TILES = dict(BN=128, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3)
+PREVIOUS_16BIT_TILES = dict(BN=64, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3)
+
+
 # Set only inside `override_tile_config` (the benchmark's tile-shape sweep).
 _OVERRIDE: Optional[TileConfig] = None
 
@@ -248,10 +257,10 @@ def override_tile_config(cfg: TileConfig):
 def tile_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
     """Heuristic launch shape; the CUDA values are chosen for H100-class GPUs (not autotuned).
 
-    Forward, per wave of `PROGRAMS_PER_SM` (1) program per SM and BN=64, BV=128: with S splits
+    Forward, per wave of `PROGRAMS_PER_SM` (1) program per SM and BN=BV=128: with S splits
     running together the hidden states of SMs/S token blocks stay in L2 while S weight tiles stream
-    per step, which balances at S ~ sqrt(SMs*BN/BV) ~ 8 on an H100 or H200 (132 SMs); 8 splits also
-    keep the partials at 8 sets per token.
+    per step, which balances at S ~ sqrt(SMs*BN/BV) ~ 11 on an H100 or H200 (132 SMs); at least 8
+    splits, more where the last wave would be under 3/4 full (`split_blocks`).
     Wider dtypes get narrower hidden blocks and fewer stages to stay within shared memory.
     """
     if _OVERRIDE is not None:
@@ -261,8 +270,7 @@ def tile_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Ti
         common = dict(target_programs=PROGRAMS_PER_SM * sms, min_splits=8, dz_buffer_bytes=128 << 20,
                       min_vocab_chunk=1024)
         if dtype in (torch.bfloat16, torch.float16):
-            return TileConfig(BN=64, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3,
-                              **common)
+            return TileConfig(**{**common, **HOPPER_16BIT_TILES})
         if dtype == torch.float32:
             return TileConfig(BN=64, BV=128, BH_reduce=32, BH_grad=64, num_warps=8, num_stages=2,
                               **common)
