@@ -28,7 +28,7 @@ LOGIT_GEMM_KERNELS = ("token_stats_fwd_kernel", "token_stats_jsd_fwd_kernel", "t
 # (kernel, variant) pairs that still spill at the [128, 128] tiles (see benchmarks/results/hopper-compile-*.md)
 KNOWN_SPILLS = {
     ("token_stats_fwd_kernel", "tdpo"), ("token_stats_fwd_kernel", "every-stat"),
-    ("token_stats_bwd_kernel", "tdpo"), ("token_stats_bwd_kernel", "every-stat"),
+    ("token_stats_jsd_fwd_kernel", "every-stat"), ("token_stats_bwd_kernel", "every-stat"),
 }
 KNOWN_NARROW = set()
 
@@ -97,4 +97,6 @@ def test_no_kernel_spills(reports):
     spilling = {(r["kernel"], r["variant"]) for r in reports if r["spill_bytes"] or r["ldl"] or r["stl"]}
     assert spilling - KNOWN_SPILLS == set(), [r for r in reports if (r["kernel"], r["variant"]) in spilling]
     if spilling:
+        # the known list must shrink as spills go: a listed kernel that no longer spills fails here
+        assert spilling == KNOWN_SPILLS, sorted(KNOWN_SPILLS - spilling)
         pytest.xfail(f"still spilling (known): {sorted(spilling)}")
