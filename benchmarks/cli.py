@@ -18,7 +18,7 @@ from fpo_ops.token_stats import chunked
 
 from .check import ProviderMismatch, check_provider
 from .heads import get_head
-from .measure import DTYPES, CaseSpec, gemm_tflops, run_case, run_case_isolated
+from .measure import DTYPES, CaseSpec, gemm_tflops, run_group
 from .providers import CHECK_BASELINE, get_provider, provider_names
 from .report import device_info, format_table, results_path, versions, write_results
 from .summary import append_jsonl, build_payload, save_plot
@@ -60,12 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", type=_sizes, help="comma list of token counts N (even; '16k' allowed)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of hidden states and weights")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing (default 1)")
-    parser.add_argument("--min-repeats", type=int, default=3, help="least timed steps per case (default 3)")
-    parser.add_argument("--max-repeats", type=int, default=20, help="most timed steps per case (default 20)")
-    parser.add_argument("--time-budget", type=float, default=3.0,
-                        help="seconds of timed steps after which a case stops repeating (default 3)")
+    parser.add_argument("--min-repeats", type=int, default=3,
+                        help="least rounds of timed steps per case (default 3)")
+    parser.add_argument("--max-repeats", type=int, default=20,
+                        help="most rounds of timed steps per case (default 20)")
+    parser.add_argument("--time-budget", type=float, default=2.0,
+                        help="seconds of timed steps per provider after which a case's rounds stop (default 2)")
     parser.add_argument("--isolate", choices=("auto", "process", "none"), default="auto",
-                        help="each case in its own process (auto: on CPU, where peak RSS needs it)")
+                        help="measure each case's peak memory in its own process (auto: on CPU, where peak RSS "
+                             "needs it); timings are always taken in this process, the providers interleaved")
     parser.add_argument("--check-tokens", type=int, default=None,
                         help="N of the check against fpo-torch before timing (default: smallest size, <= 1024)")
     parser.add_argument("--no-check", action="store_true", help="skip the check against fpo-torch")
@@ -77,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="append one JSON line per check and per case as each ends (a killed run keeps them)")
     parser.add_argument("--show", type=Path, metavar="JSON",
                         help="print the Markdown table of a saved results file and exit")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per isolated case")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per isolated memory measurement")
     return parser
 
 
@@ -170,7 +173,8 @@ def _progress_line(index: int, total: int, record: dict) -> str:
         return f"{name}: {record['status']} ({record.get('reason', '')})"
     mem = record.get("mem_fwd_bwd_mib")
     return (f"{name}: fwd {record['fwd_ms']:.1f} ms, bwd {record['bwd_ms']:.1f} ms, "
-            f"fwd+bwd {record['fwd_bwd_ms']:.1f} ms, peak {'-' if mem is None else f'{mem:.0f}'} MiB")
+            f"fwd+bwd {record['fwd_bwd_ms']:.1f} ms ({record['x_gemm_floor']:.2f}x its GEMM floor), "
+            f"peak {'-' if mem is None else f'{mem:.0f}'} MiB")
 
 
 def _show(path: Path) -> int:
@@ -211,34 +215,41 @@ def main(argv: Optional[List[str]] = None) -> int:
               dtype=args.dtype, gemm_floor_tflops=rate))
     broken, mismatched = ({}, {}) if args.no_check else _check_all(args, device, dtype, emit)
 
-    specs = [CaseSpec(head=h, workload=w, provider=p, n_tokens=n, dtype=args.dtype, device=str(device),
-                      warmup=args.warmup, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
-                      time_budget_s=args.time_budget, threads=args.threads)
-             for h in args.heads for w in args.workloads for n in args.sizes for p in args.providers]
+    groups = [[CaseSpec(head=h, workload=w, provider=p, n_tokens=n, dtype=args.dtype, device=str(device),
+                        warmup=args.warmup, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
+                        time_budget_s=args.time_budget, threads=args.threads) for p in args.providers]
+              for h in args.heads for w in args.workloads for n in args.sizes]
+    total = sum(len(group) for group in groups)
     records = []
-    for index, spec in enumerate(specs, 1):
-        key = (spec.head, spec.workload, spec.provider)
-        reason = get_provider(spec.provider).unsupported(get_workload(spec.workload), get_head(spec.head), device)
-        if reason:
-            record = {**vars(spec), "status": "unsupported", "reason": reason}
-        elif key in broken:
-            record = {**vars(spec), "status": "error", "reason": broken[key]}
-        elif isolate:
-            record = run_case_isolated(spec, timeout_s=args.timeout)
-        else:
-            try:
-                record = run_case(spec)
-            except Exception as exc:  # one broken provider must not lose the other results
-                record = {**vars(spec), "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:500]}
-            if device.type == "cuda":
-                torch.cuda.empty_cache()  # the next case starts from an empty cache, not this one's blocks
-        if key in mismatched:
-            record["check"] = "mismatch"
-        _add_flops(record, rate)
-        records.append(record)
-        emit({"kind": "case", **record})
-        if record["status"] != "unsupported":
-            print(_progress_line(index, len(specs), record), flush=True)
+    for group in groups:
+        runnable = [spec for spec in group
+                    if (spec.head, spec.workload, spec.provider) not in broken
+                    and not get_provider(spec.provider).unsupported(get_workload(spec.workload),
+                                                                    get_head(spec.head), device)]
+        try:
+            measured = iter(run_group(runnable, isolate_memory=isolate, timeout_s=args.timeout) if runnable else [])
+        except Exception as exc:  # the group's inputs could not be made (out of memory, say)
+            status = "oom" if "out of memory" in str(exc) else "error"
+            measured = iter([{**vars(spec), "status": status, "reason": f"{type(exc).__name__}: {exc}"[:500]}
+                             for spec in runnable])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next group starts from an empty cache, not this one's blocks
+        for spec in group:
+            key = (spec.head, spec.workload, spec.provider)
+            reason = get_provider(spec.provider).unsupported(get_workload(spec.workload), get_head(spec.head), device)
+            if reason:
+                record = {**vars(spec), "status": "unsupported", "reason": reason}
+            elif key in broken:
+                record = {**vars(spec), "status": "error", "reason": broken[key]}
+            else:
+                record = next(measured)
+            if key in mismatched:
+                record["check"] = "mismatch"
+            _add_flops(record, rate)
+            records.append(record)
+            emit({"kind": "case", **record})
+            if record["status"] != "unsupported":
+                print(_progress_line(len(records), total, record), flush=True)
 
     # whether fpo-torch's low-precision GEMMs returned fp32 natively (False: it fell back to fp32 GEMMs)
     emit(dict(kind="run_end", duration_s=round(time.time() - started.timestamp(), 1),
@@ -262,7 +273,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"wrote {png}")
     # a disagreement is a finding, not a crash: everything was still measured and saved
     return 3 if mismatched else 0
-    return 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from fpo_ops.token_stats.kernels.utils import PREVIOUS_16BIT_TILES
+
 from .heads import get_head
 from .workloads import get_workload
 
@@ -124,11 +126,13 @@ PLANS = {
         # oracles at N 1031 x V 32003 on the GPU, one Llama-3 head at N 4096
         test_args=GPU_TESTS, tests_estimate_s=PYTHON_START_S + 20 * TRITON_COMPILE_S + 6.0,
         sweep_workload="tdpo", sweep_tokens=16384,
+        # tile_config's [128, 128] tiles, the [64, 128] ones before them (the first GPU run keeps
+        # or reverts the default), and two more
         sweep_candidates=(
             {},
-            {"BN": 128, "BV": 128},
+            dict(PREVIOUS_16BIT_TILES),
             {"BN": 64, "BV": 256},
-            {"num_warps": 4, "num_stages": 4},
+            {"BH_reduce": 32, "num_stages": 4},
         ),
         sweep_repeats=3,
     ),

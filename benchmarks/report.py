@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -94,9 +95,23 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def time_ratio(record: dict, base: dict) -> Optional[float]:
+    """``record``'s fwd+bwd time over ``base``'s (>1: slower).
+
+    Cases timed in the same rounds (``rounds_ms`` of equal length, `measure.run_group`) give the
+    median of the per-round ratios, so a load that changes between rounds cancels; otherwise the
+    ratio of the medians.
+    """
+    a, b = record.get("rounds_ms"), base.get("rounds_ms")
+    if a and b and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b))
+    return record["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+
+
 def format_table(records: Iterable[dict], markdown: bool = False, with_flops: bool = False) -> str:
-    """One row per case: median times (ms), peak memory above inputs (MiB), and the time and memory
-    relative to fpo-torch on the same case (>1: the provider is slower / uses more).
+    """One row per case: median times (ms), peak memory above inputs (MiB), the time and memory
+    relative to fpo-torch on the same case (>1: the provider is slower / uses more), and the time as
+    a multiple of the head GEMMs timed beside it (``x GEMM``: DESIGN section 5's GEMM count).
 
     Args:
         records: results of `measure.run_case`.
@@ -110,7 +125,7 @@ def format_table(records: Iterable[dict], markdown: bool = False, with_flops: bo
     ours = {(r["head"], r["workload"], r["n_tokens"]): r for r in records
             if r["provider"] == "fpo-torch" and r["status"] == "ok"}
     header = ["head", "workload", "N", "provider", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd MiB", "step MiB",
-              "time/ours", "mem/ours"]
+              "time/ours", "mem/ours", "GEMMs ms", "x GEMM"]
     if with_flops:
         header += ["TFLOP/s", "x floor"]
     rows: List[List[str]] = []
@@ -124,13 +139,14 @@ def format_table(records: Iterable[dict], markdown: bool = False, with_flops: bo
             rows.append(row)
             continue
         base = ours.get((r["head"], r["workload"], r["n_tokens"]))
-        time_ratio = mem_ratio = None
+        ratio = mem_ratio = None
         if base is not None:
-            time_ratio = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+            ratio = time_ratio(r, base)
             if r.get("mem_fwd_bwd_mib") and base.get("mem_fwd_bwd_mib"):
                 mem_ratio = r["mem_fwd_bwd_mib"] / base["mem_fwd_bwd_mib"]
         row += [_fmt(r["fwd_ms"]), _fmt(r["bwd_ms"]), _fmt(r["fwd_bwd_ms"]), _fmt(r.get("mem_fwd_mib"), 0),
-                _fmt(r.get("mem_fwd_bwd_mib"), 0), _fmt(time_ratio, 2), _fmt(mem_ratio, 2)]
+                _fmt(r.get("mem_fwd_bwd_mib"), 0), _fmt(ratio, 2), _fmt(mem_ratio, 2),
+                _fmt(r.get("gemm_floor_ms")), _fmt(r.get("x_gemm_floor"), 2)]
         if with_flops:
             row += [_fmt(r.get("tflops"), 0), _fmt(r.get("floor_ratio"), 2)]
         rows.append(row)

@@ -8,10 +8,12 @@ import torch
 from benchmarks import cli
 from benchmarks.check import ProviderMismatch, check_provider
 from benchmarks.heads import HEADS, get_head
-from benchmarks.measure import CaseSpec, case_flops, run_case, run_case_isolated
+from benchmarks import measure
+from benchmarks.measure import CaseSpec, case_flops, head_gemm, run_case, run_case_isolated, run_group
 from benchmarks.memory import PeakMemory
 from benchmarks.providers import PROVIDERS, get_provider
 from benchmarks.providers.naive import NaiveProvider
+from benchmarks.report import format_table, time_ratio
 from benchmarks.workloads import IGNORE_INDEX, WORKLOADS, get_workload, make_inputs
 
 CPU = torch.device("cpu")
@@ -122,6 +124,54 @@ def test_run_case_in_process_and_isolated():
     assert isolated["status"] == "ok" and isolated["n_tokens"] == 64
     unsupported = run_case(CaseSpec(**{**vars(spec), "provider": "liger", "workload": "tdpo"}))
     assert unsupported["status"] == "unsupported" and "tdpo" in unsupported["reason"]
+
+
+def test_group_interleaves_providers_and_times_the_gemm_floor_beside_them(monkeypatch):
+    order = []
+    time_one = measure._time_one
+
+    def recorded(step, inputs, sync):
+        order.append(step)
+        return time_one(step, inputs, sync)
+
+    monkeypatch.setattr(measure, "_time_one", recorded)
+    specs = [CaseSpec(head="tiny", workload="dpo", provider=name, n_tokens=64, dtype="float32", device="cpu",
+                      min_repeats=3, max_repeats=3) for name in ("naive", "fpo-torch", "liger")]
+    records = run_group(specs)
+    assert [r["status"] for r in records] == ["ok", "ok", "ok"]
+    # rounds A B C, B C A, C A B: every provider in every position once
+    a, b, c = order[:3]
+    assert order == [a, b, c, b, c, a, c, a, b]
+    for record in records:
+        assert len(record["rounds_ms"]) == 3 and record["mem_fwd_bwd_mib"] is not None
+        assert math.isclose(record["gemm_floor_ms"], WORKLOADS["dpo"].total_gemms * record["gemm_ms"])
+        assert record["x_gemm_floor"] > 0
+    with pytest.raises(ValueError, match="specs"):
+        run_group([specs[0], CaseSpec(**{**vars(specs[1]), "n_tokens": 32})])
+
+
+def test_head_gemm_in_column_blocks_writes_every_logit():
+    inputs = make_inputs(get_head("tiny"), get_workload("logp"), 64, torch.float32, CPU)
+    expected = inputs.hidden.detach().reshape(64, -1) @ inputs.weight.detach().T
+    for max_out_bytes, widths in ((64 * 4 * 300, [100, 300]), (measure.FLOOR_GEMM_OUT_BYTES, [1000])):
+        gemm = head_gemm(inputs, max_out_bytes)  # blocks of 300 columns: the last one 100 wide
+        gemm()
+        outs = dict(zip(gemm.__code__.co_freevars, (c.cell_contents for c in gemm.__closure__)))["outs"]
+        assert sorted(outs) == widths
+        torch.testing.assert_close(outs[widths[0]], expected[:, -widths[0]:])
+
+
+def test_paired_ratio_cancels_load_that_changes_between_rounds():
+    # the third round ran under load that tripled every time: medians of medians would see it in one
+    # provider's median and not the other's; per-round ratios stay 2
+    ours = {"provider": "fpo-torch", "fwd_bwd_ms": 10.0, "rounds_ms": [10.0, 10.0, 30.0, 30.0]}
+    other = {"provider": "naive", "fwd_bwd_ms": 40.0, "rounds_ms": [20.0, 20.0, 60.0, 60.0]}
+    assert time_ratio(other, ours) == 2.0
+    assert time_ratio({"fwd_bwd_ms": 30.0}, ours) == 3.0  # an older file without rounds
+    common = dict(head="tiny", workload="dpo", n_tokens=64, status="ok", fwd_ms=1.0, bwd_ms=1.0,
+                  gemm_floor_ms=5.0, x_gemm_floor=1.5)
+    table = format_table([{**common, **ours}, {**common, **other}])
+    assert table.splitlines()[0].endswith("GEMMs ms  x GEMM") and "2.00" in table.splitlines()[2]
 
 
 def test_cli_runs_checks_and_writes_json_and_png(tmp_path, capsys):

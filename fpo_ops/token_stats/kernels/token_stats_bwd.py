@@ -87,6 +87,11 @@ def token_stats_bwd_kernel(
             g = tl.load(coef_ptr + G_ENT_ROW * stride_coef + rows, mask=row_mask, other=0.0)
             entropy = tl.load(saved_ptr + ENTROPY_ROW * stride_saved + rows, mask=row_mask, other=0.0)
             dz -= g[:, None] * p * (logp + entropy[:, None])
+        if G_KL:
+            # the policy half of g (p - q) before the reference tile is formed: p need not stay
+            # live across the reference GEMM for it
+            g_kl = tl.load(coef_ptr + G_KL_ROW * stride_coef + rows, mask=row_mask, other=0.0)
+            dz += g_kl[:, None] * p
         if FILTER:
             negligible = tl.max(tl.where(tile, p, 0.0)) < filter_eps
         if G_KL or G_RKL or G_JSD:
@@ -96,8 +101,7 @@ def token_stats_bwd_kernel(
                              REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION)
             logq = zr - lse_ref[:, None]
             if G_KL:
-                g = tl.load(coef_ptr + G_KL_ROW * stride_coef + rows, mask=row_mask, other=0.0)
-                dz += g[:, None] * (p - tl.exp(logq))
+                dz -= g_kl[:, None] * tl.exp(logq)
             if G_RKL:
                 g = tl.load(coef_ptr + G_RKL_ROW * stride_coef + rows, mask=row_mask, other=0.0)
                 rkl = tl.load(saved_ptr + REVERSE_KL_ROW * stride_saved + rows, mask=row_mask, other=0.0)

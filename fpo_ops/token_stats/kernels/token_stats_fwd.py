@@ -15,8 +15,8 @@ import triton.language as tl
 
 from ..stats import PARTIAL_KEYS
 from .rows import (
-    ARGMAX_ROW, ENT_ROW, KL_ROW, M_PRE_ROW, M_REF_ROW, M_ROW, RKL_ROW, S2_ROW, S_REF_ROW, S_ROW, SUM_Z_ROW, Z_LABEL_ROW,
-    Z_REF_LABEL_ROW,
+    ARGMAX_ROW, ENT_ROW, KL_ROW, M_PRE_ROW, M_REF_ROW, M_ROW, RKL_ROW, S2_ROW, S_REF_ROW, S_ROW, SUM_Z_ROW,
+    Z_LABEL_ROW, Z_REF_LABEL_ROW,
 )
 from .utils import dot_precision, head_logits, log_mixture, triton_dtype, upcast_dot_operands
 
@@ -98,22 +98,8 @@ def token_stats_fwd_kernel(
         alpha = tl.exp(d)
         shifted = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
         e = tl.where(col_mask[None, :], tl.exp(shifted), 0.0)
-        if HAS_REF:
-            zr = head_logits(rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, HR, stride_rh,
-                             stride_rw, ref_logit_scale, ref_softcap, temperature, HAS_REF_BIAS,
-                             REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION)
-            m_ref_new = tl.maximum(m_ref, tl.max(tl.where(col_mask[None, :], zr, float("-inf")), 1))
-            d_ref = tl.where(s_ref > 0, m_ref - m_ref_new, 0.0)
-            alpha_ref = tl.exp(d_ref)
-            shifted_ref = tl.where(col_mask[None, :], zr - m_ref_new[:, None], 0.0)
-            e_ref = tl.where(col_mask[None, :], tl.exp(shifted_ref), 0.0)
-            if WANT_RKL:
-                rkl = alpha * (rkl + (d - d_ref) * s) + tl.sum(e * (shifted - shifted_ref), 1)
-            if WANT_KL:
-                kl = alpha_ref * (kl + (d_ref - d) * s_ref) + tl.sum(e_ref * (shifted_ref - shifted), 1)
-            z_ref_label += tl.sum(tl.where(is_label, zr, 0.0), 1)
-            s_ref = alpha_ref * s_ref + tl.sum(e_ref, 1)
-            m_ref = m_ref_new
+        # the policy tile is folded before the reference tile is formed: across the reference GEMM
+        # only `shifted` stays live (for the divergences), not z, e and their sums as well
         if WANT_ENT:
             ent = alpha * (ent + d * s) + tl.sum(e * shifted, 1)
         if WANT_S2:
@@ -125,8 +111,31 @@ def token_stats_fwd_kernel(
             before = (cols[None, :] < labels[:, None]) & col_mask[None, :]
             m_pre = tl.maximum(m_pre, tl.max(tl.where(before, z, float("-inf")), 1))
         z_label += tl.sum(tl.where(is_label, z, 0.0), 1)
+        s_before = s
         s = alpha * s + tl.sum(e, 1)
         m = m_new
+        if HAS_REF:
+            zr = head_logits(rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, HR, stride_rh,
+                             stride_rw, ref_logit_scale, ref_softcap, temperature, HAS_REF_BIAS,
+                             REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION)
+            m_ref_new = tl.maximum(m_ref, tl.max(tl.where(col_mask[None, :], zr, float("-inf")), 1))
+            d_ref = tl.where(s_ref > 0, m_ref - m_ref_new, 0.0)
+            alpha_ref = tl.exp(d_ref)
+            shifted_ref = tl.where(col_mask[None, :], zr - m_ref_new[:, None], 0.0)
+            e_ref = tl.where(col_mask[None, :], tl.exp(shifted_ref), 0.0)
+            if WANT_RKL:
+                # e again from `shifted`: one exp per logit is cheaper than a tile kept live
+                e_again = tl.where(col_mask[None, :], tl.exp(shifted), 0.0)
+                rkl = alpha * (rkl + (d - d_ref) * s_before) + tl.sum(e_again * (shifted - shifted_ref), 1)
+            if WANT_KL:
+                kl = alpha_ref * (kl + (d_ref - d) * s_ref) + tl.sum(e_ref * (shifted_ref - shifted), 1)
+            # the label's column again, from the label's offset in the tile: no [BN, BV] mask
+            # kept live across the reference GEMM
+            label_in_tile = labels - v0
+            ref_is_label = (tl.arange(0, BV)[None, :] == label_in_tile[:, None]) & col_mask[None, :]
+            z_ref_label += tl.sum(tl.where(ref_is_label, zr, 0.0), 1)
+            s_ref = alpha_ref * s_ref + tl.sum(e_ref, 1)
+            m_ref = m_ref_new
 
     # skipped blocks hold ignored tokens only: finite placeholders (one logit 0) that merge cleanly
     m = tl.where(s > 0, m, 0.0)
@@ -238,7 +247,8 @@ def token_stats_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labe
         HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=has_ref and ref_bias is not None,
         CAPPED=opts.softcap is not None, REF_CAPPED=opts.ref_softcap is not None,
         WANT_ENT="ent" in keys, WANT_S2="s2" in keys, WANT_SUM_Z="sum_z" in keys,
-        WANT_M_PRE="m_pre" in keys, WANT_ARGMAX="argmax" in keys, WANT_RKL=has_ref and "rkl" in keys, WANT_KL=has_ref and "kl" in keys,
+        WANT_M_PRE="m_pre" in keys, WANT_ARGMAX="argmax" in keys,
+        WANT_RKL=has_ref and "rkl" in keys, WANT_KL=has_ref and "kl" in keys,
         ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
         UPCAST=upcast_dot_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

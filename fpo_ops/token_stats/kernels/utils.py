@@ -1,5 +1,6 @@
 """Device functions shared by the token-statistics kernels: the logit tile and its transforms."""
 import contextlib
+import functools
 import os
 from typing import Optional
 
@@ -99,6 +100,52 @@ def log_mixture(logp, logq, log_beta, log1m_beta):
     return hi + tl.log(1.0 + tl.exp(lo - hi))
 
 
+# The forward's last wave of programs is at least this full (when a split count allows it).
+MIN_LAST_WAVE = 0.75
+
+
+def last_wave_fill(programs: int, slots: int) -> float:
+    """Fraction of ``slots`` (programs resident at once on the device) that the last wave uses."""
+    rest = programs % slots
+    return 1.0 if rest == 0 else rest / slots
+
+
+@functools.lru_cache(maxsize=4096)
+def split_blocks(vocab_blocks: int, token_blocks: int, slots: int, min_splits: int) -> int:
+    """Vocabulary blocks per split, for ``token_blocks`` x splits programs on ``slots`` resident ones.
+
+    The wanted split count is the least that fills one wave (at least ``min_splits``). The split
+    counts possible are ``cdiv(vocab_blocks, b)`` for b blocks per split, so no split is empty; from
+    the wanted one up to 16 times it, the first whose last wave is at least `MIN_LAST_WAVE` full wins
+    (on 132 SMs this holds for every N from 256 to 65536 at Llama-3, Qwen2.5 and Gemma-2 vocabularies,
+    a test), else the one with the fewest idle slots in its last wave.
+
+    Args:
+        vocab_blocks: BV-wide blocks of the vocabulary; token_blocks: BN-token blocks.
+        slots: programs resident at once (programs per SM x SMs).
+        min_splits: least split count.
+
+    Returns:
+        Blocks per split (>= 1).
+    """
+    wanted = min(vocab_blocks, max(min_splits, -(-slots // token_blocks)))
+    best, best_idle = None, None
+    per_split = -(-vocab_blocks // wanted)
+    while per_split >= 1:
+        splits = -(-vocab_blocks // per_split)
+        if splits > 16 * wanted:
+            break
+        programs = splits * token_blocks
+        if last_wave_fill(programs, slots) >= MIN_LAST_WAVE:
+            return per_split
+        idle = -programs % slots
+        if best_idle is None or idle < best_idle:
+            best, best_idle = per_split, idle
+        # the next larger split count
+        per_split = min(per_split - 1, -(-vocab_blocks // (splits + 1)) if splits < vocab_blocks else 0)
+    return best if best is not None else 1
+
+
 class TileConfig:
     """Block sizes and launch shape of the token-statistics kernels.
 
@@ -133,16 +180,17 @@ class TileConfig:
         return "TileConfig(" + ", ".join(f"{k}={v}" for k, v in self.as_kwargs().items()) + ")"
 
     def vocab_splits(self, n_tokens: int, vocab: int):
-        """(splits, columns per split): enough programs to fill the device when N is small.
+        """(splits, columns per split) of the forward: enough programs to fill the device, in full waves.
 
         At least ``min_splits``: the programs running at one time then cover few token blocks
-        (whose hidden states stay in L2 for their whole walk) and several weight tiles.
+        (whose hidden states stay in L2 for their whole walk) and several weight tiles. Of the
+        split counts from there up, the first whose launch (splits x token blocks programs, in
+        waves of ``target_programs``) ends in a wave at least `MIN_LAST_WAVE` full; see
+        `split_count`.
         """
         vocab_blocks = triton.cdiv(vocab, self.BV)
         token_blocks = max(1, triton.cdiv(n_tokens, self.BN))
-        wanted = max(self.min_splits, triton.cdiv(self.target_programs, token_blocks))
-        blocks_per_split = triton.cdiv(vocab_blocks, min(wanted, vocab_blocks))
-        # recomputing the count leaves no split empty
+        blocks_per_split = split_blocks(vocab_blocks, token_blocks, self.target_programs, self.min_splits)
         return triton.cdiv(vocab_blocks, blocks_per_split), blocks_per_split * self.BV
 
     def vocab_chunk(self, n_tokens: int, vocab: int, element_size: int) -> int:
@@ -179,6 +227,15 @@ def resident_programs(registers: int, shared_bytes: int, num_warps: int) -> int:
     return min(by_registers, by_shared, 64 // num_warps)
 
 
+# The 16-bit CUDA launch shape: [128, 128] logit tiles over 8 warps, so each of the two warpgroups
+# issues wgmma.64x128x16 (tests/support/kernel_compile_check.py reads the shape from the SASS; the
+# previous [64, 128] tiles gave 64x64, which needs more shared-memory bandwidth per multiply-add than
+# an SM has). Not yet timed on a GPU: scripts/gpu_check.sh's sweep times it beside
+# `PREVIOUS_16BIT_TILES` and prints the faster.
+HOPPER_16BIT_TILES = dict(BN=128, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3)
+PREVIOUS_16BIT_TILES = dict(BN=64, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3)
+
+
 # Set only inside `override_tile_config` (the benchmark's tile-shape sweep).
 _OVERRIDE: Optional[TileConfig] = None
 
@@ -200,10 +257,10 @@ def override_tile_config(cfg: TileConfig):
 def tile_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
     """Heuristic launch shape; the CUDA values are chosen for H100-class GPUs (not autotuned).
 
-    Forward, per wave of `PROGRAMS_PER_SM` (1) program per SM and BN=64, BV=128: with S splits
+    Forward, per wave of `PROGRAMS_PER_SM` (1) program per SM and BN=BV=128: with S splits
     running together the hidden states of SMs/S token blocks stay in L2 while S weight tiles stream
-    per step, which balances at S ~ sqrt(SMs*BN/BV) ~ 8 on an H100 or H200 (132 SMs); 8 splits also
-    keep the partials at 8 sets per token.
+    per step, which balances at S ~ sqrt(SMs*BN/BV) ~ 11 on an H100 or H200 (132 SMs); at least 8
+    splits, more where the last wave would be under 3/4 full (`split_blocks`).
     Wider dtypes get narrower hidden blocks and fewer stages to stay within shared memory.
     """
     if _OVERRIDE is not None:
@@ -213,8 +270,7 @@ def tile_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Ti
         common = dict(target_programs=PROGRAMS_PER_SM * sms, min_splits=8, dz_buffer_bytes=128 << 20,
                       min_vocab_chunk=1024)
         if dtype in (torch.bfloat16, torch.float16):
-            return TileConfig(BN=64, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3,
-                              **common)
+            return TileConfig(**{**common, **HOPPER_16BIT_TILES})
         if dtype == torch.float32:
             return TileConfig(BN=64, BV=128, BH_reduce=32, BH_grad=64, num_warps=8, num_stages=2,
                               **common)

@@ -1,0 +1,102 @@
+"""What Triton builds for a Hopper GPU from the real launches, read on CPU (tests/support/kernel_compile_check.py).
+
+One subprocess (the interpreter must be off) compiles the main variants (DPO, TDPO, every statistic
+with bias and softcap) through the JIT's own specialisation for cuda:90, with the ptxas and
+cuobjdump bundled in triton, and the test keeps: every kernel compiles within shared memory with no
+int32 offset products; the forward holds `PROGRAMS_PER_SM` programs per SM, as `tile_config`
+assumes; the logit GEMMs issue wgmma at least 64x128; nothing spills; the forward's last wave is at
+least 3/4 full at every N of the report. The kernels that still spill or still issue narrower wgmma
+are listed in `KNOWN_SPILLS` / `KNOWN_NARROW` as strict expected failures, so a fix must remove
+them from the list and a new spill anywhere else fails.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fpo_ops.token_stats.kernels.utils import MIN_LAST_WAVE, PROGRAMS_PER_SM, resident_programs
+
+H100_SHARED_MEMORY_PER_BLOCK = 232448
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "support", "kernel_compile_check.py")
+# kernels whose inner GEMMs produce logit tiles or consume them (the dh GEMM reads dz tiles)
+LOGIT_GEMM_KERNELS = ("token_stats_fwd_kernel", "token_stats_jsd_fwd_kernel", "token_stats_bwd_kernel",
+                      "token_stats_bwd_dh_kernel")
+# (kernel, variant) pairs that still spill at the [128, 128] tiles (see benchmarks/results/hopper-compile-*.md)
+KNOWN_SPILLS = {
+    ("token_stats_fwd_kernel", "tdpo"), ("token_stats_fwd_kernel", "every-stat"),
+    ("token_stats_jsd_fwd_kernel", "every-stat"), ("token_stats_bwd_kernel", "every-stat"),
+}
+KNOWN_NARROW = set()
+
+
+@pytest.fixture(scope="module")
+def reports():
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests run the compiled kernels themselves")
+    pytest.importorskip("triton.backends.nvidia")
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        from kernel_compile_check import missing_tools
+    finally:
+        sys.path.pop(0)
+    reason = missing_tools()
+    if reason:
+        pytest.skip(reason + ": registers, spills and wgmma shapes of the sm_90a build unchecked")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join(
+        [os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)] + [os.environ.get("PYTHONPATH", "")])}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, SCRIPT, "bf16", "--main", "--json"], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    print(f"compiled {len(rows)} kernels in {time.perf_counter() - started:.0f} s")
+    return rows
+
+
+def _ids(rows):
+    return {(r["kernel"], r["variant"]) for r in rows}
+
+
+def test_every_kernel_compiles_within_shared_memory(reports):
+    kernels = {r["kernel"] for r in reports}
+    assert kernels == {"token_stats_fwd_kernel", "token_stats_jsd_fwd_kernel", "token_stats_bwd_kernel",
+                       "token_stats_bwd_dh_kernel", "token_stats_bwd_dw_kernel"}
+    for r in reports:
+        assert 0 < r["shared_bytes"] <= H100_SHARED_MEMORY_PER_BLOCK, r
+        # offsets * stride in int32 would overflow once the product passes 2^31
+        assert r["int32_tensor_multiplies"] == 0, r
+        assert r["registers"] is not None and r["hmma"] == 0, r
+
+
+def test_forward_occupancy_is_what_tile_config_assumes(reports):
+    for r in reports:
+        if r["kernel"] == "token_stats_fwd_kernel":
+            assert resident_programs(r["registers"], r["shared_bytes"], r["num_warps"]) == PROGRAMS_PER_SM, r
+
+
+def test_forward_last_wave_is_three_quarters_full(reports):
+    for r in reports:
+        if r["kernel"] in ("token_stats_fwd_kernel", "token_stats_jsd_fwd_kernel"):
+            for n, (programs, waves, fill) in r["waves"].items():
+                assert fill >= MIN_LAST_WAVE, (r["kernel"], r["variant"], n, programs, waves)
+
+
+def test_logit_gemms_issue_wgmma_at_least_64x128(reports):
+    narrow = {(r["kernel"], r["variant"]) for r in reports if r["kernel"] in LOGIT_GEMM_KERNELS
+              and min(int(shape.split("x")[1]) for shape in r["wgmma"]) < 128}
+    for r in reports:
+        assert r["wgmma"], r  # every kernel multiplies on the tensor cores' Hopper path
+    assert narrow == KNOWN_NARROW & _ids(reports)
+
+
+def test_no_kernel_spills(reports):
+    spilling = {(r["kernel"], r["variant"]) for r in reports if r["spill_bytes"] or r["ldl"] or r["stl"]}
+    assert spilling - KNOWN_SPILLS == set(), [r for r in reports if (r["kernel"], r["variant"]) in spilling]
+    if spilling:
+        # the known list must shrink as spills go: a listed kernel that no longer spills fails here
+        assert spilling == KNOWN_SPILLS, sorted(KNOWN_SPILLS - spilling)
+        pytest.xfail(f"still spilling (known): {sorted(spilling)}")
