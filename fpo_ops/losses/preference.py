@@ -121,6 +121,10 @@ def preference_loss(
         pair_win_prob: [B] P(y_w ≻ y_l) in [0, 1] of ``sppo_single`` (SPPO's ``chosen_probs``).
         simpo_gamma: target margin γ of ``simpo``.
         cpo_alpha: weight of the NLL term of ``cpo``.
+        average_log_prob: divide the policy and reference sequence log-probs (computed or
+            precomputed sums) by the completion length before the loss, as Liger's
+            ``average_log_prob``; ``ipo`` and ``sigmoid_norm``, which divide by the length
+            themselves, then do not divide again (``simpo``/``orpo`` use means anyway). Not with ``ld_alpha``.
         ignore_index, temperature, softcap, logit_scale, ref_softcap, ref_logit_scale: head options,
             as in `token_stats`.
         compute_metrics: also compute ``entropy``, ``logits/*`` and ``mean_token_accuracy``.
@@ -349,12 +353,23 @@ def _pair_terms(stats, labels, config, ignore_index, ref_chosen_logps, ref_rejec
     chosen_token_logps, _ = split_pairs(stats.logp)
     nll = sft_loss(chosen_token_logps, chosen_mask)
 
+    # average_log_prob (Liger's): every sequence log-prob, policy and reference (computed or
+    # precomputed sums), becomes a per-token mean; the formulas that divide by the length
+    # themselves (ipo, sigmoid_norm) then see lengths of 1, so each mean is taken once.
+    per_token = lengths.clamp(min=1) if config.average_log_prob else None
+    if per_token is not None:
+        logps = logps / per_token
+        lengths = torch.ones_like(lengths)
     terms = PairTerms(*split_pairs(logps), *split_pairs(avg_logps), *split_pairs(lengths), nll=nll)
+    ref_logps = None
     if ref_chosen_logps is not None:
-        terms.ref_chosen_logps = ref_chosen_logps.detach().to(dtype)
-        terms.ref_rejected_logps = ref_rejected_logps.detach().to(dtype)
+        ref_logps = torch.cat([ref_chosen_logps.detach(), ref_rejected_logps.detach()]).to(dtype)
     elif stats.ref_logp is not None:
-        terms.ref_chosen_logps, terms.ref_rejected_logps = split_pairs((stats.ref_logp * token_weights).sum(dim=1))
+        ref_logps = (stats.ref_logp * token_weights).sum(dim=1)
+    if ref_logps is not None:
+        if per_token is not None:
+            ref_logps = ref_logps / per_token
+        terms.ref_chosen_logps, terms.ref_rejected_logps = split_pairs(ref_logps)
     if terms.ref_chosen_logps is not None:
         f_type, alpha = config.f_divergence_type, config.f_alpha_divergence_coef
         terms.chosen_scores = f_divergence_score(terms.chosen_logratios, f_type, alpha)

@@ -68,3 +68,62 @@ def test_kto_kl_bad_input():
     with pytest.raises(ValueError, match="kl: the reference point is used by loss_type 'kto' only"):
         kto_loss(h, w, y, rh, rw, desirable=desirable, kl=torch.tensor(0.1), loss_type="apo_zero_unpaired",
                  impl="torch")
+
+
+def _pairs(seed=1, pairs=2, t=7, hidden_size=16, vocab=23):
+    h, w, y, rh, rw = _unpaired(seed, 2 * pairs, t, hidden_size, vocab)
+    y[0, 2:4] = -100         # chosen and rejected lengths differ
+    return h, w, y, rh, rw
+
+
+def _avg_logratios(h, w, y, rh, rw):
+    """Per-token-mean log-ratios [2B] from float64 logits (the oracle of average_log_prob)."""
+    logp = torch.log_softmax(h @ w.T, -1)
+    logq = torch.log_softmax(rh @ rw.T, -1)
+    mask = y != -100
+    safe = y.clamp_min(0)[..., None]
+    per_token = (logp.gather(-1, safe)[..., 0] - logq.gather(-1, safe)[..., 0]) * mask
+    return per_token.sum(-1) / mask.sum(-1)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "apo_zero", "ipo"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_average_log_prob(impl, loss_type):
+    """Policy and reference log-probs divided by the completion length before the loss; ipo divides
+    once, not twice."""
+    from fpo_ops.losses import preference_loss
+    liger_dpo = pytest.importorskip("liger_kernel.chunked_loss.dpo_loss")
+    h, w, y, rh, rw = _pairs()
+    out = preference_loss(h, w, y, rh, rw, loss_type=loss_type, beta=0.3, average_log_prob=True, impl=impl)
+    grads = torch.autograd.grad(out.loss, (h, w))
+    ratios = _avg_logratios(h, w, y, rh, rw)
+    delta = 0.3 * (ratios[:2] - ratios[2:])
+    want = {"sigmoid": lambda: -torch.nn.functional.logsigmoid(delta),
+            "apo_zero": lambda: (1 - torch.sigmoid(0.3 * ratios[:2])) + torch.sigmoid(0.3 * ratios[2:]),
+            "ipo": lambda: (ratios[:2] - ratios[2:] - 1 / (2 * 0.3)) ** 2}[loss_type]().mean()
+    want_grads = torch.autograd.grad(want, (h, w))
+    assert max_rel_err(out.loss, want) < 1e-10
+    for got, ref in zip(grads, want_grads):
+        assert max_rel_err(got, ref) < 1e-9
+    assert max_rel_err(out.chosen_rewards, 0.3 * ratios[:2]) < 1e-10
+    if loss_type == "ipo":  # Liger refuses ipo
+        return
+    h2, w2 = h.detach().requires_grad_(), w.detach().requires_grad_()
+    liger = liger_dpo.LigerFusedLinearDPOFunction.apply(
+        h2, w2, y, None, rh, rw, None, -100, 0.3, False, False, True, True, 1, loss_type)[0]
+    liger_grads = torch.autograd.grad(liger, (h2, w2))
+    assert max_rel_err(out.loss, liger) < LIGER_TOL
+    for got, ref in zip(grads, liger_grads):
+        assert max_rel_err(got, ref) < LIGER_TOL
+
+
+def test_average_log_prob_divides_precomputed_reference_log_probs():
+    from fpo_ops.losses import preference_loss
+    h, w, y, rh, rw = _pairs()
+    computed = preference_loss(h, w, y, rh, rw, average_log_prob=True, impl="torch")
+    sums = preference_loss(h, w, y, rh, rw, impl="torch")
+    given = preference_loss(h, w, y, ref_chosen_logps=sums.ref_chosen_logps, ref_rejected_logps=sums.ref_rejected_logps,
+                            average_log_prob=True, impl="torch")
+    assert max_rel_err(given.loss, computed.loss) < 1e-12
+    with pytest.raises(ValueError, match="ld_alpha: expected None with average_log_prob=True"):
+        preference_loss(h, w, y, rh, rw, average_log_prob=True, ld_alpha=0.5, impl="torch")
