@@ -48,6 +48,7 @@ def preference_loss(
     chosen_win_prob: Optional[torch.Tensor] = None,
     rejected_win_prob: Optional[torch.Tensor] = None,
     pair_win_prob: Optional[torch.Tensor] = None,
+    nll_target: Optional[torch.Tensor] = None,
     compute_metrics: bool = True,
     head: HeadConfig,
 ) -> PreferenceOutput:
@@ -119,6 +120,9 @@ def preference_loss(
         chosen_win_prob, rejected_win_prob: [B] win rates P_w, P_l in [0, 1] of ``sppo`` (SPPO's
             ``chosen_probs_win``, ``chosen_probs_lose``).
         pair_win_prob: [B] P(y_w ≻ y_l) in [0, 1] of ``sppo_single`` (SPPO's ``chosen_probs``).
+        nll_target: [2B, T] labels of the NLL term of ``cpo``, ``orpo`` and ``sft`` (Liger's
+            ``nll_target``: its chosen half is used, mean over its non-ignored tokens), or None for
+            ``labels``; costs one more pass of the head over the chosen rows.
         simpo_gamma: target margin γ of ``simpo``.
         cpo_alpha: weight of the NLL term of ``cpo``.
         average_log_prob: divide the policy and reference sequence log-probs (computed or
@@ -173,10 +177,31 @@ def preference_loss(
             sample_stats.reverse_kl, sample_stats.logp, completion_mask(sample_labels, ignore_index),
         )
         terms.spo_sample_weights = sample_weights
+    if nll_target is not None:
+        terms.nll = _nll_on_target(nll_target, labels, config, hidden, weight, bias, ignore_index, head_options)
     # per-pair terms -> loss
     pair_weights = _wpo_weights(stats, mask) if config.use_weighting else None
     loss, per_sequence = _combine(config, terms, margin, pair_weights)
     return _build_output(config, terms, loss, per_sequence, stats if compute_metrics else None, mask)
+
+
+NLL_LOSS_TYPES = ("cpo", "orpo", "sft")  # the loss types with an NLL term on the chosen rows
+
+
+def _nll_on_target(nll_target, labels, config, hidden, weight, bias, ignore_index, head_options):
+    """The NLL of the chosen rows against ``nll_target``'s chosen half (a second pass of the head)."""
+    if not set(config.loss_type) & set(NLL_LOSS_TYPES):
+        raise ValueError(f"nll_target: only used by loss types {list(NLL_LOSS_TYPES)}, got {list(config.loss_type)}")
+    if not isinstance(nll_target, torch.Tensor) or nll_target.is_floating_point():
+        raise TypeError(f"nll_target: expected an integer tensor of shape {tuple(labels.shape)}, got "
+                        f"{getattr(nll_target, 'dtype', type(nll_target).__name__)}")
+    if nll_target.shape != labels.shape:
+        raise ValueError(f"nll_target: expected shape {tuple(labels.shape)} (that of labels), got "
+                         f"{tuple(nll_target.shape)}")
+    n_chosen = labels.shape[0] // 2
+    target = nll_target[:n_chosen]
+    stats = token_stats(hidden[:n_chosen], weight, target, bias=bias, outputs=("logp",), **head_options)
+    return sft_loss(stats.logp, completion_mask(target, ignore_index))
 
 
 def _combine(config, terms: PairTerms, margin, pair_weights):
