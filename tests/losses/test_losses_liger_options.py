@@ -165,3 +165,37 @@ def test_nll_target(impl, loss_type):
     assert max_rel_err(out.loss, liger[0]) < LIGER_TOL
     for got, ref in zip(grads, liger_grads):
         assert max_rel_err(got, ref) < LIGER_TOL
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_distill_hard_and_soft_terms(impl, temperature):
+    """``weight_hard_loss * CE(labels, temperature 1) + weight_soft_loss * JSD`` over completion tokens
+    (Liger's LigerFusedLinearJSDLoss)."""
+    from fpo_ops.losses import distill_loss
+    liger_jsd = pytest.importorskip("liger_kernel.chunked_loss.jsd_loss")
+    h, w, y, rh, rw = _unpaired(seed=3, hidden_size=16)
+    rw = rw[:, :16]
+    rh = rh[..., :16]
+    loss = distill_loss(h, w, y, rh, rw, beta=0.5, weight_hard_loss=0.3, weight_soft_loss=0.7,
+                        temperature=temperature, impl=impl)
+    grads = torch.autograd.grad(loss, (h, w))
+    z, zt = h @ w.T, rh @ rw.T
+    mask = y != -100
+    logp, logq = torch.log_softmax(z / temperature, -1), torch.log_softmax(zt / temperature, -1)
+    logm = torch.logaddexp(logp, logq) - torch.log(torch.tensor(2.0, dtype=torch.float64))
+    jsd = 0.5 * (logq.exp() * (logq - logm)).sum(-1) + 0.5 * (logp.exp() * (logp - logm)).sum(-1)
+    ce = -torch.log_softmax(z, -1).gather(-1, y.clamp_min(0)[..., None])[..., 0]
+    want = ((0.3 * ce + 0.7 * jsd) * mask).sum() / mask.sum()
+    want_grads = torch.autograd.grad(want, (h, w))
+    assert max_rel_err(loss, want) < 1e-10
+    for got, ref in zip(grads, want_grads):
+        assert max_rel_err(got, ref) < 1e-9
+    h2, w2 = h.detach().reshape(-1, 16).requires_grad_(), w.detach().requires_grad_()
+    liger = liger_jsd.LigerFusedLinearJSDFunction.apply(h2, w2, rh.reshape(-1, 16), rw, y.reshape(-1), None, None,
+                                                       0.3, 0.7, 0.5, -100, temperature, False)
+    liger = liger[0] if isinstance(liger, tuple) else liger
+    liger_grads = torch.autograd.grad(liger, (h2, w2))
+    assert max_rel_err(loss, liger) < LIGER_TOL
+    for got, ref in zip((grads[0].reshape(-1, 16), grads[1]), liger_grads):
+        assert max_rel_err(got, ref) < LIGER_TOL
