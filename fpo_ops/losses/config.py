@@ -55,6 +55,9 @@ def _post_init(self) -> None:
             f"f_divergence_type: {self.f_divergence_type!r} expects loss types among "
             f"{sorted(F_DIVERGENCE_LOSS_TYPES)}, got {list(types)}"
         )
+    if self.average_log_prob and self.ld_alpha is not None:
+        raise ValueError(f"ld_alpha: expected None with average_log_prob=True (LD-DPO weights summed log-probs), "
+                         f"got {self.ld_alpha}")
     if self.use_weighting and chosen & NO_WEIGHTING_LOSS_TYPES:
         raise ValueError(
             f"use_weighting: expected False with {sorted(chosen & NO_WEIGHTING_LOSS_TYPES)} (sorting the batch "

@@ -17,13 +17,19 @@ TEACHER_RENAMES = {"teacher_softcap": "ref_softcap", "teacher_logit_scale": "ref
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """The loss option of `distill_loss`: β of the generalized JSD, in [0, 1] (checked at construction)."""
+    """The loss options of `distill_loss` (checked at construction): β of the generalized JSD in
+    [0, 1], and Liger's weights of the hard-label (cross-entropy) and soft (divergence) terms."""
 
     beta: float = 0.5
+    weight_hard_loss: float = 0.0
+    weight_soft_loss: float = 1.0
 
     def __post_init__(self) -> None:
         check_number("beta", self.beta, low=0.0, high=1.0)
-        object.__setattr__(self, "beta", float(self.beta))
+        check_number("weight_hard_loss", self.weight_hard_loss, low=0.0)
+        check_number("weight_soft_loss", self.weight_soft_loss, low=0.0)
+        for name in ("beta", "weight_hard_loss", "weight_soft_loss"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     @property
     def statistic(self) -> str:
@@ -71,6 +77,10 @@ def distill_loss(
         config, head: a ready `DistillConfig` (``beta``) and `HeadConfig` (the head options; its
             ``ref_*`` fields are the ``teacher_*`` keywords), or None; keywords given beside one
             replace its fields (`keywords.option_keywords`).
+        weight_hard_loss, weight_soft_loss: the loss is ``weight_hard_loss * CE + weight_soft_loss *
+            divergence`` (Liger's names; defaults 0 and 1: GKD's divergence alone). CE is the
+            student's cross-entropy on ``labels`` at temperature 1 (as Liger), from the same pass
+            when ``temperature`` is 1, else from one more pass; both terms share the normaliser.
         return_entropy: also return the student's per-token entropy H(p) from the same pass (the
             metric TRL's ``DistillationTrainer`` logs; differentiable like any statistic).
 
@@ -81,12 +91,19 @@ def distill_loss(
     if teacher_hidden is None:
         raise ValueError("teacher_hidden: expected the teacher's hidden states, got None")
     stat = config.statistic
+    head_kwargs = head.token_stats_kwargs()
+    hard = config.weight_hard_loss != 0.0
+    same_pass = hard and head_kwargs["temperature"] == 1.0
+    outputs = (stat,) + (("entropy",) if return_entropy else ()) + (("logp",) if same_pass else ())
     stats = token_stats(
         hidden, weight, labels, teacher_hidden, teacher_weight, bias=bias, ref_bias=teacher_bias,
-        outputs=(stat, "entropy") if return_entropy else (stat,), jsd_beta=config.beta,
-        **head.token_stats_kwargs(),
+        outputs=outputs, jsd_beta=config.beta, **head_kwargs,
     )
-    total = getattr(stats, stat).sum()  # 0 at ignored positions
+    total = config.weight_soft_loss * getattr(stats, stat).sum()  # 0 at ignored positions
+    if hard:
+        logp = stats.logp if same_pass else token_stats(
+            hidden, weight, labels, bias=bias, outputs=("logp",), **dict(head_kwargs, temperature=1.0)).logp
+        total = total - config.weight_hard_loss * logp.sum()
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(total.device)

@@ -48,6 +48,7 @@ def kto_loss(
     ref_bias: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
     ref_kl_logps: Optional[torch.Tensor] = None,
+    kl: Optional[torch.Tensor] = None,
     config: KTOConfig,
     compute_metrics: bool = True,
     head: HeadConfig,
@@ -76,6 +77,8 @@ def kto_loss(
         bias, ref_bias: [V] head biases or None.
         ref_logps, ref_kl_logps: [B] precomputed reference log-probs of the completions and of the
             mismatched sequences.
+        kl: a precomputed reference point z ([] or [B], detached, used as given: Liger's ``kl``),
+            in place of the mismatched sequences (``"kto"`` only).
         loss_type: ``"kto"`` or ``"apo_zero_unpaired"``.
         beta: β. desirable_weight, undesirable_weight: λ_D, λ_U.
         ignore_index, temperature, softcap, logit_scale, ref_softcap, ref_logit_scale: head options.
@@ -106,10 +109,12 @@ def kto_loss(
     if ref_hidden is None and ref_logps is None:
         raise ValueError("ref_hidden: expected reference hidden states or precomputed ref_logps, got neither")
     uses_kl = loss_type == "kto"
-    if uses_kl and (kl_hidden is None or kl_labels is None):
+    if kl is not None:
+        _check_precomputed_kl(kl, n, loss_type, kl_hidden, kl_labels, kl_ref_hidden, ref_kl_logps)
+    elif uses_kl and (kl_hidden is None or kl_labels is None):
         raise ValueError("kl_hidden, kl_labels: 'kto' estimates its reference point on mismatched sequences: "
                          "expected both tensors, got None")
-    if uses_kl and kl_ref_hidden is None and ref_kl_logps is None:
+    if uses_kl and kl is None and kl_ref_hidden is None and ref_kl_logps is None:
         raise ValueError("kl_ref_hidden: expected reference hidden states of the mismatched sequences or "
                          "precomputed ref_kl_logps, got neither")
     for name, value in (("ref_logps", ref_logps), ("ref_kl_logps", ref_kl_logps)):
@@ -130,7 +135,11 @@ def kto_loss(
     logratios = logps - ref
 
     if uses_kl:
-        kl = _reference_point(kl_hidden, weight, kl_labels, kl_ref_hidden, ref_weight, ref_kl_logps, head_options, dtype)
+        if kl is None:
+            kl = _reference_point(kl_hidden, weight, kl_labels, kl_ref_hidden, ref_weight, ref_kl_logps,
+                                  head_options, dtype)
+        else:
+            kl = kl.detach().to(dtype)
         chosen_losses = 1 - torch.sigmoid(beta * (logratios - kl))
         rejected_losses = 1 - torch.sigmoid(beta * (kl - logratios))
     else:
@@ -145,7 +154,7 @@ def kto_loss(
     rewards = beta * logratios.detach()
     n_chosen, n_rejected = is_chosen.sum().clamp(min=1), is_rejected.sum().clamp(min=1)
     metrics = {
-        "kl": kl.detach(),
+        "kl": kl.detach().mean(),
         "rewards/chosen": (rewards * is_chosen).sum() / n_chosen,
         "rewards/rejected": (rewards * is_rejected).sum() / n_rejected,
         "logps/chosen": (logps.detach() * is_chosen).sum() / n_chosen,
@@ -162,6 +171,19 @@ def kto_loss(
         ref_chosen_logps=ref.detach() * is_chosen, ref_rejected_logps=ref.detach() * is_rejected,
         chosen_rewards=rewards * is_chosen, rejected_rewards=rewards * is_rejected, per_sequence_loss=losses.detach(),
     )
+
+
+def _check_precomputed_kl(kl, n, loss_type, *sources) -> None:
+    if loss_type != "kto":
+        raise ValueError(f"kl: the reference point is used by loss_type 'kto' only, got {loss_type!r}")
+    if not isinstance(kl, torch.Tensor) or not kl.is_floating_point():
+        raise TypeError(f"kl: expected a floating-point tensor of shape [] or [{n}], got "
+                        f"{getattr(kl, 'dtype', type(kl).__name__)}")
+    if tuple(kl.shape) not in ((), (n,)):
+        raise ValueError(f"kl: expected shape () or ({n},), got {tuple(kl.shape)}")
+    if any(t is not None for t in sources):
+        raise ValueError("kl_hidden, kl_labels, kl_ref_hidden, ref_kl_logps: expected None with a precomputed "
+                         "kl, got a tensor")
 
 
 def _reference_point(kl_hidden, weight, kl_labels, kl_ref_hidden, ref_weight, ref_kl_logps, head, dtype):

@@ -48,6 +48,7 @@ def preference_loss(
     chosen_win_prob: Optional[torch.Tensor] = None,
     rejected_win_prob: Optional[torch.Tensor] = None,
     pair_win_prob: Optional[torch.Tensor] = None,
+    nll_target: Optional[torch.Tensor] = None,
     compute_metrics: bool = True,
     head: HeadConfig,
 ) -> PreferenceOutput:
@@ -119,8 +120,15 @@ def preference_loss(
         chosen_win_prob, rejected_win_prob: [B] win rates P_w, P_l in [0, 1] of ``sppo`` (SPPO's
             ``chosen_probs_win``, ``chosen_probs_lose``).
         pair_win_prob: [B] P(y_w ≻ y_l) in [0, 1] of ``sppo_single`` (SPPO's ``chosen_probs``).
+        nll_target: [2B, T] labels of the NLL term of ``cpo``, ``orpo`` and ``sft`` (Liger's
+            ``nll_target``: its chosen half is used, mean over its non-ignored tokens), or None for
+            ``labels``; costs one more pass of the head over the chosen rows.
         simpo_gamma: target margin γ of ``simpo``.
         cpo_alpha: weight of the NLL term of ``cpo``.
+        average_log_prob: divide the policy and reference sequence log-probs (computed or
+            precomputed sums) by the completion length before the loss, as Liger's
+            ``average_log_prob``; ``ipo`` and ``sigmoid_norm``, which divide by the length
+            themselves, then do not divide again (``simpo``/``orpo`` use means anyway). Not with ``ld_alpha``.
         ignore_index, temperature, softcap, logit_scale, ref_softcap, ref_logit_scale: head options,
             as in `token_stats`.
         compute_metrics: also compute ``entropy``, ``logits/*`` and ``mean_token_accuracy``.
@@ -169,10 +177,31 @@ def preference_loss(
             sample_stats.reverse_kl, sample_stats.logp, completion_mask(sample_labels, ignore_index),
         )
         terms.spo_sample_weights = sample_weights
+    if nll_target is not None:
+        terms.nll = _nll_on_target(nll_target, labels, config, hidden, weight, bias, ignore_index, head_options)
     # per-pair terms -> loss
     pair_weights = _wpo_weights(stats, mask) if config.use_weighting else None
     loss, per_sequence = _combine(config, terms, margin, pair_weights)
     return _build_output(config, terms, loss, per_sequence, stats if compute_metrics else None, mask)
+
+
+NLL_LOSS_TYPES = ("cpo", "orpo", "sft")  # the loss types with an NLL term on the chosen rows
+
+
+def _nll_on_target(nll_target, labels, config, hidden, weight, bias, ignore_index, head_options):
+    """The NLL of the chosen rows against ``nll_target``'s chosen half (a second pass of the head)."""
+    if not set(config.loss_type) & set(NLL_LOSS_TYPES):
+        raise ValueError(f"nll_target: only used by loss types {list(NLL_LOSS_TYPES)}, got {list(config.loss_type)}")
+    if not isinstance(nll_target, torch.Tensor) or nll_target.is_floating_point():
+        raise TypeError(f"nll_target: expected an integer tensor of shape {tuple(labels.shape)}, got "
+                        f"{getattr(nll_target, 'dtype', type(nll_target).__name__)}")
+    if nll_target.shape != labels.shape:
+        raise ValueError(f"nll_target: expected shape {tuple(labels.shape)} (that of labels), got "
+                         f"{tuple(nll_target.shape)}")
+    n_chosen = labels.shape[0] // 2
+    target = nll_target[:n_chosen]
+    stats = token_stats(hidden[:n_chosen], weight, target, bias=bias, outputs=("logp",), **head_options)
+    return sft_loss(stats.logp, completion_mask(target, ignore_index))
 
 
 def _combine(config, terms: PairTerms, margin, pair_weights):
@@ -349,12 +378,23 @@ def _pair_terms(stats, labels, config, ignore_index, ref_chosen_logps, ref_rejec
     chosen_token_logps, _ = split_pairs(stats.logp)
     nll = sft_loss(chosen_token_logps, chosen_mask)
 
+    # average_log_prob (Liger's): every sequence log-prob, policy and reference (computed or
+    # precomputed sums), becomes a per-token mean; the formulas that divide by the length
+    # themselves (ipo, sigmoid_norm) then see lengths of 1, so each mean is taken once.
+    per_token = lengths.clamp(min=1) if config.average_log_prob else None
+    if per_token is not None:
+        logps = logps / per_token
+        lengths = torch.ones_like(lengths)
     terms = PairTerms(*split_pairs(logps), *split_pairs(avg_logps), *split_pairs(lengths), nll=nll)
+    ref_logps = None
     if ref_chosen_logps is not None:
-        terms.ref_chosen_logps = ref_chosen_logps.detach().to(dtype)
-        terms.ref_rejected_logps = ref_rejected_logps.detach().to(dtype)
+        ref_logps = torch.cat([ref_chosen_logps.detach(), ref_rejected_logps.detach()]).to(dtype)
     elif stats.ref_logp is not None:
-        terms.ref_chosen_logps, terms.ref_rejected_logps = split_pairs((stats.ref_logp * token_weights).sum(dim=1))
+        ref_logps = (stats.ref_logp * token_weights).sum(dim=1)
+    if ref_logps is not None:
+        if per_token is not None:
+            ref_logps = ref_logps / per_token
+        terms.ref_chosen_logps, terms.ref_rejected_logps = split_pairs(ref_logps)
     if terms.ref_chosen_logps is not None:
         f_type, alpha = config.f_divergence_type, config.f_alpha_divergence_coef
         terms.chosen_scores = f_divergence_score(terms.chosen_logratios, f_type, alpha)

@@ -98,6 +98,10 @@ COMMON = (
     HyperParameter("ld_alpha", Optional[float], None, "LD-DPO weight of the longer response's tail.",
                    number(low=0.0, high=1.0, optional=True), trl=True),
     HyperParameter("use_weighting", bool, False, "WPO weighting.", check_bool, trl=True),
+    HyperParameter("average_log_prob", bool, False,
+                   "Divide the policy and reference sequence log-probs by the completion length before the "
+                   "loss (Liger's average_log_prob); losses that normalise by length themselves do it once.",
+                   check_bool),
 )
 
 PAIR_INPUTS = {

@@ -52,6 +52,23 @@ def _resolve_impl(impl: str, device: torch.device) -> StatsFn:
     return functools.partial(function_token_stats, impl=impl)
 
 
+def _autocast_dtype(hidden) -> Optional[torch.dtype]:
+    """The autocast dtype active on ``hidden``'s device, or None (no autocast, or not a tensor)."""
+    if not isinstance(hidden, torch.Tensor):
+        return None
+    device_type = hidden.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast(t, dtype: torch.dtype):
+    """``t`` in the autocast dtype when it is a floating-point tensor (else unchanged for validation)."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype:
+        return t.to(dtype)
+    return t
+
+
 def token_stats(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -145,6 +162,13 @@ def token_stats(
         )
     outputs = normalize_outputs(outputs)
     labels = int64_labels(labels)
+    # Under torch.autocast the operands take the autocast dtype first, as F.linear's do: plain AMP
+    # gives bf16 hidden states and an fp32 head. Gradients come back in each input's own dtype
+    # (the casts are differentiable). Outside autocast a dtype mismatch stays an error.
+    autocast_dtype = _autocast_dtype(hidden)
+    if autocast_dtype is not None:
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias = (
+            _autocast(t, autocast_dtype) for t in (hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
     # Under torch.compile, and on meta tensors, the streaming and fused implementations run as
     # custom ops (`fpo_ops.token_stats.custom_op`) whose forward checks the data itself.
     compiling = torch.compiler.is_compiling()
@@ -171,9 +195,7 @@ def token_stats(
 
     device_type = hidden.device.type
     has_autocast = torch.amp.is_autocast_available(device_type)  # not for meta tensors
-    compute_dtype = hidden.dtype
-    if has_autocast and torch.is_autocast_enabled(device_type):
-        compute_dtype = torch.get_autocast_dtype(device_type)
+    compute_dtype = hidden.dtype  # the autocast dtype under autocast (operands cast above)
     opts = HeadOptions(
         outputs=outputs, ignore_index=ignore_index, temperature=float(temperature),
         softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale),

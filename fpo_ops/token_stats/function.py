@@ -10,6 +10,7 @@ tiles give this slice's dhidden share (all-reduced with a group), dweight and db
 `forward_pass` and `backward_pass` are also what the ``torch.library`` custom ops run
 (`fpo_ops.token_stats.custom_op`), so eager and compiled calls compute the same numbers.
 """
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -102,10 +103,13 @@ def backward_pass(hidden, weight, bias, local_labels, valid, ref_hidden, ref_wei
     if not coef or not (need_h or need_w or need_b):
         return None, None, None
     ref_hidden, ref_weight, ref_bias = reference_if_needed(opts, ref_hidden, ref_weight, ref_bias)
-    grad_h, grad_w, grad_b = run.backend.backward(
-        hidden, weight, bias, local_labels, ref_hidden, ref_weight, ref_bias, coef, kept, opts,
-        need_h, need_w, need_b and bias is not None, valid=valid,
-    )
+    # Backward may run inside the caller's autocast (autograd.grad under torch.autocast): the tiles
+    # are recomputed in the forward's dtype with fp32 sums, never recast to the autocast dtype.
+    with _no_autocast(hidden.device.type):
+        grad_h, grad_w, grad_b = run.backend.backward(
+            hidden, weight, bias, local_labels, ref_hidden, ref_weight, ref_bias, coef, kept, opts,
+            need_h, need_w, need_b and bias is not None, valid=valid,
+        )
     if grad_h is not None:
         if run.group is not None:
             import torch.distributed as dist
@@ -113,6 +117,12 @@ def backward_pass(hidden, weight, bias, local_labels, valid, ref_hidden, ref_wei
             dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=run.group)
         grad_h = grad_h.to(hidden.dtype)
     return grad_h, grad_w, grad_b
+
+
+def _no_autocast(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class TokenStatsFunction(torch.autograd.Function):

@@ -44,8 +44,8 @@ def test_hyper_parameters_match_the_signature_of_preference_loss():
         assert signature[param.name].kind is inspect.Parameter.KEYWORD_ONLY
     fields = [f for f in config.LossConfig.__dataclass_fields__]
     assert fields == ["loss_type", "loss_weights"] + [p.name for p in registry.HYPER_PARAMETERS]
-    assert [p.name for p in registry.EXTRA_HYPER_PARAMETERS] == ["tdpo_alpha", "spo_alpha", "simpo_gamma",
-                                                                  "cpo_alpha"]
+    assert [p.name for p in registry.EXTRA_HYPER_PARAMETERS] == ["average_log_prob", "tdpo_alpha", "spo_alpha",
+                                                                  "simpo_gamma", "cpo_alpha"]
 
 
 def test_loss_config_checks_and_normalises():
