@@ -438,6 +438,27 @@ def _head_inputs_through_forward(model: nn.Module, forward: Callable[..., Any], 
     return _head_inputs(model, seen["hidden"], seen["autocast_dtype"], aux_loss)
 
 
+def head_inputs_of_call(model: nn.Module, *args: Any, **kwargs: Any) -> HeadInputs:
+    """`HeadInputs` of one call of ``model`` itself (its ``__call__``), with logits for no position.
+
+    Unlike `hidden_and_head`, the hooks of the engine wrapping the model run as in any forward (FSDP2's
+    root unshards the embedding the backbone reads; DeepSpeed fetches per module), without patching
+    the model. The head is read after the call: an FSDP2 DTensor head is gathered whole, a ZeRO-3 one
+    stays partitioned for `apply_gathered`. A model whose forward takes no ``logits_to_keep`` gets its
+    backbone called directly (`hidden_and_head`).
+
+    Args:
+        model: a transformers causal LM, possibly wrapped by PEFT.
+        args, kwargs: what the model's forward takes.
+
+    Returns:
+        HeadInputs(hidden [B, T, H], weight [V, H], bias [V] or None, softcap, logit_scale, autocast_dtype).
+    """
+    if not _takes_logits_to_keep(unwrap_peft(model)):
+        return hidden_and_head(model, *args, **kwargs)
+    return _head_inputs_through_forward(model, model, *args, **kwargs)
+
+
 def add_head_outputs(model: nn.Module) -> nn.Module:
     """Let ``model(..., return_head_inputs=True)`` return `HeadInputs` instead of logits.
 
