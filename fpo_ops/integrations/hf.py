@@ -340,7 +340,7 @@ def apply_gathered(
         return _GatheredCall.apply(fn, len(params), *params, *tensors)
 
 
-def _is_fsdp2_managed(model: nn.Module) -> bool:
+def is_fsdp2_managed(model: nn.Module) -> bool:
     """True when FSDP2 (``fully_shard``) manages a module of ``model``: inside its forward the
     parameters are unsharded tensors whose storage FSDP2 frees when it reshards."""
     try:
@@ -359,7 +359,7 @@ def _kept_unsharded(t: Optional[torch.Tensor], model: nn.Module) -> Optional[tor
     A head that trains keeps FSDP2's own unsharded parameter: FSDP2 holds it until backward and
     reduce-scatters its gradient from there.
     """
-    if t is None or (t.requires_grad and torch.is_grad_enabled()) or not _is_fsdp2_managed(model):
+    if t is None or (t.requires_grad and torch.is_grad_enabled()) or not is_fsdp2_managed(model):
         return t
     return t.detach().clone()
 
