@@ -8,6 +8,7 @@ through) and DeepSpeed ZeRO-3 (partitioned parameters).
 """
 import contextlib
 import inspect
+import itertools
 import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
@@ -222,26 +223,59 @@ def is_zero3_param(t: Optional[torch.Tensor]) -> bool:
     return t is not None and hasattr(t, "ds_id")
 
 
+# Negative ids mark this module's holds in a parameter's ``ds_active_sub_modules`` (DeepSpeed's own
+# module ids are non-negative): one per `gathered_params` block, so that nested holds stay apart.
+_HOLD_IDS = itertools.count(-1, -1)
+
+
 @contextlib.contextmanager
 def gathered_params(*params: Optional[torch.Tensor]) -> Iterator[None]:
     """Gather DeepSpeed ZeRO-3 partitioned parameters for the duration of the block.
 
+    The gather cooperates with DeepSpeed's own fetching: a parameter DeepSpeed already holds (fetched
+    for a module that is still running, registered as an external parameter of one, tied to another
+    module's weight, or persistent) is used as it is and left to DeepSpeed to release. Only the
+    parameters this block fetched are partitioned again at its end, and only when no DeepSpeed module
+    still uses them. For the duration of the block each parameter carries a hold in its
+    ``ds_active_sub_modules``, so that DeepSpeed's modules (e.g. a tied embedding whose backward ends
+    meanwhile) do not free it under the block either.
+
     Parameters that are not ZeRO-3 parameters (and None) are left alone; with none to gather this is
-    a no-op and deepspeed is not imported.
+    a no-op and deepspeed is not imported. Every rank must enter the block with the same parameters
+    (the fetch is a collective), as for ``deepspeed.zero.GatheredParameters``.
 
     Args:
         params: tensors, some of which may be ZeRO-3 parameters.
     """
-    unique = {id(p): p for p in params if is_zero3_param(p)}
+    unique = list({id(p): p for p in params if is_zero3_param(p)}.values())
     if not unique:
         yield
         return
     try:
-        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     except ImportError as err:  # pragma: no cover - only reachable with ds_id set by deepspeed itself
         raise ImportError("ZeRO-3 partitioned LM head found but deepspeed cannot be imported") from err
-    with deepspeed.zero.GatheredParameters(list(unique.values()), modifier_rank=None):
+    in_flight = [p.ds_id for p in unique if p.ds_status == ZeroParamStatus.INFLIGHT]
+    if in_flight:
+        raise RuntimeError(
+            f"ZeRO-3 parameters {in_flight} of the LM head are being prefetched by DeepSpeed for a module: "
+            "expected them available or partitioned when the fused head reads them"
+        )
+    # sorted by ds_id: every rank issues the same collective in the same order
+    fetched = sorted((p for p in unique if p.ds_status == ZeroParamStatus.NOT_AVAILABLE), key=lambda p: p.ds_id)
+    hold = next(_HOLD_IDS)
+    for p in unique:
+        p.ds_active_sub_modules.add(hold)
+    try:
+        if fetched:
+            fetched[0].all_gather(param_list=fetched)
         yield
+    finally:
+        for p in unique:
+            p.ds_active_sub_modules.discard(hold)
+        idle = [p for p in fetched if p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_active_sub_modules]
+        if idle:
+            idle[0].partition(param_list=idle, has_been_updated=False)
 
 
 class _GatheredCall(torch.autograd.Function):
@@ -341,9 +375,34 @@ def apply_gathered(
         return _GatheredCall.apply(fn, len(params), *params, *tensors)
 
 
+def is_fsdp2_managed(model: nn.Module) -> bool:
+    """True when FSDP2 (``fully_shard``) manages a module of ``model``: inside its forward the
+    parameters are unsharded tensors whose storage FSDP2 frees when it reshards."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch builds without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _kept_unsharded(t: Optional[torch.Tensor], model: nn.Module) -> Optional[torch.Tensor]:
+    """A frozen head tensor read inside an FSDP2 forward, copied so that it outlives the reshard.
+
+    FSDP2 frees the unsharded storage when it reshards after a forward without gradients (a frozen
+    reference) or before the next no-gradient forward of the same model (a PEFT policy acting as its
+    reference); the fused pass reads the head after the forward and again in its backward recompute.
+    A head that trains keeps FSDP2's own unsharded parameter: FSDP2 holds it until backward and
+    reduce-scatters its gradient from there.
+    """
+    if t is None or (t.requires_grad and torch.is_grad_enabled()) or not is_fsdp2_managed(model):
+        return t
+    return t.detach().clone()
+
+
 def _head_inputs(model: nn.Module, hidden: torch.Tensor, autocast_dtype: Optional[torch.dtype],
                  aux_loss: Optional[torch.Tensor] = None) -> HeadInputs:
     weight, bias = lm_head_tensors(model)
+    weight, bias = _kept_unsharded(weight, model), _kept_unsharded(bias, model)
     scaling = head_scaling(unwrap_peft(model).config)
     # With the model split over devices (device_map) the backbone may end elsewhere than the head.
     return HeadInputs(hidden.to(weight.device), weight, bias, scaling.softcap, scaling.logit_scale,
@@ -417,6 +476,27 @@ def _head_inputs_through_forward(model: nn.Module, forward: Callable[..., Any], 
         raise TypeError(f"model: expected {type(model).__name__}.forward to run its backbone, it did not")
     aux_loss = getattr(outputs, "aux_loss", None) if kwargs.get("output_router_logits") else None
     return _head_inputs(model, seen["hidden"], seen["autocast_dtype"], aux_loss)
+
+
+def head_inputs_of_call(model: nn.Module, *args: Any, **kwargs: Any) -> HeadInputs:
+    """`HeadInputs` of one call of ``model`` itself (its ``__call__``), with logits for no position.
+
+    Unlike `hidden_and_head`, the hooks of the engine wrapping the model run as in any forward (FSDP2's
+    root unshards the embedding the backbone reads; DeepSpeed fetches per module), without patching
+    the model. The head is read after the call: an FSDP2 DTensor head is gathered whole, a ZeRO-3 one
+    stays partitioned for `apply_gathered`. A model whose forward takes no ``logits_to_keep`` gets its
+    backbone called directly (`hidden_and_head`).
+
+    Args:
+        model: a transformers causal LM, possibly wrapped by PEFT.
+        args, kwargs: what the model's forward takes.
+
+    Returns:
+        HeadInputs(hidden [B, T, H], weight [V, H], bias [V] or None, softcap, logit_scale, autocast_dtype).
+    """
+    if not _takes_logits_to_keep(unwrap_peft(model)):
+        return hidden_and_head(model, *args, **kwargs)
+    return _head_inputs_through_forward(model, model, *args, **kwargs)
 
 
 def add_head_outputs(model: nn.Module) -> nn.Module:

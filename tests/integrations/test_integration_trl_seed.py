@@ -8,7 +8,7 @@ pytest.importorskip("trl")
 
 from fpo_ops.integrations import hf  # noqa: E402
 from fpo_ops.integrations.trl import FusedDPOConfig, FusedDPOTrainer  # noqa: E402
-from hf_fixtures import FakeZero3, preference_dataset, tiny_model  # noqa: E402
+from hf_fixtures import preference_dataset, tiny_model  # noqa: E402
 from loss_batches import IGNORE, Batch  # noqa: E402
 from loss_oracle import spo_oracle, sppo_oracle, token_quantities  # noqa: E402
 from test_integration_trl import loss_metrics_grads, make_args, make_trainer, one_batch  # noqa: E402
@@ -118,18 +118,6 @@ def test_spo_evaluation_samples_each_eval_batch(tmp_path):
     result = trainer.evaluate(preference_dataset(4, seed=1))
     assert trainer._spo_generations == 2 and trainer._spo_samples is None  # not cached for training
     assert result["eval_reverse_kl"] > 0 and torch.isfinite(torch.tensor(result["eval_loss"]))
-
-
-def test_spo_on_policy_with_zero3_head_is_refused(tmp_path, monkeypatch):
-    import sys
-
-    trainer = make_trainer(FusedDPOTrainer, FusedDPOConfig, tmp_path, **SPO)
-    batch = one_batch(trainer)
-    fake = FakeZero3()
-    monkeypatch.setitem(sys.modules, "deepspeed", fake.module())
-    fake.partition(trainer.model.lm_head.weight, trainer.model.lm_head)
-    with pytest.raises(NotImplementedError, match="spo_regularizer.*ZeRO-3"):
-        trainer.compute_loss(trainer.model, batch)
 
 
 def test_spo_pair_regulariser_generates_nothing(tmp_path):

@@ -1,5 +1,4 @@
 """Tiny Hugging Face models, a tokenizer and a preference dataset built in code (no downloads)."""
-import types
 
 import torch
 
@@ -85,47 +84,3 @@ def preference_dataset(num_pairs: int = 6, seed: int = 0):
     ]
     return Dataset.from_list(rows)
 
-
-class FakeZero3:
-    """Stands in for deepspeed: partitioned params hold an empty tensor outside a gather.
-
-    As DeepSpeed's module hooks do, a call of the module owning a partitioned parameter gathers it
-    for the duration of the call (counted in ``module_gathers``, apart from explicit ``gathers``).
-    """
-
-    def __init__(self):
-        self.gathers = 0
-        self.module_gathers = 0
-
-    def partition(self, param, module=None):
-        param.ds_id = id(param)
-        param.ds_full = param.data
-        param.data = torch.empty(0, dtype=param.dtype)
-        if module is not None:
-            def gather(*_):
-                self.module_gathers += 1
-                param.data = param.ds_full
-
-            def release(*_):
-                param.data = torch.empty(0, dtype=param.dtype)
-
-            module.register_forward_pre_hook(gather)
-            module.register_forward_hook(release)
-
-    def module(self):
-        fake = self
-
-        class GatheredParameters:
-            def __init__(self, params, modifier_rank=None):
-                self.params = params
-
-            def __enter__(self):
-                fake.gathers += 1
-                for p in self.params:
-                    p.data = p.ds_full
-
-            def __exit__(self, *exc):
-                for p in self.params:
-                    p.data = torch.empty(0, dtype=p.dtype)
-
-        return types.SimpleNamespace(zero=types.SimpleNamespace(GatheredParameters=GatheredParameters))

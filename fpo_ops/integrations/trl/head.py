@@ -24,7 +24,10 @@ import torch
 from torch import nn
 
 from ...token_stats import token_stats
-from ..hf import HeadInputs, find_backbone, head_scaling, hidden_and_head, is_peft_model, lm_head_tensors, unwrap_peft
+from ..hf import (
+    HeadInputs, find_backbone, head_inputs_of_call, head_scaling, hidden_and_head, is_peft_model, lm_head_tensors,
+    unwrap_peft,
+)
 from ..deferred import defer_forward, deferred_head_of
 from .common import apply_gathered_heads, reference_adapter
 
@@ -248,7 +251,8 @@ def reference_head(trainer: Any, *args: Any, **kwargs: Any) -> HeadInputs:
     """
     with torch.no_grad():
         if trainer.ref_model is not None:
-            return hidden_and_head(trainer.accelerator.unwrap_model(trainer.ref_model), *args, **kwargs)
+            # Through the reference's own call, not its backbone alone: its FSDP2 root unshards the embedding.
+            return head_inputs_of_call(trainer.accelerator.unwrap_model(trainer.ref_model), *args, **kwargs)
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         if not is_peft_model(unwrapped):
             raise ValueError("kl_estimator: 'exact' needs a reference model or a PEFT policy, got neither")

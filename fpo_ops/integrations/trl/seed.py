@@ -39,7 +39,7 @@ import torch
 from trl.models.utils import unwrap_model_for_generation
 
 from ...losses.registry import LOSSES, users_of
-from ..hf import HeadInputs, is_zero3_param
+from ..hf import HeadInputs, is_fsdp2_managed, is_zero3_param
 from .common import completion_labels, head_hidden, head_model_kwargs, reference_forward
 
 # Per-pair dataset columns (names of the official SPPO code) and the preference_loss argument each feeds.
@@ -186,6 +186,13 @@ class SeedLossesMixin:
             raise NotImplementedError(
                 "spo_regularizer: 'on_policy' with a ZeRO-3 partitioned LM head is not supported (the samples' "
                 "hidden states would get no gradient through the gathered head); expected 'pair' or ZeRO stage < 3"
+            )
+        if is_fsdp2_managed(self.accelerator.unwrap_model(model)):
+            # Its second forward of the FSDP2 policy before backward (after the no-gradient generation)
+            # ends, with torch 2.13, in a crash inside FSDP2's backward.
+            raise NotImplementedError(
+                "spo_regularizer: 'on_policy' with an FSDP2-sharded policy is not supported (it runs the policy "
+                "twice before backward, once on its samples); expected 'pair', DDP or ZeRO-2"
             )
         samples = self._spo_samples
         step = self.state.global_step
