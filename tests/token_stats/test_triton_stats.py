@@ -154,6 +154,17 @@ def test_error_budget_low_precision(dtype, floor):
     assert_within_error_budget(case64.cast(dtype), "triton", floor=floor)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_error_budget_when_the_softcap_bites(dtype):
+    """Logits ~20 under softcap 30 (test_autocast_mixed_dtypes' case, no autocast): dz, scaled by the
+    cap's derivative, is stored in the GEMM dtype; rounded other than to nearest (the interpreter
+    truncates to bf16) its errors add up in dW and dh (3x plain PyTorch's in bf16)."""
+    case64 = make_case(shape=(3, 7), hidden_size=32, vocab=53, ref_hidden_size=16, bias=True,
+                       ref_bias=True, softcap=30.0, logit_std=20.0, seed=21)
+    outputs = ("logp", "lse", "ref_logp", "kl", "entropy")
+    assert_within_error_budget(case64.cast(dtype), "triton", outputs, floor=1e-3)
+
+
 def _filtered_reference_grads(case, eps, block_n, block_v, outputs):
     """Oracle gradients with the logit gradient zeroed on every tile the filter may drop."""
     hidden, weight, labels = case.hidden.detach(), case.weight.detach(), case.labels

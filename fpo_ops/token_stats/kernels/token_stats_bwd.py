@@ -24,7 +24,7 @@ from .rows import (
     LSE_ROW, REVERSE_KL_ROW,
 )
 from .utils import (
-    dot_acc, dot_precision, head_logits, log_mixture, preactivation_grad, triton_dtype,
+    dot_acc, dot_precision, head_logits, log_mixture, preactivation_grad, round_for_store, triton_dtype,
     upcast_dot_operands,
 )
 
@@ -120,8 +120,7 @@ def token_stats_bwd_kernel(
             negligible = negligible & (tl.sum(is_label.to(tl.int32)) == 0)
             dz = tl.where(negligible, 0.0, dz)
             tl.store(skip_ptr + pid_n * stride_skip + pid_v, negligible.to(tl.int8))
-        tl.store(dz_ptr + idx[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
-                 mask=tile)
+        tl.store(dz_ptr + idx[:, None] * stride_dz + cols[None, :], round_for_store(dz, dz_ptr), mask=tile)
         if WANT_DB:
             tl.store(db_part_ptr + pid_n * stride_db_part + cols, tl.sum(dz, 0), mask=col_mask)
     else:
@@ -223,7 +222,7 @@ def token_stats_bwd_dw_kernel(
         for n0 in range(0, n_valid, BN):
             acc = _dw_step(dz_ptr, h_ptr, order_ptr, acc, n0, n_valid, cols, col_mask, hs, h_mask,
                            stride_dz, stride_h, BN, UPCAST, PRECISION)
-    tl.store(dw_ptr + cols[:, None] * stride_dw + hs[None, :], acc.to(dw_ptr.dtype.element_ty),
+    tl.store(dw_ptr + cols[:, None] * stride_dw + hs[None, :], round_for_store(acc, dw_ptr),
              mask=col_mask[:, None] & h_mask[None, :])
 
 

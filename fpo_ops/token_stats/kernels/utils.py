@@ -26,6 +26,14 @@ def upcast_dot_operands(dtype: torch.dtype) -> bool:
     return interpreted() and dtype == torch.bfloat16
 
 
+# The interpreter converts fp32 to bf16 by truncating the mantissa (Triton 3.x's `cast_impl`
+# ignores the rounding mode), where compiled kernels round to nearest even (cvt.rn.bf16.f32), as
+# PyTorch does. Truncation errs toward zero on every element, up to a whole ulp, so a bf16 dz tile
+# biased that way makes dweight and dhidden sums of errors of one sign (3-4x plain PyTorch's error
+# where a softcap bites); `round_for_store` rounds by hand there.
+ROUND_BF16_BY_HAND = tl.constexpr(interpreted())
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 GEMMs follow PyTorch's TF32 switch, so fp32 results are comparable to plain PyTorch."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
@@ -45,6 +53,22 @@ def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def round_for_store(x, ptr):
+    # x (ACC) -> the element type of ptr, rounded to nearest even as compiled code rounds
+    if ROUND_BF16_BY_HAND and x.dtype == tl.float32 and ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        # add half an ulp of bf16 (less 1 where the kept bit is even: ties go to even) and keep the
+        # high 16 bits, which are the bf16 (the interpreter's conversion also mangles subnormals)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        # a NaN's payload could carry into the sign bit: its own high bits, quiet bit set
+        rounded = tl.where(x == x, rounded, (bits >> 16) | 0x40)
+        y = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(ptr.dtype.element_ty)
+    return y
 
 
 @triton.jit
