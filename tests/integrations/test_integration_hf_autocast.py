@@ -7,8 +7,6 @@ paths must accept that, return each gradient in its parameter's dtype, and train
 budget: against the float64 model, their error is at most 2x that of the unpatched mixed model under
 the same autocast, plus a small floor (`assert_within_budget`).
 """
-import copy
-
 import pytest
 import torch
 
@@ -17,7 +15,7 @@ pytest.importorskip("transformers")
 import fpo_ops  # noqa: E402
 from fpo_ops.integrations.hf import hidden_and_head  # noqa: E402
 from fpo_ops.integrations.patch import apply_fused_head  # noqa: E402
-from hf_fixtures import VOCAB_SIZE, tiny_model  # noqa: E402
+from hf_fixtures import VOCAB_SIZE, bf16_exact, float64, mixed, tiny_model  # noqa: E402
 from loss_oracle import dpo_oracle, tdpo_oracle, token_quantities_of_logits  # noqa: E402
 from trainer_fixtures import assert_within_budget  # noqa: E402
 
@@ -25,28 +23,6 @@ STEPS = 3
 LR = 0.2
 BETA, TDPO_ALPHA = 0.3, 0.5
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
-
-
-def bf16_exact(model):
-    """``model`` (fp32) with its backbone rounded to bf16 values: the mixed and the float64 copies then
-    start from the same numbers, and their difference is the arithmetic alone."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.startswith("lm_head."):
-                p.copy_(p.to(torch.bfloat16).float())
-    return model
-
-
-def mixed(model):
-    """A copy of ``model`` as plain AMP training holds it: bf16 backbone, fp32 (untied) head."""
-    copied = copy.deepcopy(model).to(torch.bfloat16)
-    copied.lm_head.float()
-    assert copied.lm_head.weight.dtype == torch.float32 and copied.model.embed_tokens.weight.dtype == torch.bfloat16
-    return copied.train()
-
-
-def float64(model):
-    return copy.deepcopy(model).double().train()
 
 
 def batch(seed=1, rows=4, length=10):
