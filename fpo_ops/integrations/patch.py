@@ -17,6 +17,7 @@ the model's logits afterwards (``LabelSmoother``). `apply_fused_head` wraps ``Tr
 so that, for a patched model, `fpo_ops.integrations.deferred.fused_label_smoothing` puts a fused smoother
 in its place and the forward defers its head to it instead of projecting logits.
 """
+import contextlib
 import functools
 import inspect
 import types
@@ -93,6 +94,19 @@ def _check_patchable(model: nn.Module) -> None:
                          f"computes), got {getattr(loss_function, '__name__', loss_function)!r}")
 
 
+def _check_precision(model: nn.Module, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast the check's forward needs: a model whose parameters mix float dtypes (a bf16 backbone
+    with an fp32 head, as plain AMP training holds it) runs only under autocast, which its head's
+    ``F.linear`` needs to take bf16 hidden states with an fp32 weight; it is patched outside one."""
+    if torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    low = [dtype for dtype in (torch.bfloat16, torch.float16) if dtype in dtypes]
+    if len(dtypes) > 1 and low:
+        return torch.autocast(device.type, dtype=low[0])
+    return contextlib.nullcontext()
+
+
 def _check_head(model: nn.Module, forward: Callable[..., Any]) -> None:
     """One 2-token forward: the head read from the model reproduces the model's own logits."""
     seen = {}
@@ -104,7 +118,7 @@ def _check_head(model: nn.Module, forward: Callable[..., Any]) -> None:
     embeddings = model.get_input_embeddings()
     device = embeddings.weight.device if embeddings is not None else next(model.parameters()).device
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _check_precision(model, device):
             logits = forward(input_ids=torch.tensor([[0, 1]], device=device), use_cache=False, return_dict=True).logits
     finally:
         handle.remove()

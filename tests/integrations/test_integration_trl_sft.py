@@ -9,8 +9,9 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 from fpo_ops.integrations.trl import FusedSFTConfig, FusedSFTTrainer  # noqa: E402
 from trainer_fixtures import (  # noqa: E402
     assert_default_precision_within_budget, assert_heads_run_in_autocast_dtype, assert_same_step,
-    completion_dataset, one_batch, step, text_dataset, trainer_pair,
+    assert_within_budget, completion_dataset, one_batch, step, text_dataset, trainer_pair,
 )
+from hf_fixtures import bf16_exact, float64, mixed, tiny_model, tiny_tokenizer  # noqa: E402
 
 FP32 = dict(
     per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, optim="sgd", logging_steps=1,
@@ -90,6 +91,29 @@ def test_all_ignored_batch_gives_a_zero_that_backpropagates(tmp_path):
 def test_bf16_default_config_within_budget(tmp_path):
     """TRL's default precision (bf16 autocast, gradient checkpointing) against the fp32 step."""
     assert_default_precision_within_budget(pair, tmp_path, FP32, one_batch)
+
+
+def test_plain_amp_bf16_backbone_fp32_head_within_budget(tmp_path):
+    """A bf16 backbone with an fp32 head under the user's own bf16 autocast (``bf16=False``: the trainer adds
+    none): the head takes mixed operands, each gradient comes back in its parameter's dtype, and the step is
+    within budget of TRL's on the same model against the float64 model's."""
+    base = bf16_exact(tiny_model("llama"))
+
+    def trainer(trainer_cls, config_cls, model, name):
+        return trainer_cls(model=model, args=config_cls(output_dir=str(tmp_path / name), **FP32),
+                           train_dataset=completion_dataset(8), processing_class=tiny_tokenizer())
+
+    theirs = trainer(SFTTrainer, SFTConfig, mixed(base), "trl")
+    ours = trainer(FusedSFTTrainer, FusedSFTConfig, mixed(base), "fused")
+    exact = trainer(SFTTrainer, SFTConfig, float64(base), "exact")
+    batch = one_batch(theirs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = step(theirs, batch), step(ours, batch)
+    assert set(got[1]) == METRICS
+    params = dict(ours.model.named_parameters())
+    assert params["lm_head.weight"].dtype == torch.float32
+    assert set(got[2]) == set(params) and all(g.dtype == params[n].dtype for n, g in got[2].items())
+    assert_within_budget(got, expected, step(exact, batch))
 
 
 @pytest.mark.parametrize("bf16", [True, False])

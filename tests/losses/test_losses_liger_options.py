@@ -199,3 +199,45 @@ def test_distill_hard_and_soft_terms(impl, temperature):
     assert max_rel_err(loss, liger) < LIGER_TOL
     for got, ref in zip((grads[0].reshape(-1, 16), grads[1]), liger_grads):
         assert max_rel_err(got, ref) < LIGER_TOL
+
+
+def _same_output(got, want, inputs):
+    """Equal losses, metrics and gradients with respect to ``inputs`` (same impl, same arithmetic)."""
+    got_grads = torch.autograd.grad(got.loss, inputs)
+    want_grads = torch.autograd.grad(want.loss, inputs)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+    assert got.metrics.keys() == want.metrics.keys()
+    for name in want.metrics:
+        torch.testing.assert_close(got.metrics[name], want.metrics[name], rtol=0, atol=0)
+    for g, r in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+def test_kto_module_takes_kl_in_forward(impl):
+    """``KTOLoss.forward(..., kl=...)`` is `kto_loss(..., kl=...)`, and the keyword reaches the loss."""
+    from fpo_ops.losses import KTOLoss
+    h, w, y, rh, rw = _unpaired()
+    desirable = torch.tensor([True, False, True])
+    kl = torch.tensor([0.3, -0.2, 0.7], dtype=torch.float64)
+    module = KTOLoss(beta=0.2, impl=impl)
+    got = module(h, w, y, rh, rw, desirable=desirable, kl=kl)
+    _same_output(got, kto_loss(h, w, y, rh, rw, desirable=desirable, kl=kl, beta=0.2, impl=impl), (h, w))
+    without = module(h, w, y, rh, rw, desirable=desirable, kl=torch.zeros(3, dtype=torch.float64))
+    assert not torch.allclose(without.loss, got.loss)
+
+
+@pytest.mark.parametrize("loss_type", ["orpo", "cpo"])
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+def test_preference_module_takes_nll_target_in_forward(impl, loss_type):
+    """``PreferenceLoss(loss_type=...).forward(..., nll_target=...)`` is the function with ``nll_target``."""
+    from fpo_ops.losses import PreferenceLoss, preference_loss
+    h, w, y, _, _ = _pairs()
+    g = torch.Generator().manual_seed(5)
+    nll_target = torch.randint(0, w.shape[0], y.shape, generator=g)
+    nll_target[:, :3] = -100
+    module = PreferenceLoss(loss_type=loss_type, beta=0.3, impl=impl)
+    got = module(h, w, y, nll_target=nll_target)
+    want = preference_loss(h, w, y, loss_type=loss_type, beta=0.3, nll_target=nll_target, impl=impl)
+    _same_output(got, want, (h, w))
+    assert not torch.allclose(module(h, w, y).loss, got.loss)

@@ -1,4 +1,5 @@
 """Tiny Hugging Face models, a tokenizer and a preference dataset built in code (no downloads)."""
+import copy
 
 import torch
 
@@ -66,6 +67,31 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
         head = model.get_output_embeddings().weight
         head.normal_(0.0, 0.5)
     return model.float().eval()
+
+
+# Plain PyTorch AMP training (`model.to(torch.bfloat16)`, then `model.lm_head.float()`).
+
+def bf16_exact(model):
+    """``model`` (fp32) with its backbone rounded to bf16 values: the mixed and the float64 copies then
+    start from the same numbers, and their difference is the arithmetic alone."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("lm_head."):
+                p.copy_(p.to(torch.bfloat16).float())
+    return model
+
+
+def mixed(model):
+    """A copy of ``model`` as plain AMP training holds it: bf16 backbone, fp32 (untied) head."""
+    copied = copy.deepcopy(model).to(torch.bfloat16)
+    copied.lm_head.float()
+    assert copied.lm_head.weight.dtype == torch.float32 and copied.model.embed_tokens.weight.dtype == torch.bfloat16
+    return copied.train()
+
+
+def float64(model):
+    """A float64 copy of ``model`` in training mode: the exact reference of a mixed-precision run."""
+    return copy.deepcopy(model).double().train()
 
 
 def preference_dataset(num_pairs: int = 6, seed: int = 0):

@@ -36,10 +36,16 @@ def token_quantities(batch: Batch, hidden=None, ref_hidden=None, labels=None) ->
     z = _logits(hidden, batch.weight, batch.bias, head.get("temperature", 1.0), head.get("softcap"),
                 head.get("logit_scale", 1.0))
     zr = _logits(ref_hidden, ref_weight, ref_bias, head.get("temperature", 1.0), head.get("ref_softcap"),
-                 head.get("ref_logit_scale", 1.0)).detach()
+                 head.get("ref_logit_scale", 1.0))
+    return token_quantities_of_logits(z, zr, labels)
+
+
+def token_quantities_of_logits(z: torch.Tensor, zr: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """`token_quantities` from policy logits ``z`` and reference logits ``zr`` [R, T, V] (``zr`` detached)."""
+    zr = zr.detach()
+    valid = labels != IGNORE
     logp_all, logq_all = torch.log_softmax(z, -1), torch.log_softmax(zr, -1)
     p, q = logp_all.exp(), logq_all.exp()
-    valid = labels != IGNORE
     index = labels.clamp(min=0).unsqueeze(-1)
     m = valid.to(z.dtype)
     return dict(

@@ -16,6 +16,7 @@ dtype with fp32 accumulation and fp32 statistics; ``cast_lm_head_to_fp32`` runs 
 import contextlib
 import functools
 import inspect
+import itertools
 import types
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Tuple
@@ -37,6 +38,8 @@ _TRL_OUTPUTS = {
     "mean_logits": "mean_logit", "is_top1": "top1_correct",
 }
 IMPLS = ("auto", "triton", "torch", "reference")
+# Distinct attribute names for the forward each `add_fused_head` call replaces.
+_PATCH_IDS = itertools.count()
 
 
 def validate_impl(impl: Any, name: str = "fused_impl") -> None:
@@ -152,13 +155,18 @@ def add_fused_head(
     validate_impl(impl, "impl")
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
-    original_forward = model.forward
+    # The forward being replaced lives on the model, not in the closure: a deep copy of the model (TRL's
+    # reference is a copy of the patched policy) then calls its own, rebound to the copy. Each patch has
+    # its own slot, so patching a patched model (or its copy) again wraps the earlier patch.
+    slot = f"_fpo_trl_original_forward_{next(_PATCH_IDS)}"
+    setattr(model, slot, model.forward)
     config = unwrap_peft(model).config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
 
     # The wrapped signature is kept: `generate` validates its keyword arguments against it.
     @functools.wraps(type(model).forward)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        original_forward = getattr(self, slot)
         if not fused_lm_head:
             for name, value in (("labels", labels), ("shift_labels", shift_labels),
                                 ("num_items_in_batch", num_items_in_batch)):
