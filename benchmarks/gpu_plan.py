@@ -99,7 +99,7 @@ class Plan:
     sweep_workload: str
     sweep_tokens: int
     # launch shapes tried, as overrides of tile_config's choice (the first is tile_config's own)
-    sweep_candidates: Tuple[Dict[str, int], ...]
+    sweep_candidates: Tuple[Dict[str, object], ...]
     sweep_repeats: int
     # fpo-bench --isolate: "auto" (a process per case on CPU, where peak RSS needs it) or "none"
     isolate: str = "auto"
@@ -126,11 +126,12 @@ PLANS = {
         # oracles at N 1031 x V 32003 on the GPU, one Llama-3 head at N 4096
         test_args=GPU_TESTS, tests_estimate_s=PYTHON_START_S + 20 * TRITON_COMPILE_S + 6.0,
         sweep_workload="tdpo", sweep_tokens=16384,
-        # tile_config's [128, 128] tiles, the [64, 128] ones before them (the first GPU run keeps
-        # or reverts the default), and two more
+        # tile_config's per-variant shapes ([128, 128] tiles where they fit; tdpo's forward takes
+        # [64, 128]), the [64, 128] ones before them for every launch (levels None; the first GPU
+        # run keeps or reverts the default), and two more
         sweep_candidates=(
             {},
-            dict(PREVIOUS_16BIT_TILES),
+            dict(PREVIOUS_16BIT_TILES, levels=None),
             {"BN": 64, "BV": 256},
             {"BH_reduce": 32, "num_stages": 4},
         ),

@@ -20,9 +20,9 @@ import torch
 import triton
 
 from .backend import Backend
-from .kernels.token_stats_bwd import token_stats_bwd_chunk
+from .kernels.token_stats_bwd import bwd_flags, token_stats_bwd_chunk
 from .kernels.token_stats_fwd import token_stats_fwd, token_stats_jsd_fwd
-from .kernels.utils import TileConfig, tile_config
+from .kernels.utils import TileConfig, launch_tiles, tile_config
 from .online import Partials, merge_stacked
 from .options import HeadOptions
 from .stats import GRAD_KEYS, PARTIAL_KEYS, REFERENCE_GRADS, SAVED_KEYS, present_partials
@@ -147,7 +147,10 @@ def triton_backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, 
         ref_hidden, ref_weight, ref_bias = map(_contiguous, (ref_hidden, ref_weight, ref_bias))
     else:
         ref_hidden = ref_weight = ref_bias = None
-    cfg = config or tile_config(device, hidden.dtype)
+    filtering = opts.grad_filter_eps > 0.0
+    # one shape for the whole backward: its dh/dw GEMMs read dz, dbias parts and skip flags by its token blocks
+    flags = bwd_flags(bias is not None, use_ref, ref_bias is not None, tuple(coef), opts, need_b, filtering)
+    cfg = launch_tiles(config or tile_config(device, hidden.dtype), "bwd", flags)
     order, n_valid = _token_order(valid, n_tokens, device)
 
     coef_buf = torch.zeros((len(GRAD_KEYS), n_tokens), dtype=acc, device=device)
@@ -165,7 +168,6 @@ def triton_backward_tiles(hidden, weight, bias, labels, ref_hidden, ref_weight, 
     token_blocks = triton.cdiv(n_tokens, cfg.BN)
     dz = torch.empty((n_tokens, chunk), dtype=hidden.dtype, device=device)
     db_part = torch.empty((token_blocks, chunk), dtype=acc, device=device) if need_b else None
-    filtering = opts.grad_filter_eps > 0.0
     skip = (torch.empty((token_blocks, triton.cdiv(chunk, cfg.BV)), dtype=torch.int8, device=device)
             if filtering else None)
 

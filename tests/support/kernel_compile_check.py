@@ -59,16 +59,19 @@ class Variant:
     filter_eps: float = 0.0
 
 
-# The launches behind DPO, TDPO and distillation, plus every optional statistic, bias and softcap at
-# once and gradient filtering: together every kernel and every constexpr branch of the kernels.
+# The launches behind DPO (also with a bias and Gemma-2's softcap), TDPO, distillation and SFT with
+# its token-accuracy metric, plus every optional statistic, bias and softcap at once and gradient
+# filtering: together every kernel and every constexpr branch of the kernels.
 VARIANTS = (
     Variant("dpo", grads=("logp",)),
     Variant("tdpo", partial_keys=("kl",), grads=("logp", "kl")),
     Variant("jsd", jsd=True, grads=("jsd",)),
-    Variant("every-stat", partial_keys=("ent", "s2", "sum_z", "rkl", "kl"), jsd=True,
+    Variant("every-stat", partial_keys=("ent", "s2", "sum_z", "m_pre", "argmax", "rkl", "kl"), jsd=True,
             grads=("logp", "entropy", "kl", "reverse_kl", "jsd"), bias=True, softcap=True),
     Variant("filtered", partial_keys=("ent", "rkl", "kl"),
             grads=("logp", "entropy", "kl", "reverse_kl", "jsd"), bias=True, softcap=True, filter_eps=1e-6),
+    Variant("dpo-capped", grads=("logp",), bias=True, softcap=True),
+    Variant("sft-top1", partial_keys=("m_pre", "argmax"), has_ref=False, grads=("logp",)),
 )
 # What the CPU test compiles (the CI budget); the script compiles every variant.
 MAIN_VARIANTS = ("dpo", "tdpo", "every-stat")
@@ -233,8 +236,8 @@ def _key(launch: Launch) -> Tuple:
 
 
 # constexprs that name a kernel's branch (the rest are tile sizes and dtypes, shown once per row)
-_BRANCH_FLAGS = ("HAS_REF", "WANT_ENT", "WANT_S2", "WANT_SUM_Z", "WANT_RKL", "WANT_KL", "HAS_BIAS", "CAPPED",
-                 "G_LOGP", "G_ENT", "G_KL", "G_RKL", "G_JSD", "WANT_DB", "FILTER", "ACCUMULATE")
+_BRANCH_FLAGS = ("HAS_REF", "WANT_ENT", "WANT_S2", "WANT_SUM_Z", "WANT_M_PRE", "WANT_ARGMAX", "WANT_RKL", "WANT_KL",
+                 "HAS_BIAS", "CAPPED", "G_LOGP", "G_ENT", "G_KL", "G_RKL", "G_JSD", "WANT_DB", "FILTER", "ACCUMULATE")
 
 
 def _flags(constexprs: Dict[str, object]) -> str:

@@ -7,7 +7,14 @@ import pytest
 import torch
 import triton
 
-from fpo_ops.token_stats.kernels.utils import MIN_LAST_WAVE, TileConfig, last_wave_fill, split_blocks, tile_config
+from fpo_ops.token_stats.kernels.token_stats_bwd import bwd_flags
+from fpo_ops.token_stats.kernels.token_stats_fwd import fwd_flags, jsd_flags
+from fpo_ops.token_stats.kernels.utils import (
+    HOPPER_16BIT_TILES, MIN_LAST_WAVE, PREVIOUS_16BIT_TILES, TileConfig, last_wave_fill, launch_level, launch_tiles,
+    split_blocks, tile_config,
+)
+from fpo_ops.token_stats.options import HeadOptions
+from fpo_ops.token_stats.stats import REFERENCE_GRADS
 
 HOPPER_SMS = 132
 # Llama-3, Qwen2.5 and Gemma-2 vocabularies, and two older ones
@@ -25,7 +32,10 @@ def hopper_configs(monkeypatch):
 
 
 def test_forward_last_wave_is_three_quarters_full_for_every_n(hopper_configs):
-    for dtype, cfg in hopper_configs.items():
+    # the narrower tiles of the launches that take them (`launch_tiles`) too
+    bf16 = hopper_configs[torch.bfloat16]
+    shapes = {**hopper_configs, "bf16 narrow": bf16.at("narrow"), "bf16 narrowest": bf16.at("narrowest")}
+    for dtype, cfg in shapes.items():
         for vocab in VOCABS:
             vocab_blocks = triton.cdiv(vocab, cfg.BV)
             for n in range(256, 65537):
@@ -51,3 +61,51 @@ def test_wave_arithmetic():
     with pytest.raises(ValueError, match="BN"):
         TileConfig(BN=8, BV=16, BH_reduce=16, BH_grad=16, num_warps=1, num_stages=1, target_programs=1,
                    min_splits=1, dz_buffer_bytes=1, min_vocab_chunk=16)
+
+
+def _launches(opts, keys=(), grads=("logp",), has_ref=True, bias=False):
+    """{pass: flags} of one call, as the launchers build them."""
+    # the backward reads the reference only for a gradient that needs it
+    bwd_ref = has_ref and any(g in REFERENCE_GRADS for g in grads)
+    return {"fwd": fwd_flags(bias, has_ref, bias, opts, keys), "jsd": jsd_flags(bias, bias, opts),
+            "bwd": bwd_flags(bias, bwd_ref, bias, grads, opts, bias, opts.grad_filter_eps > 0.0)}
+
+
+def test_each_variant_gets_the_tiles_its_compiled_code_fits(hopper_configs):
+    """16-bit: [128, 128] tiles where the sm_90a build does not spill at them, [64, 128] (the previous
+    default) or [64, 64] elsewhere (benchmarks/results/hopper-compile-bf16-after.md); wider dtypes
+    have one shape for all."""
+    cfg = hopper_configs[torch.bfloat16]
+    wide, narrow, narrowest = cfg, cfg.at("narrow"), cfg.at("narrowest")
+    assert {k: getattr(wide, k) for k in HOPPER_16BIT_TILES} == HOPPER_16BIT_TILES
+    assert {k: getattr(narrow, k) for k in PREVIOUS_16BIT_TILES} == PREVIOUS_16BIT_TILES
+    assert (narrowest.BN, narrowest.BV, narrowest.num_stages) == (64, 64, 2) and narrowest.levels is None
+    plain = HeadOptions()
+    capped = HeadOptions(softcap=30.0, ref_softcap=30.0)
+    filtered = HeadOptions(grad_filter_eps=1e-6)
+    every_grad = ("logp", "entropy", "kl", "reverse_kl", "jsd")
+    expected = [
+        # (launches, forward, backward); the JSD pass is [64, 128] whatever its flags
+        (_launches(plain), wide, wide),                                              # dpo
+        (_launches(plain, has_ref=False), wide, wide),                               # SFT
+        (_launches(plain, has_ref=False, keys=("m_pre", "argmax")), narrow, wide),   # SFT, token accuracy
+        (_launches(capped, bias=True), narrow, wide),                                # dpo, bias + softcap
+        (_launches(plain, keys=("kl",), grads=("logp", "kl")), narrow, wide),        # tdpo
+        (_launches(plain, grads=("jsd",)), wide, narrow),                            # distillation
+        (_launches(capped, bias=True, keys=("ent", "rkl", "kl"), grads=every_grad), narrow, narrowest),
+        (_launches(filtered, keys=("ent", "s2", "sum_z", "m_pre", "argmax", "rkl", "kl")), narrowest, narrowest),
+        # not measured at the wider shapes: the narrowest
+        (_launches(plain, grads=("lse",)), wide, narrowest),
+    ]
+    for launches, fwd, bwd in expected:
+        assert launch_tiles(cfg, "fwd", launches["fwd"]) == fwd, launches["fwd"]
+        assert launch_tiles(cfg, "jsd", launches["jsd"]) == narrow
+        assert launch_tiles(cfg, "bwd", launches["bwd"]) == bwd, launches["bwd"]
+    fp32 = hopper_configs[torch.float32]
+    assert launch_tiles(fp32, "bwd", _launches(filtered)["bwd"]) is fp32
+    with pytest.raises(ValueError, match="kernel: expected one of"):
+        launch_level("dw", {})
+    with pytest.raises(ValueError, match="level: expected one of"):
+        cfg.at("wider")
+    with pytest.raises(ValueError, match=r"levels\['narrow'\]: expected overrides of"):
+        TileConfig(**{**cfg.as_kwargs(), "levels": {"narrow": dict(BM=64)}})

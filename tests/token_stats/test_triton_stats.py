@@ -39,6 +39,50 @@ def test_interpreter_tiles_exercise_splits_and_chunks():
                    target_programs=1, min_splits=1, dz_buffer_bytes=1, min_vocab_chunk=16)
 
 
+# A launch shape with levels, as the 16-bit CUDA one has (`launch_tiles`): wide launches take
+# [32, 32] tiles, narrow ones [16, 32], the narrowest [16, 16], so the forward, the JSD pass and the
+# backward of one call run at different token blocks and vocabulary splits.
+SPLIT_SHAPE = TileConfig(BN=32, BV=32, BH_reduce=16, BH_grad=16, num_warps=1, num_stages=1,
+                         target_programs=4, min_splits=1, dz_buffer_bytes=1 << 10, min_vocab_chunk=32,
+                         levels={"narrow": dict(BN=16), "narrowest": dict(BN=16, BV=16)})
+WIDE, NARROW, NARROWEST = (32, 32), (16, 32), (16, 16)
+
+
+@pytest.mark.parametrize("outputs, extra, want", [
+    (("logp", "ref_logp"), {}, {"fwd": WIDE, "bwd": WIDE}),                            # dpo
+    (("logp", "kl"), {}, {"fwd": NARROW, "bwd": WIDE}),                                # tdpo
+    (("jsd",), {}, {"fwd": WIDE, "jsd": NARROW, "bwd": NARROW}),                       # distillation
+    (("entropy", "top1_correct", "argmax"), {}, {"fwd": NARROWEST, "bwd": NARROWEST}),
+    (("logp", "kl"), dict(grad_filter_eps=1e-30), {"fwd": NARROW, "bwd": NARROWEST}),
+    (ALL_STATS, {}, {"fwd": NARROWEST, "jsd": NARROW, "bwd": NARROWEST}),
+])
+def test_each_variant_at_its_own_tiles(monkeypatch, outputs, extra, want):
+    """Each variant runs at the launch shape `launch_tiles` gives it, and matches the oracle."""
+    from fpo_ops.token_stats import triton_stats
+    from fpo_ops.token_stats.kernels import token_stats_fwd, utils
+
+    used = {}
+
+    def recording(cfg, kernel, flags):
+        chosen = utils.launch_tiles(cfg, kernel, flags)
+        used[kernel] = (chosen.BN, chosen.BV)
+        return chosen
+
+    monkeypatch.setattr(token_stats_fwd, "launch_tiles", recording)
+    monkeypatch.setattr(triton_stats, "launch_tiles", recording)
+    case = make_case(shape=(37,), hidden_size=24, vocab=100, ref_hidden_size=16)
+    ref_stats, ref_grads = run(case, "reference", outputs, **extra)
+    with utils.override_tile_config(SPLIT_SHAPE):
+        stats, grads = run(case, "triton", outputs, **extra)
+    assert used == want
+    for stat in outputs:
+        assert max_rel_err(getattr(stats, stat), getattr(ref_stats, stat)) < 1e-9, stat
+    assert len(grads) == len(ref_grads) > 0
+    for got, expected in zip(grads, ref_grads):
+        # a filter at 1e-30 drops no tile of this case: the exact gradients
+        assert max_rel_err(got, expected) < 1e-9
+
+
 # The oracle cases, some with more for the kernels to do: a bias under the softcap, one token over
 # several vocabulary splits, more ignored tokens; and sizes that fill several tiles unevenly.
 CASES = {

@@ -226,6 +226,19 @@ def token_stats_bwd_dw_kernel(
              mask=col_mask[:, None] & h_mask[None, :])
 
 
+def bwd_flags(has_bias: bool, has_ref: bool, has_ref_bias: bool, grad_flags, opts, want_db: bool,
+              filtering: bool) -> dict:
+    """The constexpr branch flags of `token_stats_bwd_kernel` for one call (``grad_flags``: the
+    GRAD_KEYS with an upstream gradient); also what `launch_tiles` picks the backward's shape by."""
+    return dict(
+        HAS_BIAS=has_bias, HAS_REF_BIAS=has_ref and has_ref_bias,
+        CAPPED=opts.softcap is not None, REF_CAPPED=has_ref and opts.ref_softcap is not None,
+        G_LOGP="logp" in grad_flags, G_LSE="lse" in grad_flags, G_ENT="entropy" in grad_flags,
+        G_KL=has_ref and "kl" in grad_flags, G_RKL=has_ref and "reverse_kl" in grad_flags,
+        G_JSD=has_ref and "jsd" in grad_flags, WANT_DB=want_db, FILTER=filtering,
+    )
+
+
 def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
                           label_offset: int, order, n_valid, coef, saved, grad_flags, opts, cfg,
                           grad_h, grad_w, grad_b, first_chunk: bool, dz, db_part, skip):
@@ -270,11 +283,8 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
         float(opts.ref_logit_scale), 1.0 if opts.ref_softcap is None else float(opts.ref_softcap),
         float(opts.temperature), beta, math.log(beta) if beta > 0.0 else float("-inf"),
         math.log1p(-beta) if beta < 1.0 else float("-inf"), float(opts.grad_filter_eps),
-        HAS_BIAS=bias is not None, HAS_REF_BIAS=has_ref and ref_bias is not None,
-        CAPPED=opts.softcap is not None, REF_CAPPED=opts.ref_softcap is not None,
-        G_LOGP="logp" in grad_flags, G_LSE="lse" in grad_flags, G_ENT="entropy" in grad_flags,
-        G_KL=has_ref and "kl" in grad_flags, G_RKL=has_ref and "reverse_kl" in grad_flags,
-        G_JSD=has_ref and "jsd" in grad_flags, WANT_DB=db_part is not None, FILTER=filtering,
+        **bwd_flags(bias is not None, has_ref, ref_bias is not None, grad_flags, opts, db_part is not None,
+                     filtering),
         ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
         UPCAST=upcast, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -18,7 +18,7 @@ from .rows import (
     ARGMAX_ROW, ENT_ROW, KL_ROW, M_PRE_ROW, M_REF_ROW, M_ROW, RKL_ROW, S2_ROW, S_REF_ROW, S_ROW, SUM_Z_ROW,
     Z_LABEL_ROW, Z_REF_LABEL_ROW,
 )
-from .utils import dot_precision, head_logits, log_mixture, triton_dtype, upcast_dot_operands
+from .utils import dot_precision, head_logits, launch_tiles, log_mixture, triton_dtype, upcast_dot_operands
 
 
 @triton.jit
@@ -212,6 +212,24 @@ def _floats(softcap: Optional[float], logit_scale: float):
     return float(logit_scale), 1.0 if softcap is None else float(softcap)
 
 
+def fwd_flags(has_bias: bool, has_ref: bool, has_ref_bias: bool, opts, keys) -> dict:
+    """The constexpr branch flags of `token_stats_fwd_kernel` for one launch (also what
+    `launch_tiles` picks its tile shape by)."""
+    return dict(
+        HAS_BIAS=has_bias, HAS_REF=has_ref, HAS_REF_BIAS=has_ref and has_ref_bias,
+        CAPPED=opts.softcap is not None, REF_CAPPED=has_ref and opts.ref_softcap is not None,
+        WANT_ENT="ent" in keys, WANT_S2="s2" in keys, WANT_SUM_Z="sum_z" in keys,
+        WANT_M_PRE="m_pre" in keys, WANT_ARGMAX="argmax" in keys,
+        WANT_RKL=has_ref and "rkl" in keys, WANT_KL=has_ref and "kl" in keys,
+    )
+
+
+def jsd_flags(has_bias: bool, has_ref_bias: bool, opts) -> dict:
+    """The constexpr branch flags of `token_stats_jsd_fwd_kernel` for one launch."""
+    return dict(HAS_BIAS=has_bias, HAS_REF_BIAS=has_ref_bias, CAPPED=opts.softcap is not None,
+                REF_CAPPED=opts.ref_softcap is not None)
+
+
 def token_stats_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, label_offset: int,
                     order, n_valid, opts, keys, cfg) -> torch.Tensor:
     """Launch the partial-sum pass over all rows of ``weight``.
@@ -230,11 +248,13 @@ def token_stats_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labe
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = opts.accum_dtype
+    has_ref = ref_hidden is not None
+    flags = fwd_flags(bias is not None, has_ref, ref_bias is not None, opts, keys)
+    cfg = launch_tiles(cfg, "fwd", flags)
     splits, v_per_split = cfg.vocab_splits(n, vocab)
     part = torch.empty((splits, len(PARTIAL_KEYS), n), dtype=acc, device=hidden.device)
     if n == 0:
         return part
-    has_ref = ref_hidden is not None
     rh, rw, rb = _head_args(ref_hidden, ref_weight, ref_bias) if has_ref else (hidden, weight, weight)
     scale, cap = _floats(opts.softcap, opts.logit_scale)
     ref_scale, ref_cap = _floats(opts.ref_softcap, opts.ref_logit_scale)
@@ -244,12 +264,7 @@ def token_stats_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labe
         n, hidden.shape[1], rh.shape[1], vocab, label_offset, v_per_split,
         hidden.stride(0), weight.stride(0), rh.stride(0), rw.stride(0), part.stride(0), part.stride(1),
         scale, cap, ref_scale, ref_cap, float(opts.temperature),
-        HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=has_ref and ref_bias is not None,
-        CAPPED=opts.softcap is not None, REF_CAPPED=opts.ref_softcap is not None,
-        WANT_ENT="ent" in keys, WANT_S2="s2" in keys, WANT_SUM_Z="sum_z" in keys,
-        WANT_M_PRE="m_pre" in keys, WANT_ARGMAX="argmax" in keys,
-        WANT_RKL=has_ref and "rkl" in keys, WANT_KL=has_ref and "kl" in keys,
-        ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
+        **flags, ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
         UPCAST=upcast_dot_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -270,6 +285,8 @@ def token_stats_jsd_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
         [splits, 2, N]: per split, sum_v q (log q - log m) and sum_v p (log p - log m).
     """
     n, vocab = hidden.shape[0], weight.shape[0]
+    flags = jsd_flags(bias is not None, ref_bias is not None, opts)
+    cfg = launch_tiles(cfg, "jsd", flags)
     splits, v_per_split = cfg.vocab_splits(n, vocab)
     sums = torch.empty((splits, 2, n), dtype=opts.accum_dtype, device=hidden.device)
     if n == 0:
@@ -287,9 +304,7 @@ def token_stats_jsd_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
         hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
         sums.stride(0), sums.stride(1),
         scale, cap, ref_scale, ref_cap, float(opts.temperature), log_beta, log1m_beta,
-        HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
-        CAPPED=opts.softcap is not None, REF_CAPPED=opts.ref_softcap is not None,
-        ACC=triton_dtype(opts.accum_dtype), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
+        **flags, ACC=triton_dtype(opts.accum_dtype), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
         UPCAST=upcast_dot_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

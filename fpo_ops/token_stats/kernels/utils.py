@@ -2,7 +2,7 @@
 import contextlib
 import functools
 import os
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import triton
@@ -170,6 +170,13 @@ def split_blocks(vocab_blocks: int, token_blocks: int, slots: int, min_splits: i
     return best if best is not None else 1
 
 
+# Launch shapes from the widest down: a `TileConfig`'s own fields ("wide") and, per its ``levels``,
+# lighter ones with fewer accumulator registers per thread ("narrow", "narrowest").
+TILE_LEVELS = ("wide", "narrow", "narrowest")
+# The fields a level (`TileConfig.levels`) may replace.
+_LAUNCH_FIELDS = ("BN", "BV", "BH_reduce", "BH_grad", "num_warps", "num_stages")
+
+
 class TileConfig:
     """Block sizes and launch shape of the token-statistics kernels.
 
@@ -177,28 +184,65 @@ class TileConfig:
     steps; the gradient GEMMs write BH_grad-wide slices of dhidden/dweight. The backward pass
     handles the vocabulary in chunks of ``vocab_chunk`` columns, whose logit gradient [N, chunk]
     is the only buffer that grows with N beyond a few floats per token.
+
+    ``levels`` {level: fields to replace} gives the lighter shapes (`TILE_LEVELS`) that launches
+    keeping more live than these tiles leave registers for take (`launch_tiles`); None: every launch
+    uses these.
     """
 
     def __init__(self, BN: int, BV: int, BH_reduce: int, BH_grad: int, num_warps: int,
                  num_stages: int, target_programs: int, min_splits: int, dz_buffer_bytes: int,
-                 min_vocab_chunk: int):
+                 min_vocab_chunk: int, levels: Optional[Dict[str, dict]] = None):
         for name, block in (("BN", BN), ("BV", BV), ("BH_reduce", BH_reduce), ("BH_grad", BH_grad)):
             # tl.dot needs every dimension >= 16
             if block < 16 or block & (block - 1):
                 raise ValueError(f"{name}: expected a power of two >= 16, got {block}")
+        for level, fields in (levels or {}).items():
+            if level not in TILE_LEVELS[1:]:
+                raise ValueError(f"levels: expected keys among {TILE_LEVELS[1:]}, got {level!r}")
+            unknown = sorted(set(fields) - set(_LAUNCH_FIELDS))
+            if unknown:
+                raise ValueError(f"levels[{level!r}]: expected overrides of {_LAUNCH_FIELDS}, got {unknown}")
         self.BN, self.BV, self.BH_reduce, self.BH_grad = BN, BV, BH_reduce, BH_grad
         self.num_warps, self.num_stages = num_warps, num_stages
         self.target_programs = target_programs
         self.min_splits = min_splits
         self.dz_buffer_bytes = dz_buffer_bytes
         self.min_vocab_chunk = min_vocab_chunk
+        self.levels = None if levels is None else {k: dict(v) for k, v in levels.items()}
 
     def as_kwargs(self) -> dict:
         """The constructor's arguments, so a tuned shape can be written back into `tile_config`."""
-        return dict(BN=self.BN, BV=self.BV, BH_reduce=self.BH_reduce, BH_grad=self.BH_grad,
-                    num_warps=self.num_warps, num_stages=self.num_stages,
-                    target_programs=self.target_programs, min_splits=self.min_splits,
-                    dz_buffer_bytes=self.dz_buffer_bytes, min_vocab_chunk=self.min_vocab_chunk)
+        kwargs = dict(BN=self.BN, BV=self.BV, BH_reduce=self.BH_reduce, BH_grad=self.BH_grad,
+                      num_warps=self.num_warps, num_stages=self.num_stages,
+                      target_programs=self.target_programs, min_splits=self.min_splits,
+                      dz_buffer_bytes=self.dz_buffer_bytes, min_vocab_chunk=self.min_vocab_chunk)
+        if self.levels is not None:
+            kwargs["levels"] = {k: dict(v) for k, v in self.levels.items()}
+        return kwargs
+
+    def at(self, level: str) -> "TileConfig":
+        """This shape with ``levels[level]``'s fields (itself at "wide" or where ``levels`` lacks it).
+
+        Args:
+            level: one of `TILE_LEVELS`.
+
+        Returns:
+            A TileConfig without levels of its own (or this one).
+        """
+        if level not in TILE_LEVELS:
+            raise ValueError(f"level: expected one of {TILE_LEVELS}, got {level!r}")
+        if not self.levels or level not in self.levels:
+            return self
+        kwargs = self.as_kwargs()
+        del kwargs["levels"]
+        return TileConfig(**{**kwargs, **self.levels[level]})
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TileConfig) and self.as_kwargs() == other.as_kwargs()
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
 
     def __repr__(self) -> str:
         return "TileConfig(" + ", ".join(f"{k}={v}" for k, v in self.as_kwargs().items()) + ")"
@@ -254,10 +298,72 @@ def resident_programs(registers: int, shared_bytes: int, num_warps: int) -> int:
 # The 16-bit CUDA launch shape: [128, 128] logit tiles over 8 warps, so each of the two warpgroups
 # issues wgmma.64x128x16 (tests/support/kernel_compile_check.py reads the shape from the SASS; the
 # previous [64, 128] tiles gave 64x64, which needs more shared-memory bandwidth per multiply-add than
-# an SM has). Not yet timed on a GPU: scripts/gpu_check.sh's sweep times it beside
-# `PREVIOUS_16BIT_TILES` and prints the faster.
+# an SM has). Launches that keep more live than these tiles leave registers for take a level of
+# `HOPPER_16BIT_LEVELS` instead (`launch_tiles`). Not yet timed on a GPU: scripts/gpu_check.sh's
+# sweep times it beside `PREVIOUS_16BIT_TILES` and prints the faster.
 HOPPER_16BIT_TILES = dict(BN=128, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3)
 PREVIOUS_16BIT_TILES = dict(BN=64, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3)
+# Lighter shapes for the launches that spill at [128, 128] (`VARIANT_TILES`): a [64, 128] tile over
+# 8 warps holds half the accumulator registers per thread of a [128, 128] one; [64, 64] (wgmma 64x32)
+# with 2 stages only for the few launches that still spill at [64, 128].
+HOPPER_16BIT_LEVELS = {"narrow": dict(BN=64), "narrowest": dict(BN=64, BV=64, num_stages=2)}
+
+# Per pass, (flag set, level) from the widest level down: a launch takes the first level whose flag
+# set holds every constexpr branch flag it sets (as the launchers pass them), else "narrowest". Each
+# set is a variant measured with `python tests/support/kernel_compile_check.py bf16` (cuda:90, 8 warps;
+# registers/spill bytes, benchmarks/results/hopper-compile-bf16-after.md) to compile without a spill
+# at that level and to spill at the one above it:
+# - forward, wide: dpo 255/0. Narrow ([64, 128]): tdpo (WANT_KL) 214/0, 136 B spilt at [128, 128];
+#   dpo with bias and softcap 191/0 (204 B); SFT's token accuracy (WANT_M_PRE, WANT_ARGMAX, no
+#   reference) 216/0 (400 B); entropy, both KLs, bias and softcap ("filtered") 239/0 (1372 B).
+#   Fewer pipeline stages at [128, 128] do not help (num_stages 2: tdpo 120 B, SFT 344 B).
+# - JSD pass, narrow: 184/0, with bias and softcap 190/0 (364 B and 1092 B at [128, 128]).
+# - backward logit-gradient kernel, wide: tdpo (G_LOGP, G_KL) 254/0; G_LOGP with bias and softcap
+#   236/0. Narrow: G_JSD 128/0 (24 B at [128, 128]). Every gradient at once, and gradient filtering,
+#   still spill at [64, 128] (16 B and 296 B; 2268 B and 6548 B at [128, 128]), also at 2 stages
+#   (16 B, 288 B); at [64, 64] with 2 stages 181/0 and 216/0. Every forward statistic at once:
+#   16 B at [64, 128], 193/0 at [64, 64].
+#   The backward's dh/dw GEMMs take the same shape (they read its dz buffer, dbias parts and skip
+#   flags by its token blocks).
+_REF = frozenset({"HAS_REF", "HAS_REF_BIAS", "REF_CAPPED"})
+_POLICY = frozenset({"HAS_BIAS", "CAPPED"})
+VARIANT_TILES = {
+    "fwd": (
+        (frozenset({"HAS_REF"}), "wide"),
+        (_REF | _POLICY | {"WANT_ENT", "WANT_RKL", "WANT_KL"}, "narrow"),
+        (frozenset({"WANT_M_PRE", "WANT_ARGMAX"}), "narrow"),
+    ),
+    "jsd": ((_REF | _POLICY, "narrow"),),
+    "bwd": (
+        (frozenset({"G_LOGP", "G_KL"}), "wide"),
+        (frozenset({"G_LOGP", "HAS_BIAS", "CAPPED", "WANT_DB"}), "wide"),
+        (frozenset({"G_JSD"}), "narrow"),
+    ),
+}
+PASSES = tuple(VARIANT_TILES)
+
+
+def launch_level(kernel: str, flags: dict) -> str:
+    """The `TILE_LEVELS` entry of a launch of ``kernel`` ("fwd", "jsd" or "bwd") with constexpr
+    ``flags`` {name: bool} (see `VARIANT_TILES`)."""
+    if kernel not in VARIANT_TILES:
+        raise ValueError(f"kernel: expected one of {PASSES}, got {kernel!r}")
+    on = {name for name, value in flags.items() if value}
+    return next((level for fits, level in VARIANT_TILES[kernel] if on <= fits), "narrowest")
+
+
+def launch_tiles(cfg: TileConfig, kernel: str, flags: dict) -> TileConfig:
+    """The launch shape of one launch: ``cfg`` at the level `launch_level` gives it.
+
+    Args:
+        cfg: the device's shape (`tile_config`, or an override).
+        kernel: "fwd" (partials pass), "jsd" (JSD pass) or "bwd" (the whole backward of one call).
+        flags: {constexpr branch flag: bool} of the launch, as passed to the kernel.
+
+    Returns:
+        A TileConfig.
+    """
+    return cfg.at(launch_level(kernel, flags))
 
 
 # Set only inside `override_tile_config` (the benchmark's tile-shape sweep).
@@ -294,7 +400,7 @@ def tile_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Ti
         common = dict(target_programs=PROGRAMS_PER_SM * sms, min_splits=8, dz_buffer_bytes=128 << 20,
                       min_vocab_chunk=1024)
         if dtype in (torch.bfloat16, torch.float16):
-            return TileConfig(**{**common, **HOPPER_16BIT_TILES})
+            return TileConfig(**{**common, **HOPPER_16BIT_TILES}, levels=HOPPER_16BIT_LEVELS)
         if dtype == torch.float32:
             return TileConfig(BN=64, BV=128, BH_reduce=32, BH_grad=64, num_warps=8, num_stages=2,
                               **common)
