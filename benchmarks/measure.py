@@ -91,20 +91,11 @@ def _timed_steps(step, inputs: CaseInputs, spec: CaseSpec, sync) -> Dict[str, Li
     spent = 0.0
     while len(times["fwd"]) < spec.max_repeats and (len(times["fwd"]) < spec.min_repeats
                                                      or spent < spec.time_budget_s):
-        _clear_grads(inputs)
-        sync()
-        t0 = time.perf_counter()
-        loss = step()
-        sync()
-        t1 = time.perf_counter()
-        loss.backward()
-        sync()
-        t2 = time.perf_counter()
-        times["fwd"].append(t1 - t0)
-        times["bwd"].append(t2 - t1)
-        times["fwd_bwd"].append(t2 - t0)
-        spent += t2 - t0
-        del loss
+        fwd, bwd, both = _time_one(step, inputs, sync)
+        times["fwd"].append(fwd)
+        times["bwd"].append(bwd)
+        times["fwd_bwd"].append(both)
+        spent += both
     return times
 
 

@@ -16,7 +16,6 @@ operands. ``--out`` also writes the lines (device and versions first) to a JSON 
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -126,20 +125,26 @@ def main():
     if args.trainer:
         print(json.dumps(run_one(args)), flush=True)
         return
+    run_each_in_own_process(__file__, "--trainer", [args.only] if args.only else ["trl", "fused"], args.out)
+
+
+def run_each_in_own_process(script: str, option: str, choices, out) -> None:
+    """Run ``script option choice`` once per choice, each in a fresh process (so that each peak is its
+    own), with this command's other arguments; print and optionally save (``out``) the result rows."""
     rows = [run_info()]
     print(json.dumps(rows[0]), flush=True)
     forwarded = _without_options(sys.argv[1:], ("--only", "--out"))
-    for trainer in ([args.only] if args.only else ["trl", "fused"]):
-        cmd = [sys.executable, os.path.abspath(__file__), "--trainer", trainer] + forwarded
+    for choice in choices:
+        cmd = [sys.executable, os.path.abspath(script), option, choice] + forwarded
         result = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
         if result.returncode != 0 or not lines:
-            rows.append({"trainer": trainer, "error": result.stderr[-2000:]})
+            rows.append({option.lstrip("-"): choice, "error": result.stderr[-2000:]})
         else:
             rows.append(json.loads(lines[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             json.dump(rows, f, indent=1)
             f.write("\n")
 

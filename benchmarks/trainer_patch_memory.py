@@ -14,7 +14,6 @@ peak RSS, their difference and the step's wall time; the first line holds the de
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ import time
 # Run as a script from the checkout: the suite imports itself as `benchmarks` from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.trainer_memory import _without_options, current_rss_bytes, peak_rss_bytes, run_info  # noqa: E402
+from benchmarks.trainer_memory import current_rss_bytes, peak_rss_bytes, run_each_in_own_process  # noqa: E402
 
 
 def build(args):
@@ -95,20 +94,7 @@ def main():
     if args.variant:
         print(json.dumps(run_one(args)), flush=True)
         return
-    rows = [run_info()]
-    print(json.dumps(rows[0]), flush=True)
-    forwarded = _without_options(sys.argv[1:], ("--only", "--out"))
-    for variant in ([args.only] if args.only else ["unpatched", "fused"]):
-        cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant] + forwarded
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-        rows.append(json.loads(lines[-1]) if result.returncode == 0 and lines
-                    else {"variant": variant, "error": result.stderr[-2000:]})
-        print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-            f.write("\n")
+    run_each_in_own_process(__file__, "--variant", [args.only] if args.only else ["unpatched", "fused"], args.out)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ One call runs request -> statistics -> per-pair terms -> loss: the loss types' r
 in one pass, `_pair_terms` sums them per sequence, and each entry's formula gives the per-pair loss.
 """
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 

@@ -25,7 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -36,7 +36,6 @@ from triton.runtime.jit import JITFunction
 
 from fpo_ops.token_stats.kernels.utils import TileConfig, resident_programs, tile_config
 from fpo_ops.token_stats.options import HeadOptions
-from fpo_ops.token_stats.stats import PARTIAL_KEYS
 
 HOPPER_SMS = 132
 WAVE_TOKENS = (256, 512, 1024, 4096, 16384)
