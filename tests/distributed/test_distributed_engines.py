@@ -32,7 +32,7 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("accelerate")
 
 from hf_fixtures import tiny_tokenizer  # noqa: E402
-from trainer_fixtures import assert_within_budget  # noqa: E402
+from trainer_fixtures import assert_same_logs, assert_same_weights, assert_within_budget  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tests", "distributed", "engine_training.py")
@@ -130,18 +130,6 @@ def steps(run):
     return [row for row in run["logs"] if "grad_norm" in row]
 
 
-def assert_same_logs(got, expected, tol=1e-5):
-    assert len(got) == len(expected) > 1
-    for step, (a, b) in enumerate(zip(got, expected)):
-        assert set(a) == set(b), (step, set(a) ^ set(b))
-        for name in b:
-            assert a[name] == pytest.approx(b[name], rel=tol, abs=tol), (step, name, a[name], b[name])
-
-
-def assert_same_weights(got, expected, tol=1e-5):
-    assert got.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
 def assert_engine_held_the_model(engine, run, hidden=40, vocab=92):

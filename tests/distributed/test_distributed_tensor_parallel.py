@@ -18,21 +18,12 @@ import fpo_ops
 from fpo_ops.token_stats import chunked
 from distributed_launch import launch
 from loss_batches import make_batch
-from stats_cases import ALL_STATS, Case, make_case, max_rel_err, run
+from stats_cases import ALL_STATS, SPLIT_CASES, Case, make_case, max_rel_err, run
 
 TOL = 1e-9
 
-CASES = {
-    # DTensor bias and reference head, every head option
-    "all_options": dict(bias=True, ref_bias=True, softcap=2.5, ref_softcap=4.0, temperature=0.7,
-                        logit_scale=1.3, ref_logit_scale=0.8, jsd_beta=0.3),
-    "shared_weight": dict(shared_weight=True, bias=True),
-    "three_dims_odd_sizes": dict(shape=(2, 3, 5), hidden_size=7, vocab=53, ref_hidden_size=11),
-    "extreme_logits": dict(logit_std=1e4, softcap=50.0, seed=11),
-    "jsd_beta_0": dict(jsd_beta=0.0, seed=4),
-    "single_token": dict(shape=(1,), ignore_fraction=0.0, seed=6),
-    "all_ignored": dict(ignore_fraction=1.0, bias=True),
-}
+# every split case but jsd_beta_1 (the DTensor path adds no JSD-specific code)
+CASES = {name: kw for name, kw in SPLIT_CASES.items() if name != "jsd_beta_1"}
 # How the tensors other than the weight are given (the weight is always a Shard(0) DTensor).
 LAYOUTS = {
     # bias and reference head DTensors placed like the weight, hidden states plain

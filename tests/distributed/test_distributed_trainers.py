@@ -26,7 +26,7 @@ pytest.importorskip("trl")
 
 from distributed_launch import launch  # noqa: E402
 from hf_fixtures import preference_dataset, tiny_model, tiny_tokenizer  # noqa: E402
-from trainer_fixtures import assert_within_budget, completion_dataset  # noqa: E402
+from trainer_fixtures import assert_same_logs, assert_same_weights, assert_within_budget, completion_dataset  # noqa: E402
 
 WORLD = 2
 STEPS = 3
@@ -253,21 +253,6 @@ def assert_ranks_hold_the_same_weights(results, label):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), (label, name)
     assert any(not torch.equal(rank0[n], results[0][label]["initial"][n]) for n in rank0), label  # it trained
-
-
-def assert_same_logs(got, expected, tol=1e-5):
-    """The same log rows with the same keys, every value equal to ``tol`` (relative and absolute)."""
-    assert len(got) == len(expected) > 1
-    for step, (a, b) in enumerate(zip(got, expected)):
-        assert set(a) == set(b), (step, set(a) ^ set(b))
-        for name in b:
-            assert a[name] == pytest.approx(b[name], rel=tol, abs=tol), (step, name, a[name], b[name])
-
-
-def assert_same_weights(got, expected, tol=1e-5):
-    assert got.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
 def steps(run):

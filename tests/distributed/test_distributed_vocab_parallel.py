@@ -15,21 +15,10 @@ from fpo_ops.token_stats import chunked
 from fpo_ops.distributed import vocab_range
 from distributed_launch import launch
 from fpo_ops.token_stats.stats import INDEX_STATS
-from stats_cases import ALL_STATS, Case, make_case, max_abs_err, max_rel_err, run
+from stats_cases import ALL_STATS, SPLIT_CASES as CASES, Case, make_case, max_abs_err, max_rel_err, run
 
 TOL = 1e-9
 
-CASES = {
-    "all_options": dict(bias=True, ref_bias=True, softcap=2.5, ref_softcap=4.0, temperature=0.7,
-                        logit_scale=1.3, ref_logit_scale=0.8, jsd_beta=0.3),
-    "shared_weight": dict(shared_weight=True, bias=True),
-    "three_dims_odd_sizes": dict(shape=(2, 3, 5), hidden_size=7, vocab=53, ref_hidden_size=11),
-    "extreme_logits": dict(logit_std=1e4, softcap=50.0, seed=11),
-    "jsd_beta_0": dict(jsd_beta=0.0, seed=4),
-    "jsd_beta_1": dict(jsd_beta=1.0, seed=5),
-    "single_token": dict(shape=(1,), ignore_fraction=0.0, seed=6),
-    "all_ignored": dict(ignore_fraction=1.0, bias=True),
-}
 SUBSETS = [("logp",), ("kl", "ref_logp"), ("reverse_kl", "entropy"), ("jsd", "mean_logit")]
 # The Triton interpreter is slow on CPU: its slices run the cases that differ in code path.
 TRITON_CASES = ("all_options", "shared_weight", "extreme_logits", "all_ignored")

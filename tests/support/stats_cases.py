@@ -243,3 +243,18 @@ def largest_tensor(case: Case, impl: str) -> _LargestTensor:
     with _LargestTensor() as mode:
         run(case, impl, ALL_STATS)
     return mode
+
+
+# Cases of the multi-process tests (a vocabulary split over processes, a DTensor head): every head
+# option, a shared head, odd sizes, extreme logits, the JSD endpoints, one token, all ignored.
+SPLIT_CASES = {
+    "all_options": dict(bias=True, ref_bias=True, softcap=2.5, ref_softcap=4.0, temperature=0.7,
+                        logit_scale=1.3, ref_logit_scale=0.8, jsd_beta=0.3),
+    "shared_weight": dict(shared_weight=True, bias=True),
+    "three_dims_odd_sizes": dict(shape=(2, 3, 5), hidden_size=7, vocab=53, ref_hidden_size=11),
+    "extreme_logits": dict(logit_std=1e4, softcap=50.0, seed=11),
+    "jsd_beta_0": dict(jsd_beta=0.0, seed=4),
+    "jsd_beta_1": dict(jsd_beta=1.0, seed=5),
+    "single_token": dict(shape=(1,), ignore_fraction=0.0, seed=6),
+    "all_ignored": dict(ignore_fraction=1.0, bias=True),
+}

@@ -157,3 +157,18 @@ def assert_heads_run_in_autocast_dtype(pair, tmp_path, monkeypatch, bf16, make_b
     seen = spy_head_calls(monkeypatch, module)
     step(ours, make_batch(ours))
     assert seen == [torch.bfloat16 if bf16 else torch.float32] * calls
+
+
+def assert_same_logs(got, expected, tol=1e-5):
+    """The same log rows with the same keys, every value equal to ``tol`` (relative and absolute)."""
+    assert len(got) == len(expected) > 1
+    for step, (a, b) in enumerate(zip(got, expected)):
+        assert set(a) == set(b), (step, set(a) ^ set(b))
+        for name in b:
+            assert a[name] == pytest.approx(b[name], rel=tol, abs=tol), (step, name, a[name], b[name])
+
+
+def assert_same_weights(got, expected, tol=1e-5):
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
