@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 import fpo_ops
 from fpo_ops.token_stats import chunked
+from fpo_ops.token_stats.stats import INDEX_STATS
 from distributed_launch import launch
 from loss_batches import make_batch
 from stats_cases import ALL_STATS, SPLIT_CASES, Case, make_case, max_rel_err, run
@@ -100,7 +101,8 @@ def _check(name: str, case: Case, tp: Case, outputs, impl: str, rows: slice) -> 
     stats, grads = run(tp, impl, outputs)
     for stat in outputs:
         got = getattr(stats, stat)
-        assert not isinstance(got, DTensor) and got.dtype == torch.float64, (name, stat)
+        want_dtype = torch.int64 if stat in INDEX_STATS else torch.float64
+        assert not isinstance(got, DTensor) and got.dtype == want_dtype, (name, stat)
         assert got.shape == case.labels.shape, (name, stat)
         for want in (getattr(single_stats, stat), getattr(oracle_stats, stat)):
             assert max_rel_err(got, want) < TOL, (name, stat, max_rel_err(got, want))
