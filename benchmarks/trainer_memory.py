@@ -31,6 +31,16 @@ def current_rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def timed_training_step(trainer):
+    """Train ``trainer`` (set up for one step) with its optimizer built beforehand, so that the optimizer
+    state is part of the baseline, not of the step. Returns (resident bytes before the step, seconds)."""
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    before = current_rss_bytes()
+    start = time.perf_counter()
+    trainer.train()
+    return before, time.perf_counter() - start
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -89,12 +99,7 @@ def run_one(args) -> dict:
         )
         trainer = Trainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
                           processing_class=tokenizer)
-        # Build the optimizer now so that its state is part of the baseline, not of the step.
-        trainer.create_optimizer_and_scheduler(num_training_steps=1)
-        before = current_rss_bytes()
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
+        before, seconds = timed_training_step(trainer)
     tokens = 2 * args.seq_len
     return {
         "trainer": "FusedDPOTrainer" if args.trainer == "fused" else "trl.DPOTrainer",

@@ -16,12 +16,11 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 # Run as a script from the checkout: the suite imports itself as `benchmarks` from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.trainer_memory import current_rss_bytes, peak_rss_bytes, run_each_in_own_process  # noqa: E402
+from benchmarks.trainer_memory import peak_rss_bytes, run_each_in_own_process, timed_training_step  # noqa: E402
 
 
 def build(args):
@@ -60,12 +59,7 @@ def run_one(args) -> dict:
         )
         trainer = transformers.Trainer(model=model, args=config, train_dataset=dataset,
                                        data_collator=transformers.default_data_collator)
-        # The optimizer belongs to the baseline, not to the step.
-        trainer.create_optimizer_and_scheduler(num_training_steps=1)
-        before = current_rss_bytes()
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
+        before, seconds = timed_training_step(trainer)
     return {
         "variant": "apply_fused_head" if args.variant == "fused" else "unpatched",
         "impl": args.impl if args.variant == "fused" else None, "tokens": args.tokens, "vocab": args.vocab,

@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import trainer_memory  # noqa: E402
-from trainer_memory import current_rss_bytes, peak_rss_bytes  # noqa: E402
+from trainer_memory import peak_rss_bytes, timed_training_step  # noqa: E402
 
 # kind -> (TRL names, fused names, rows of the dataset, keyword of the second model or None, extra config).
 KINDS = {
@@ -101,12 +101,7 @@ def run_one(args) -> dict:
             model = os.path.join(out, "policy")
         trainer = Trainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                           **trainer_kwargs)
-        # Build the optimizer now so that its state is part of the baseline, not of the step.
-        trainer.create_optimizer_and_scheduler(num_training_steps=1)
-        before = current_rss_bytes()
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
+        before, seconds = timed_training_step(trainer)
     return {
         "trainer": names[1] if args.trainer == "fused" else f"trl.{names[1]}", "kind": args.kind,
         "seq_len": args.seq_len, "rows": rows, "vocab": args.vocab, "hidden": args.hidden, "layers": args.layers,

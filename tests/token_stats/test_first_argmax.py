@@ -18,13 +18,17 @@ def expected_top1(case):
     return ((predicted == case.labels) & (case.labels != -100)).double(), z
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", list(CASES))
-def test_top1_correct_takes_the_first_maximal_index(name, impl, monkeypatch):
-    case = CASES[name]()
-    # small tiles, so the tied columns fall into different vocabulary tiles (torch backend)
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    """Small tiles, so that tied columns fall into different vocabulary tiles (torch backend)."""
     monkeypatch.setattr(chunked, "VOCAB_BLOCK", 8)
     monkeypatch.setattr(chunked, "TOKEN_BLOCK", 5)
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_top1_correct_takes_the_first_maximal_index(name, impl):
+    case = CASES[name]()
     want, z = expected_top1(case)
     at_max = z.gather(1, case.labels.clamp_min(0)[:, None])[:, 0] == z.max(-1).values
     later_tie = at_max & (want == 0) & (case.labels != -100)
@@ -38,11 +42,9 @@ def test_top1_correct_takes_the_first_maximal_index(name, impl, monkeypatch):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_argmax_is_the_first_maximal_index(name, impl, monkeypatch):
+def test_argmax_is_the_first_maximal_index(name, impl):
     """int64 ids, -1 at ignored tokens (as Liger's predicted tokens), no gradient."""
     case = CASES[name]()
-    monkeypatch.setattr(chunked, "VOCAB_BLOCK", 8)
-    monkeypatch.setattr(chunked, "TOKEN_BLOCK", 5)
     predicted, _ = first_argmax(case)
     ignored = case.labels == -100
     stats = fpo_ops.token_stats(case.hidden, case.weight, case.labels, bias=case.bias,
