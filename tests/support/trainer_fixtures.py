@@ -129,6 +129,31 @@ def assert_within_budget(ours, theirs, exact, floor=1e-4):
         assert err_a <= 2 * err_b + floor * max(e.norm().item(), 1.0), (name, err_a, err_b)
 
 
+# Logged values bf16 rounds (not counts, the schedule or the step). The gradient norm is left to the
+# weights: it is the gradient's error projected on one direction, one draw of rounding noise, where
+# the trained weights hold every element of every step's gradient.
+BF16_ROUNDED_LOGS = ("entropy", "logits/chosen", "logits/rejected", "rewards/chosen", "rewards/rejected",
+                     "rewards/margins", "logps/chosen", "logps/rejected", "mean_token_accuracy")
+
+
+def assert_bf16_training_within_budget(ours, theirs, exact, weight_floor=1e-7):
+    """Training runs under bf16 against the fp32 run ``exact``, with the rule of `assert_within_budget`.
+
+    Each argument is ``(logged steps, final parameters)``. Every step's loss and rounded logged values
+    (as one vector), and each trained parameter (over its elements; ``weight_floor`` on its scale: a
+    step moves the weights by about the learning rate, so the floor of the logged values would hide
+    any error of theirs) are at most 2x TRL's own error plus the floor.
+    """
+    (steps_a, params_a), (steps_b, params_b), (steps_e, params_e) = ours, theirs, exact
+    assert len(steps_a) == len(steps_b) == len(steps_e) > 0
+    for a, b, e in zip(steps_a, steps_b, steps_e):
+        names = [n for n in BF16_ROUNDED_LOGS if n in e]
+        assert_within_budget(*((torch.tensor(row["loss"]), {n: row[n] for n in names}, {}) for row in (a, b, e)))
+    assert set(params_a) == set(params_b) == set(params_e)
+    assert_within_budget((torch.tensor(0.0), {}, params_a), (torch.tensor(0.0), {}, params_b),
+                         (torch.tensor(0.0), {}, params_e), floor=weight_floor)
+
+
 def spy_head_calls(monkeypatch, module=None):
     """Record the GEMM operand dtype of every `token_stats` call made from ``module`` (the fused head's)."""
     import fpo_ops.integrations.trl.head as trl_head
