@@ -120,6 +120,34 @@ def test_spo_evaluation_samples_each_eval_batch(tmp_path):
     assert result["eval_reverse_kl"] > 0 and torch.isfinite(torch.tensor(result["eval_loss"]))
 
 
+def test_spo_samples_join_the_batch_forward(tmp_path):
+    # One forward of each model per step (FSDP2 reshards a module's parameters in the backward of
+    # each forward; ZeRO-3 would gather every layer twice): the samples ride in the batch's rows.
+    trainer = make_trainer(FusedDPOTrainer, FusedDPOConfig, tmp_path, **SPO)
+    batch = one_batch(trainer)
+    calls = {"policy": [], "reference": []}
+    for name, model in (("policy", trainer.model), ("reference", trainer.ref_model)):
+        model.model.register_forward_hook(
+            lambda module, args, kwargs, out, seen=calls[name]: seen.append(
+                (torch.is_grad_enabled(), kwargs["input_ids"].shape[0])), with_kwargs=True)
+    loss_metrics_grads(trainer, batch)
+    rows = batch["input_ids"].shape[0] + trainer._spo_samples.input_ids.shape[0]
+    assert [c for c in calls["policy"] if c[0]] == [(True, rows)]
+    assert calls["reference"] == [(False, rows)]
+
+
+@pytest.mark.parametrize("extra", [{"pixel_values": torch.zeros(4, 3)}, {"position_ids": torch.zeros(4, 5, dtype=torch.long)}])
+def test_spo_on_policy_refuses_a_batch_it_cannot_extend(tmp_path, extra):
+    trainer = make_trainer(FusedDPOTrainer, FusedDPOConfig, tmp_path, **SPO)
+    batch = one_batch(trainer)
+    samples = trainer._generate_spo_samples(trainer.model, batch, step=0)
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+    if "position_ids" in extra:
+        del kwargs["attention_mask"]  # padding-free batches carry positions, no mask
+    with pytest.raises(ValueError, match=r"spo_regularizer: 'on_policy'.*expected spo_regularizer='pair'"):
+        trainer._spo_joint_kwargs(kwargs, samples)
+
+
 def test_spo_pair_regulariser_generates_nothing(tmp_path):
     trainer = make_trainer(FusedDPOTrainer, FusedDPOConfig, tmp_path, spo_regularizer="pair", **SPO)
     loss_metrics_grads(trainer, one_batch(trainer))

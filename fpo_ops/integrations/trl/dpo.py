@@ -207,18 +207,28 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
         model_kwargs = self._model_kwargs(inputs)
         input_length = inputs["input_ids"].shape[1]
         labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
+        samples = self._spo_step_samples(model, inputs)
+        policy_kwargs = self._model_kwargs(inputs, router_logits=self.aux_loss_enabled)
+        forward_kwargs = model_kwargs
+        if samples is not None:  # SPO's sample rows join the batch's forwards
+            policy_kwargs, forward_kwargs = (self._spo_joint_kwargs(k, samples) for k in (policy_kwargs, model_kwargs))
+        forward_length = forward_kwargs["input_ids"].shape[1]
 
-        policy = model(**self._model_kwargs(inputs, router_logits=self.aux_loss_enabled))
-        hidden = self._head_hidden(policy, input_length)
+        policy = model(**policy_kwargs)
+        hidden = self._head_hidden(policy, forward_length)
         reference: Optional[HeadInputs] = None
         ref_logps: Dict[str, torch.Tensor] = {}
         if self.precompute_ref_logps:
             ref_logps = dict(ref_chosen_logps=inputs["ref_chosen_logps"], ref_rejected_logps=inputs["ref_rejected_logps"])
         elif self._needs_reference:
-            reference = reference_forward(self, model_kwargs)
+            reference = reference_forward(self, forward_kwargs)
 
-        ref_hidden = None if reference is None else head_hidden(reference, input_length)
-        ref_logps.update(self._seed_loss_inputs(model, inputs, policy))
+        ref_hidden = None if reference is None else head_hidden(reference, forward_length)
+        ref_logps.update(self._seed_loss_inputs(inputs, hidden.device))
+        if samples is not None:
+            hidden, ref_hidden, sample_inputs = self._split_spo_rows(samples, hidden, ref_hidden, labels.shape[0],
+                                                                     input_length)
+            ref_logps.update(sample_inputs)
         with head_precision(policy, self._fp32_head):
             output = self._fused_preference_loss(policy, hidden, labels, reference, ref_hidden, ref_logps)
         loss = output.loss
@@ -276,15 +286,20 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
 def _zero3_preference_loss(heads, hidden, labels, ref_hidden, kwargs) -> PreferenceOutput:
     """`preference_loss` with ZeRO-3 partitioned heads gathered for forward and recompute."""
     names: Tuple[str, ...] = ()
+    # Tensor keywords (SPO's samples, per-pair columns) go through the gathered call as its inputs:
+    # a tensor captured by ``run`` would get no gradient from the recompute in backward.
+    tensor_names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    options = {k: v for k, v in kwargs.items() if k not in tensor_names}
 
-    def run(full, h, y, rh):
+    def run(full, h, y, rh, *tensor_values):
         nonlocal names
-        out = preference_loss(h, full[0], y, rh, full[2], bias=full[1], ref_bias=full[3], **kwargs)
+        out = preference_loss(h, full[0], y, rh, full[2], bias=full[1], ref_bias=full[3], **options,
+                              **dict(zip(tensor_names, tensor_values)))
         names = tuple(out.metrics)
         return (out.loss, out.chosen_logps, out.rejected_logps, out.chosen_rewards, out.rejected_rewards,
                 out.per_sequence_loss, *(out.metrics[n] for n in names))
 
-    values = apply_gathered_heads(run, heads, hidden, labels, ref_hidden)
+    values = apply_gathered_heads(run, heads, hidden, labels, ref_hidden, *(kwargs[k] for k in tensor_names))
     loss, chosen, rejected, chosen_rewards, rejected_rewards, per_sequence = values[:6]
     return PreferenceOutput(
         loss=loss, metrics=dict(zip(names, values[6:])), chosen_logps=chosen, rejected_logps=rejected,

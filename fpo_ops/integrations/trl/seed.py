@@ -33,14 +33,13 @@ on pairs with soft win rates; the dataset carries them in the official code's co
 These columns survive TRL's dataset processing and are collated into ``[B]`` float tensors.
 """
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from trl.models.utils import unwrap_model_for_generation
 
 from ...losses.registry import LOSSES, users_of
-from ..hf import HeadInputs, is_fsdp2_managed, is_zero3_param
-from .common import completion_labels, head_hidden, head_model_kwargs, reference_forward
+from .common import completion_labels
 
 # Per-pair dataset columns (names of the official SPPO code) and the preference_loss argument each feeds.
 PAIR_COLUMNS = ("chosen_probs", "chosen_probs_win", "chosen_probs_lose", "spo_weight")
@@ -166,48 +165,67 @@ class SeedLossesMixin:
             c for c in PAIR_COLUMNS if c not in self._signature_columns
         ]
 
-    def _seed_loss_inputs(self, model, inputs: Dict[str, Any], policy: HeadInputs) -> Dict[str, Any]:
-        """Extra `preference_loss` arguments of this batch: per-pair columns and SPO's policy samples."""
+    def _seed_loss_inputs(self, inputs: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+        """Extra `preference_loss` arguments of this batch's per-pair columns."""
         extra: Dict[str, Any] = {}
         if set(self.loss_types) & set(_REQUIRED_COLUMNS):
             self._check_pair_columns("inputs", list(inputs))
         for column, argument in _COLUMN_ARGUMENTS.items():
             if column in inputs and set(users_of(argument)) & set(self.loss_types):
-                extra[argument] = inputs[column].to(policy.hidden.device, torch.float32)
-        if self._spo_on_policy:
-            extra.update(self._spo_sample_inputs(model, inputs, policy))
+                extra[argument] = inputs[column].to(device, torch.float32)
         return extra
 
     # ----------------------------------------------------------------------------------------------
     # SPO's samples
     # ----------------------------------------------------------------------------------------------
-    def _spo_sample_inputs(self, model, inputs: Dict[str, Any], policy: HeadInputs) -> Dict[str, Any]:
-        if is_zero3_param(policy.weight):
-            raise NotImplementedError(
-                "spo_regularizer: 'on_policy' with a ZeRO-3 partitioned LM head is not supported (the samples' "
-                "hidden states would get no gradient through the gathered head); expected 'pair' or ZeRO stage < 3"
-            )
-        if is_fsdp2_managed(self.accelerator.unwrap_model(model)):
-            # Its second forward of the FSDP2 policy before backward (after the no-gradient generation)
-            # ends, with torch 2.13, in a crash inside FSDP2's backward.
-            raise NotImplementedError(
-                "spo_regularizer: 'on_policy' with an FSDP2-sharded policy is not supported (it runs the policy "
-                "twice before backward, once on its samples); expected 'pair', DDP or ZeRO-2"
-            )
+    def _spo_step_samples(self, model, inputs: Dict[str, Any]) -> Optional[_Samples]:
+        """The policy samples of this step (None without SPO's on-policy regulariser), generated
+        before the step's forward: generation is a forward of the policy without gradients, and
+        FSDP2 reshards after it."""
+        if not self._spo_on_policy:
+            return None
         samples = self._spo_samples
         step = self.state.global_step
         if not self.model.training:
-            samples = self._generate_spo_samples(model, inputs, step)  # evaluation: fresh, not cached
-        elif samples is None or (step != samples.step and step % _seed_option(self.args, "spo_sample_every") == 0):
+            return self._generate_spo_samples(model, inputs, step)  # evaluation: fresh, not cached
+        if samples is None or (step != samples.step and step % _seed_option(self.args, "spo_sample_every") == 0):
             samples = self._spo_samples = self._generate_spo_samples(model, inputs, step)
-        kwargs = head_model_kwargs(dict(input_ids=samples.input_ids, attention_mask=samples.attention_mask))
-        length = samples.input_ids.shape[1]
-        sample_hidden = head_hidden(model(**kwargs), length)
-        reference = reference_forward(self, kwargs)
+        return samples
+
+    def _spo_joint_kwargs(self, model_kwargs: Dict[str, Any], samples: _Samples) -> Dict[str, Any]:
+        """``model_kwargs`` with the sample rows appended, both right-padded to one width.
+
+        The samples run in the batch's own forward (policy and reference): one forward per model
+        and step, where a second forward before backward would leave FSDP2 resharding the root's
+        parameters in the first one's backward, and would gather ZeRO-3's layers twice.
+        """
+        others = sorted(k for k, v in model_kwargs.items()
+                        if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask"))
+        if others or "attention_mask" not in model_kwargs:
+            raise ValueError(
+                f"spo_regularizer: 'on_policy' appends the samples to the batch's input_ids and attention_mask "
+                f"and takes no other model input; got the batch's {sorted(k for k, v in model_kwargs.items() if isinstance(v, torch.Tensor))}; "
+                f"expected spo_regularizer='pair' for such a batch"
+            )
+        width = max(model_kwargs["input_ids"].shape[1], samples.input_ids.shape[1])
+        pad = lambda t, value: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+        pad_id = self._tokenizer.pad_token_id
         return dict(
-            sample_hidden=sample_hidden, sample_ref_hidden=head_hidden(reference, length),
+            model_kwargs,
+            input_ids=torch.cat([pad(model_kwargs["input_ids"], pad_id), pad(samples.input_ids, pad_id)]),
+            attention_mask=torch.cat([pad(model_kwargs["attention_mask"], 0), pad(samples.attention_mask, 0)]),
+        )
+
+    def _split_spo_rows(self, samples: _Samples, hidden: torch.Tensor, ref_hidden: torch.Tensor, pairs: int,
+                        length: int) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
+        """The joint forward's [B + S, W - 1, H] hidden states split into the batch's ``pairs`` rows
+        (cut to its ``length``) and SPO's `preference_loss` arguments of the sample rows."""
+        sample_length = samples.input_ids.shape[1] - 1
+        extra = dict(
+            sample_hidden=hidden[pairs:, :sample_length], sample_ref_hidden=ref_hidden[pairs:, :sample_length],
             sample_labels=samples.labels, spo_score_function=_seed_option(self.args, "spo_score_function"),
         )
+        return hidden[:pairs, :length - 1], ref_hidden[:pairs, :length - 1], extra
 
     def _generate_spo_samples(self, model, inputs: Dict[str, Any], step: int) -> _Samples:
         """Completions of the chosen rows' prompts, sampled from the policy (no gradient)."""
