@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-check", action="store_true", help="skip the check against fpo-torch")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the JSON and PNG results")
     parser.add_argument("--name", help="file stem of the results (default <device>-<date>)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads per case (default: torch's own choice)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default on CPU: 1, so that other processes on the machine's cores "
+                             "slow every provider alike; 0: torch's own choice)")
     parser.add_argument("--no-save", action="store_true", help="print the table only")
     parser.add_argument("--jsonl", type=Path, metavar="PATH",
                         help="append one JSON line per check and per case as each ends (a killed run keeps them)")
@@ -110,6 +112,8 @@ def _validate(args, device: torch.device) -> None:
     bad = [n for n in args.sizes if n < 2 or n % 2]
     if bad:
         raise SystemExit(f"fpo-bench: --sizes: expected even token counts >= 2, got {bad}")
+    if args.threads is not None and args.threads < 0:
+        raise SystemExit(f"fpo-bench: --threads: expected a count >= 0 (0: torch's own choice), got {args.threads}")
 
 
 CaseKey = Tuple[str, str, str]  # (head, workload, provider)
@@ -193,7 +197,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _show(args.show)
     device = _resolve_device(args.device)
     _validate(args, device)
+    threads_before = torch.get_num_threads()
+    try:
+        return _run(args, argv, device)
+    finally:
+        torch.set_num_threads(threads_before)  # an in-process caller keeps its own count
+
+
+def _run(args, argv: List[str], device: torch.device) -> int:
     dtype = DTYPES[args.dtype]
+    # Several threads per step make a provider's time depend on how busy the other cores are, and
+    # differently for different kinds of work (many short parallel operations wait at each join for
+    # a descheduled thread, one large GEMM does not): under one CPU-bound process beside a 2-thread
+    # run the streaming path went from 1.3x to 3.9x its GEMM floor while GEMM-bound providers held.
+    if args.threads is None and device.type == "cpu":
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     isolate = args.isolate == "process" or (args.isolate == "auto" and device.type != "cuda")

@@ -175,6 +175,7 @@ def test_paired_ratio_cancels_load_that_changes_between_rounds():
 
 
 def test_cli_runs_checks_and_writes_json_and_png(tmp_path, capsys):
+    threads = torch.get_num_threads()
     code = cli.main(["--device", "cpu", "--heads", "tiny", "--workloads", "logp,jsd", "--sizes", "32,64",
                      "--providers", "naive,trl,liger,fpo-torch", "--isolate", "none", "--min-repeats", "1",
                      "--max-repeats", "1", "--out", str(tmp_path), "--name", "run"])
@@ -183,6 +184,7 @@ def test_cli_runs_checks_and_writes_json_and_png(tmp_path, capsys):
     assert "check           trl vs fpo-torch on tiny/jsd" in shown and "fwd+bwd ms" in shown
     payload = json.loads((tmp_path / "run.json").read_text())
     assert payload["device"]["type"] == "cpu" and payload["versions"]["torch"] == torch.__version__
+    assert payload["device"]["cpu_threads"] == 1 and torch.get_num_threads() == threads  # one thread, restored
     assert payload["command"].startswith("fpo-bench --device cpu")
     statuses = {(r["workload"], r["provider"], r["n_tokens"]): r["status"] for r in payload["results"]}
     assert statuses[("jsd", "liger", 64)] == "ok" and statuses[("logp", "liger", 32)] == "unsupported"
@@ -195,6 +197,8 @@ def test_cli_rejects_bad_arguments():
         cli.main(["--device", "cpu", "--providers", "nope", "--no-save"])
     with pytest.raises(SystemExit, match="even token counts"):
         cli.main(["--device", "cpu", "--sizes", "33", "--no-save"])
+    with pytest.raises(SystemExit, match="--threads: expected a count >= 0"):
+        cli.main(["--device", "cpu", "--threads", "-1", "--no-save"])
 
 
 class _CrashingProvider(NaiveProvider):
