@@ -128,12 +128,14 @@ PLANS = {
         sweep_workload="tdpo", sweep_tokens=16384,
         # tile_config's per-variant shapes ([128, 128] tiles where they fit; tdpo's forward takes
         # [64, 128]), the [64, 128] ones before them for every launch (levels None; the first GPU
-        # run keeps or reverts the default), and two more
+        # run keeps or reverts the default), the same per-variant shapes with the weight tiles by
+        # TMA (`TileConfig.weight_tma`, off until measured), and [64, 256] tiles (a 64x128 wgmma per
+        # warpgroup at 64 tokens)
         sweep_candidates=(
             {},
             dict(PREVIOUS_16BIT_TILES, levels=None),
+            {"weight_tma": True},
             {"BN": 64, "BV": 256},
-            {"BH_reduce": 32, "num_stages": 4},
         ),
         sweep_repeats=3,
     ),

@@ -1,7 +1,7 @@
 """What Triton builds for a Hopper GPU (cuda:90) from fpo-ops' real launches, read without a GPU.
 
 Run as a script (it must not run under TRITON_INTERPRET=1):
-    python tests/support/kernel_compile_check.py [bf16|fp16|fp32] [--main] [--json]
+    python tests/support/kernel_compile_check.py [bf16|fp16|fp32] [--main | --variants a,b] [--weight-tma] [--json]
 
 The kernels are not compiled from a hand-written signature: the backend's own host code
 (`triton_vocab_partials`, `triton_jsd_pass`, `triton_backward_tiles`) runs on ``meta`` tensors of a
@@ -208,14 +208,17 @@ _PTXAS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _STACK = re.compile(r"(\d+) bytes stack frame")
 _HGMMA = re.compile(r"\bHGMMA\.(\d+x\d+x\d+)")
+_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", re.MULTILINE)
 _LOCAL = re.compile(r"\b(LDL|STL)(\.[A-Z0-9.]+)?\s")
 
 
 def sass_summary(text: str) -> dict:
-    """Local-memory instructions and the wgmma shapes (``HGMMA.64x128x16``: M x N x K) of some SASS."""
+    """Local-memory instructions, the wgmma shapes (``HGMMA.64x128x16``: M x N x K), TMA tile loads
+    (``UTMALDG``), per-thread async copies (``LDGSTS``) and all instructions of some SASS."""
     return {"ldl": len(re.findall(r"\bLDL\b", text)), "stl": len(re.findall(r"\bSTL\b", text)),
             "wgmma": sorted(set(_HGMMA.findall(text)), key=lambda s: [int(x) for x in s.split("x")]),
-            "hmma": len(re.findall(r"\bHMMA\b", text))}
+            "hmma": len(re.findall(r"\bHMMA\b", text)), "tma_loads": len(re.findall(r"\bUTMALDG\b", text)),
+            "ldgsts": len(re.findall(r"\bLDGSTS\b", text)), "instructions": len(_INSTRUCTION.findall(text))}
 
 
 def wgmma_width(shape: str) -> int:
@@ -317,12 +320,13 @@ def _describe(launch: Launch, variant: str, ptxas_logs: str, cfg: TileConfig) ->
 def format_report(rows: List[dict], wave_tokens: Sequence[int] = WAVE_TOKENS) -> str:
     """A Markdown table of `compile_report`'s rows (waves as ``waves/last-wave fill``)."""
     header = ["kernel", "variant", "flags", "tile", "warps", "regs", "spill B", "stack B", "LDL", "STL", "wgmma",
-              "smem KiB", "per SM"] + [f"N {n}" for n in wave_tokens]
+              "TMA", "LDGSTS", "instr", "smem KiB", "per SM"] + [f"N {n}" for n in wave_tokens]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
         cells = [r["kernel"], r["variant"], r["flags"], r["tile"], str(r["num_warps"]), str(r["registers"]),
                  str(r["spill_bytes"]), str(r["stack_bytes"]), str(r["ldl"]), str(r["stl"]),
-                 " ".join(r["wgmma"]) or ("HMMA" if r["hmma"] else "-"), f"{r['shared_bytes'] / 1024:.0f}",
+                 " ".join(r["wgmma"]) or ("HMMA" if r["hmma"] else "-"), str(r["tma_loads"]), str(r["ldgsts"]),
+                 str(r["instructions"]), f"{r['shared_bytes'] / 1024:.0f}",
                  str(r["programs_per_sm"])]
         for n in wave_tokens:
             w = r["waves"].get(n)
@@ -342,12 +346,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(reason, file=sys.stderr)
         return 2
     names = list(MAIN_VARIANTS) if "--main" in argv else [v.name for v in VARIANTS]
-    rows = compile_report(dtype_name, names)
+    if "--variants" in argv:  # a comma list of VARIANTS names
+        names = argv[argv.index("--variants") + 1].split(",")
+    cfg = hopper_config(DTYPES[dtype_name])
+    if "--weight-tma" in argv:  # the logit kernels' weight tiles through TMA descriptors
+        cfg = TileConfig(**{**cfg.as_kwargs(), "weight_tma": True})
+    rows = compile_report(dtype_name, names, cfg=cfg)
     if "--json" in argv:
         for row in rows:
             print(json.dumps({**row, "dtype": dtype_name}))
     else:
-        print(f"{dtype_name}, {hopper_config(DTYPES[dtype_name])}, Llama-3-8B head (H {LLAMA3_HIDDEN}, "
+        print(f"{dtype_name}, {cfg}, Llama-3-8B head (H {LLAMA3_HIDDEN}, "
               f"V {LLAMA3_VOCAB}); waves: programs: waves/last-wave fill on {HOPPER_SMS} SMs\n")
         print(format_report(rows))
     return 0

@@ -50,10 +50,20 @@ def reports():
     reason = missing_tools()
     if reason:
         pytest.skip(reason + ": registers, spills and wgmma shapes of the sm_90a build unchecked")
+    return _compile_report("--main")
+
+
+@pytest.fixture(scope="module")
+def tma_reports(reports):
+    """The DPO and TDPO builds with the weight tiles through TMA descriptors (`TileConfig.weight_tma`)."""
+    return _compile_report("--variants", "dpo,tdpo", "--weight-tma")
+
+
+def _compile_report(*args):
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join(
         [os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)] + [os.environ.get("PYTHONPATH", "")])}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, SCRIPT, "bf16", "--main", "--json"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, SCRIPT, "bf16", *args, "--json"], capture_output=True, text=True,
                           env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -104,3 +114,19 @@ def test_no_kernel_spills(reports):
         # the known list must shrink as spills go: a listed kernel that no longer spills fails here
         assert spilling == KNOWN_SPILLS, sorted(KNOWN_SPILLS - spilling)
         pytest.xfail(f"still spilling (known): {sorted(spilling)}")
+
+
+def test_weight_tma_loads_weight_tiles_by_tma_without_spilling(reports, tma_reports):
+    # every logit kernel of DPO and TDPO issues TMA tile loads, and its per-thread async copies are
+    # fewer (those of the gathered hidden rows are left); nothing spills and shared memory stays
+    # within the limit
+    plain = {(r["kernel"], r["variant"]): r for r in reports}
+    logit = [r for r in tma_reports if r["kernel"] in LOGIT_GEMM_KERNELS[:3]]
+    assert {(r["kernel"], r["variant"]) for r in logit} == {
+        ("token_stats_fwd_kernel", "dpo"), ("token_stats_bwd_kernel", "dpo"),
+        ("token_stats_fwd_kernel", "tdpo"), ("token_stats_bwd_kernel", "tdpo")}
+    for r in logit:
+        before = plain[(r["kernel"], r["variant"])]
+        assert r["tma_loads"] > 0 and before["tma_loads"] == 0, r
+        assert 0 < r["ldgsts"] < before["ldgsts"], (r, before)
+        assert r["spill_bytes"] == 0 and 0 < r["shared_bytes"] <= H100_SHARED_MEMORY_PER_BLOCK, r

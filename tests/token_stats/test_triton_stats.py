@@ -83,6 +83,42 @@ def test_each_variant_at_its_own_tiles(monkeypatch, outputs, extra, want):
         assert max_rel_err(got, expected) < 1e-9
 
 
+# SPLIT_SHAPE with the weight tiles read through TMA descriptors (`TileConfig.weight_tma`).
+TMA_SHAPE = TileConfig(**{**SPLIT_SHAPE.as_kwargs(), "weight_tma": True})
+
+
+@pytest.mark.parametrize("hidden_size, ref_hidden_size, tma", [(48, 16, True), (24, 18, True), (21, 16, False)])
+@pytest.mark.parametrize("outputs, extra", [
+    (ALL_STATS, dict(bias=True, softcap=5.0)),
+    (("logp", "kl"), {}),
+])
+def test_weight_tiles_through_tma_descriptors(monkeypatch, hidden_size, ref_hidden_size, tma, outputs, extra):
+    """The forward, the JSD pass and the backward with ``weight_tma``: equal to the oracle, over
+    several vocabulary splits and backward chunks; a weight whose rows a descriptor cannot carry
+    (21 float64 columns: a 168-byte row stride) takes the pointer path."""
+    from fpo_ops.token_stats.kernels import token_stats_bwd, token_stats_fwd, utils
+
+    used = []
+
+    def recording(cfg, *weights):
+        operands, w_tma = utils.weight_operands(cfg, *weights)
+        used.append(w_tma)
+        return operands, w_tma
+
+    monkeypatch.setattr(token_stats_fwd, "weight_operands", recording)
+    monkeypatch.setattr(token_stats_bwd, "weight_operands", recording)
+    case = make_case(shape=(37,), hidden_size=hidden_size, vocab=100, ref_hidden_size=ref_hidden_size, **extra)
+    ref_stats, ref_grads = run(case, "reference", outputs)
+    with utils.override_tile_config(TMA_SHAPE):
+        stats, grads = run(case, "triton", outputs)
+    assert len(used) >= 3 and set(used) == {tma}  # forward, JSD or backward chunks: every launch
+    for stat in outputs:
+        assert max_rel_err(getattr(stats, stat), getattr(ref_stats, stat)) < 1e-9, stat
+    assert len(grads) == len(ref_grads) > 0
+    for got, expected in zip(grads, ref_grads):
+        assert max_rel_err(got, expected) < 1e-9
+
+
 # The oracle cases, some with more for the kernels to do: a bias under the softcap, one token over
 # several vocabulary splits, more ignored tokens; and sizes that fill several tiles unevenly.
 CASES = {

@@ -25,7 +25,7 @@ from .rows import (
 )
 from .utils import (
     dot_acc, dot_precision, head_logits, log_mixture, preactivation_grad, round_for_store, triton_dtype,
-    upcast_dot_operands,
+    upcast_dot_operands, weight_operands,
 )
 
 
@@ -58,9 +58,9 @@ def token_stats_bwd_kernel(
     G_LOGP: tl.constexpr, G_LSE: tl.constexpr, G_ENT: tl.constexpr, G_KL: tl.constexpr,
     G_RKL: tl.constexpr, G_JSD: tl.constexpr, WANT_DB: tl.constexpr, FILTER: tl.constexpr,
     ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_TMA: tl.constexpr,
 ):
-    # w [C, H] and rw [C, HR] are the chunk's rows; coef [GRAD_KEYS, N], saved [SAVED_KEYS, N]
+    # w [C, H] and rw [C, HR] are the chunk's rows (tensor descriptors with W_TMA); coef [GRAD_KEYS, N], saved [SAVED_KEYS, N]
     # dz [N, C] indexed by position in order; db_part [N / BN, C]; skip [N / BN, C / BV]
     # vocabulary blocks vary fastest: programs running together share hidden rows in L2
     pid_v, pid_n, idx, cols, col_mask, n_valid, _, row_mask = _token_block_and_slice(
@@ -71,7 +71,7 @@ def token_stats_bwd_kernel(
         lse = tl.load(saved_ptr + LSE_ROW * stride_saved + rows, mask=row_mask, other=0.0)
         z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
                         logit_scale, softcap, temperature, HAS_BIAS, CAPPED, ACC, BN, BV, BH,
-                        UPCAST, PRECISION)
+                        UPCAST, PRECISION, W_TMA)
         logp = z - lse[:, None]
         p = tl.exp(logp)
         tile = row_mask[:, None] & col_mask[None, :]
@@ -98,7 +98,7 @@ def token_stats_bwd_kernel(
             lse_ref = tl.load(saved_ptr + LSE_REF_ROW * stride_saved + rows, mask=row_mask, other=0.0)
             zr = head_logits(rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, HR, stride_rh,
                              stride_rw, ref_logit_scale, ref_softcap, temperature, HAS_REF_BIAS,
-                             REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION)
+                             REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION, W_TMA)
             logq = zr - lse_ref[:, None]
             if G_KL:
                 dz -= g_kl[:, None] * tl.exp(logq)
@@ -272,8 +272,9 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
         if grad_b is not None:
             grad_b.zero_()
         return
+    (w_arg, rw_arg), w_tma = weight_operands(cfg, weight, rw)
     token_stats_bwd_kernel[(triton.cdiv(chunk, cfg.BV), token_blocks)](
-        hidden, weight, weight if bias is None else bias, rh, rw, rb, labels, order, n_valid,
+        hidden, w_arg, weight if bias is None else bias, rh, rw_arg, rb, labels, order, n_valid,
         coef, saved, dz, dz if db_part is None else db_part, dz if skip is None else skip,
         n, hidden.shape[1], rh.shape[1], chunk, label_offset,
         hidden.stride(0), weight.stride(0), rh.stride(0), rw.stride(0), coef.stride(0),
@@ -286,7 +287,7 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
         **bwd_flags(bias is not None, has_ref, ref_bias is not None, grad_flags, opts, db_part is not None,
                      filtering),
         ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
-        UPCAST=upcast, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        UPCAST=upcast, PRECISION=precision, W_TMA=w_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     kept_v = kept_v_count = kept_n = kept_n_count = dz
     if filtering:

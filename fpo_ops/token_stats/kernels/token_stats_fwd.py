@@ -18,7 +18,9 @@ from .rows import (
     ARGMAX_ROW, ENT_ROW, KL_ROW, M_PRE_ROW, M_REF_ROW, M_ROW, RKL_ROW, S2_ROW, S_REF_ROW, S_ROW, SUM_Z_ROW,
     Z_LABEL_ROW, Z_REF_LABEL_ROW,
 )
-from .utils import dot_precision, head_logits, launch_tiles, log_mixture, triton_dtype, upcast_dot_operands
+from .utils import (
+    dot_precision, head_logits, launch_tiles, log_mixture, triton_dtype, upcast_dot_operands, weight_operands,
+)
 
 
 @triton.jit
@@ -57,9 +59,10 @@ def token_stats_fwd_kernel(
     WANT_ENT: tl.constexpr, WANT_S2: tl.constexpr, WANT_SUM_Z: tl.constexpr, WANT_M_PRE: tl.constexpr,
     WANT_ARGMAX: tl.constexpr, WANT_RKL: tl.constexpr, WANT_KL: tl.constexpr,
     ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_TMA: tl.constexpr,
 ):
-    # h [N, H], w [V, H], rh [N, HR], rw [V, HR], labels [N], order [N], part [S, PARTIAL_KEYS, N]
+    # h [N, H], w [V, H], rh [N, HR], rw [V, HR], labels [N], order [N], part [S, PARTIAL_KEYS, N];
+    # with W_TMA, w and rw are tensor descriptors (block [BV, BH])
     pid_s, pid_n, n_valid, in_range, row_mask, rows = _token_block(order_ptr, n_valid_ptr, N, BN)
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1) - label_offset
     v_lo, v_hi, v_end = _vocab_split(pid_s, pid_n, n_valid, V, v_per_split, BN)
@@ -83,7 +86,7 @@ def token_stats_fwd_kernel(
         col_mask = cols < v_hi
         z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
                         logit_scale, softcap, temperature, HAS_BIAS, CAPPED, ACC, BN, BV, BH,
-                        UPCAST, PRECISION)
+                        UPCAST, PRECISION, W_TMA)
         is_label = (cols[None, :] == labels[:, None]) & col_mask[None, :]
         tile_max = tl.max(tl.where(col_mask[None, :], z, float("-inf")), 1)
         m_new = tl.maximum(m, tile_max)
@@ -117,7 +120,7 @@ def token_stats_fwd_kernel(
         if HAS_REF:
             zr = head_logits(rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, HR, stride_rh,
                              stride_rw, ref_logit_scale, ref_softcap, temperature, HAS_REF_BIAS,
-                             REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION)
+                             REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION, W_TMA)
             m_ref_new = tl.maximum(m_ref, tl.max(tl.where(col_mask[None, :], zr, float("-inf")), 1))
             d_ref = tl.where(s_ref > 0, m_ref - m_ref_new, 0.0)
             alpha_ref = tl.exp(d_ref)
@@ -174,7 +177,7 @@ def token_stats_jsd_fwd_kernel(
     logit_scale, softcap, ref_logit_scale, ref_softcap, temperature, log_beta, log1m_beta,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, CAPPED: tl.constexpr, REF_CAPPED: tl.constexpr,
     ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_TMA: tl.constexpr,
 ):
     # lse, lse_ref [N] (over the whole vocabulary), sums [S, 2, N]: sum q (log q - log m), sum p (...)
     pid_s, pid_n, n_valid, in_range, row_mask, rows = _token_block(order_ptr, n_valid_ptr, N, BN)
@@ -189,10 +192,10 @@ def token_stats_jsd_fwd_kernel(
         col_mask = cols < v_hi
         z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
                         logit_scale, softcap, temperature, HAS_BIAS, CAPPED, ACC, BN, BV, BH,
-                        UPCAST, PRECISION)
+                        UPCAST, PRECISION, W_TMA)
         zr = head_logits(rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, HR, stride_rh,
                          stride_rw, ref_logit_scale, ref_softcap, temperature, HAS_REF_BIAS,
-                         REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION)
+                         REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION, W_TMA)
         logp = z - lse[:, None]
         logq = zr - lse_ref[:, None]
         logm = log_mixture(logp, logq, log_beta, log1m_beta)
@@ -259,13 +262,14 @@ def token_stats_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labe
     scale, cap = _floats(opts.softcap, opts.logit_scale)
     ref_scale, ref_cap = _floats(opts.ref_softcap, opts.ref_logit_scale)
     grid = (splits, triton.cdiv(n, cfg.BN))
+    (w_arg, rw_arg), w_tma = weight_operands(cfg, weight, rw)
     token_stats_fwd_kernel[grid](
-        hidden, weight, weight if bias is None else bias, rh, rw, rb, labels, order, n_valid, part,
+        hidden, w_arg, weight if bias is None else bias, rh, rw_arg, rb, labels, order, n_valid, part,
         n, hidden.shape[1], rh.shape[1], vocab, label_offset, v_per_split,
         hidden.stride(0), weight.stride(0), rh.stride(0), rw.stride(0), part.stride(0), part.stride(1),
         scale, cap, ref_scale, ref_cap, float(opts.temperature),
         **flags, ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
-        UPCAST=upcast_dot_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype),
+        UPCAST=upcast_dot_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype), W_TMA=w_tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return part
@@ -297,15 +301,16 @@ def token_stats_jsd_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
     log_beta = math.log(beta) if beta > 0.0 else float("-inf")
     log1m_beta = math.log1p(-beta) if beta < 1.0 else float("-inf")
     grid = (splits, triton.cdiv(n, cfg.BN))
+    (w_arg, rw_arg), w_tma = weight_operands(cfg, weight, ref_weight)
     token_stats_jsd_fwd_kernel[grid](
-        hidden, weight, weight if bias is None else bias, ref_hidden, ref_weight,
+        hidden, w_arg, weight if bias is None else bias, ref_hidden, rw_arg,
         ref_weight if ref_bias is None else ref_bias, lse, lse_ref, order, n_valid, sums,
         n, hidden.shape[1], ref_hidden.shape[1], vocab, v_per_split,
         hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
         sums.stride(0), sums.stride(1),
         scale, cap, ref_scale, ref_cap, float(opts.temperature), log_beta, log1m_beta,
         **flags, ACC=triton_dtype(opts.accum_dtype), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
-        UPCAST=upcast_dot_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype),
+        UPCAST=upcast_dot_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype), W_TMA=w_tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return sums

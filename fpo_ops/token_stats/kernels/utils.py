@@ -79,21 +79,52 @@ def stable_tanh(x):
     return tl.where(x < 0, -y, y)
 
 
+def weight_tma_ok(weight: torch.Tensor) -> bool:
+    """Whether a TMA descriptor may carry ``weight`` [rows, K] to a kernel: Hopper or later (or the
+    interpreter), a contiguous last dimension, a 16-byte aligned base and row stride."""
+    if weight.device.type == "cuda":
+        if torch.cuda.get_device_capability(weight.device)[0] < 9:
+            return False
+    elif weight.device.type != "meta" and not interpreted():  # meta: builds read without a GPU
+        return False
+    size = weight.element_size()
+    return (weight.dim() == 2 and weight.stride(1) == 1 and (weight.stride(0) * size) % 16 == 0
+            and weight.data_ptr() % 16 == 0)
+
+
+def weight_operands(cfg: "TileConfig", *weights: torch.Tensor):
+    """(the heads' weights as a launch passes them, W_TMA): host tensor descriptors of [BV,
+    BH_reduce] blocks when ``cfg.weight_tma`` asks for them and every weight allows one
+    (`weight_tma_ok`), else the tensors themselves. One flag for all: a kernel takes either kind."""
+    if not (cfg.weight_tma and all(weight_tma_ok(w) for w in weights)):
+        return weights, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return tuple(TensorDescriptor.from_tensor(w, block_shape=[cfg.BV, cfg.BH_reduce]) for w in weights), True
+
+
 @triton.jit
 def head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_h, stride_w,
                 logit_scale, softcap, temperature,
                 HAS_BIAS: tl.constexpr, CAPPED: tl.constexpr, ACC: tl.constexpr,
                 BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # rows [BN] int64 token rows, cols [BV] int64 weight rows -> z [BN, BV]
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_TMA: tl.constexpr):
+    # rows [BN] int64 token rows, cols [BV] int64 weight rows (contiguous) -> z [BN, BV]. With
+    # W_TMA, w_ptr is a tensor descriptor of the weight ([rows, K], block [BV, BH]): the tile comes
+    # by TMA, zero beyond its rows and K; columns past the caller's slice are its masks' to drop.
     acc = tl.zeros([BN, BV], dtype=ACC)
+    if W_TMA:
+        first_col = tl.min(cols, 0).to(tl.int32)
     for k0 in range(0, K, BH):
         ks = k0 + tl.arange(0, BH)
         k_mask = ks < K
         h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
-                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if W_TMA:
+            w = w_ptr.load([first_col, k0])
+        else:
+            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
+                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc = dot_acc(h, tl.trans(w), acc, UPCAST, PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
@@ -187,12 +218,13 @@ class TileConfig:
 
     ``levels`` {level: fields to replace} gives the lighter shapes (`TILE_LEVELS`) that launches
     keeping more live than these tiles leave registers for take (`launch_tiles`); None: every launch
-    uses these.
+    uses these. ``weight_tma``: the logit kernels read weight tiles through TMA descriptors where the
+    weights allow (`weight_operands`); off by default until a GPU run measures it.
     """
 
     def __init__(self, BN: int, BV: int, BH_reduce: int, BH_grad: int, num_warps: int,
                  num_stages: int, target_programs: int, min_splits: int, dz_buffer_bytes: int,
-                 min_vocab_chunk: int, levels: Optional[Dict[str, dict]] = None):
+                 min_vocab_chunk: int, levels: Optional[Dict[str, dict]] = None, weight_tma: bool = False):
         for name, block in (("BN", BN), ("BV", BV), ("BH_reduce", BH_reduce), ("BH_grad", BH_grad)):
             # tl.dot needs every dimension >= 16
             if block < 16 or block & (block - 1):
@@ -210,6 +242,7 @@ class TileConfig:
         self.dz_buffer_bytes = dz_buffer_bytes
         self.min_vocab_chunk = min_vocab_chunk
         self.levels = None if levels is None else {k: dict(v) for k, v in levels.items()}
+        self.weight_tma = bool(weight_tma)
 
     def as_kwargs(self) -> dict:
         """The constructor's arguments, so a tuned shape can be written back into `tile_config`."""
@@ -219,6 +252,8 @@ class TileConfig:
                       dz_buffer_bytes=self.dz_buffer_bytes, min_vocab_chunk=self.min_vocab_chunk)
         if self.levels is not None:
             kwargs["levels"] = {k: dict(v) for k, v in self.levels.items()}
+        if self.weight_tma:
+            kwargs["weight_tma"] = True
         return kwargs
 
     def at(self, level: str) -> "TileConfig":
