@@ -289,6 +289,7 @@ def test_dpo_bf16_default_config_follows_trl_under_ddp(ddp):
     assert_bf16_training_within_budget(ours, theirs, exact)
     assert theirs[0][-1]["loss"] != theirs[0][0]["loss"]
 
+
 def test_tdpo2_under_ddp_equals_one_process(ddp, tmp_path):
     ours, alone = ddp("tdpo2")[0]["fused"], one_process("tdpo2", tmp_path)
     assert set(steps(ours)[0]) == DPO_LOGS | {"kl/chosen", "kl/rejected", "step"}

@@ -152,11 +152,13 @@ def test_four_sgd_steps_under_bf16_within_budget_of_trl(tmp_path):
     runs = [dpo_trainer(DPOTrainer, DPOConfig, tmp_path / "trl", **options),
             dpo_trainer(FusedDPOTrainer, FusedDPOConfig, tmp_path / "fused", **options),
             dpo_trainer(DPOTrainer, DPOConfig, tmp_path / "fp32", bf16=False, **options)]
+    assert [t.args.bf16 for t in runs] == [True, True, False]
     theirs, ours, exact = ((logged_steps(t), dict(t.model.named_parameters())) for t in runs)
     assert len(exact[0]) == 4
     assert theirs[0][0]["loss"] != exact[0][0]["loss"]  # a bf16 budget
     assert_bf16_training_within_budget(ours, theirs, exact)
     assert theirs[0][-1]["loss"] != theirs[0][0]["loss"]
+
 
 def test_bf16_head_log_probs_per_token_closer_to_float64_than_trls(tmp_path):
     # Step 1's head on the step's own bf16 hidden states. Both heads round the GEMM operands to bf16

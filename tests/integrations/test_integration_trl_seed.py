@@ -136,7 +136,8 @@ def test_spo_samples_join_the_batch_forward(tmp_path):
     assert calls["reference"] == [(False, rows)]
 
 
-@pytest.mark.parametrize("extra", [{"pixel_values": torch.zeros(4, 3)}, {"position_ids": torch.zeros(4, 5, dtype=torch.long)}])
+@pytest.mark.parametrize("extra", [{"pixel_values": torch.zeros(4, 3)},
+                                   {"position_ids": torch.zeros(4, 5, dtype=torch.long)}])
 def test_spo_on_policy_refuses_a_batch_it_cannot_extend(tmp_path, extra):
     trainer = make_trainer(FusedDPOTrainer, FusedDPOConfig, tmp_path, **SPO)
     batch = one_batch(trainer)
@@ -146,6 +147,11 @@ def test_spo_on_policy_refuses_a_batch_it_cannot_extend(tmp_path, extra):
         del kwargs["attention_mask"]  # padding-free batches carry positions, no mask
     with pytest.raises(ValueError, match=r"spo_regularizer: 'on_policy'.*expected spo_regularizer='pair'"):
         trainer._spo_joint_kwargs(kwargs, samples)
+
+
+def test_spo_on_policy_refuses_padding_free_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="expected padding_free=False or spo_regularizer='pair'"):
+        make_trainer(FusedDPOTrainer, FusedDPOConfig, tmp_path, padding_free=True, **SPO)
 
 
 def test_spo_pair_regulariser_generates_nothing(tmp_path):

@@ -348,6 +348,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     names = list(MAIN_VARIANTS) if "--main" in argv else [v.name for v in VARIANTS]
     if "--variants" in argv:  # a comma list of VARIANTS names
         names = argv[argv.index("--variants") + 1].split(",")
+        unknown = sorted(set(names) - {v.name for v in VARIANTS})
+        if unknown:
+            print(f"--variants: expected names among {[v.name for v in VARIANTS]}, got {unknown}", file=sys.stderr)
+            return 2
     cfg = hopper_config(DTYPES[dtype_name])
     if "--weight-tma" in argv:  # the logit kernels' weight tiles through TMA descriptors
         cfg = TileConfig(**{**cfg.as_kwargs(), "weight_tma": True})

@@ -129,26 +129,32 @@ def assert_within_budget(ours, theirs, exact, floor=1e-4):
         assert err_a <= 2 * err_b + floor * max(e.norm().item(), 1.0), (name, err_a, err_b)
 
 
-# Logged values bf16 rounds (not counts, the schedule or the step). The gradient norm is left to the
-# weights: it is the gradient's error projected on one direction, one draw of rounding noise, where
-# the trained weights hold every element of every step's gradient.
+# Logged values bf16 rounds (not counts, the schedule or the step), compared step by step as one
+# vector; the loss and the gradient norm also across the steps, each on its own scale.
 BF16_ROUNDED_LOGS = ("entropy", "logits/chosen", "logits/rejected", "rewards/chosen", "rewards/rejected",
                      "rewards/margins", "logps/chosen", "logps/rejected", "mean_token_accuracy")
+BF16_PER_RUN_LOGS = ("loss", "grad_norm")
 
 
 def assert_bf16_training_within_budget(ours, theirs, exact, weight_floor=1e-7):
     """Training runs under bf16 against the fp32 run ``exact``, with the rule of `assert_within_budget`.
 
-    Each argument is ``(logged steps, final parameters)``. Every step's loss and rounded logged values
-    (as one vector), and each trained parameter (over its elements; ``weight_floor`` on its scale: a
+    Each argument is ``(logged steps, final parameters)``. At most 2x TRL's own error plus a floor:
+    every step's loss and rounded logged values (as one vector, where the log-probs set the scale);
+    the loss, and the gradient norm, of all steps (a vector each: one step's value is a single draw
+    of rounding noise); each trained parameter over its elements (``weight_floor`` on its scale: a
     step moves the weights by about the learning rate, so the floor of the logged values would hide
-    any error of theirs) are at most 2x TRL's own error plus the floor.
+    any error of theirs).
     """
     (steps_a, params_a), (steps_b, params_b), (steps_e, params_e) = ours, theirs, exact
     assert len(steps_a) == len(steps_b) == len(steps_e) > 0
     for a, b, e in zip(steps_a, steps_b, steps_e):
         names = [n for n in BF16_ROUNDED_LOGS if n in e]
         assert_within_budget(*((torch.tensor(row["loss"]), {n: row[n] for n in names}, {}) for row in (a, b, e)))
+    for name in BF16_PER_RUN_LOGS:
+        vectors = [{name: torch.tensor([row[name] for row in rows], dtype=torch.float64)}
+                   for rows in (steps_a, steps_b, steps_e)]
+        assert_within_budget(*((torch.tensor(0.0), {}, v) for v in vectors))
     assert set(params_a) == set(params_b) == set(params_e)
     assert_within_budget((torch.tensor(0.0), {}, params_a), (torch.tensor(0.0), {}, params_b),
                          (torch.tensor(0.0), {}, params_e), floor=weight_floor)

@@ -18,12 +18,12 @@ def expected_top1(case):
     return ((predicted == case.labels) & (case.labels != -100)).double(), z
 
 
-
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     """Small tiles, so that tied columns fall into different vocabulary tiles (torch backend)."""
     monkeypatch.setattr(chunked, "VOCAB_BLOCK", 8)
     monkeypatch.setattr(chunked, "TOKEN_BLOCK", 5)
+
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(CASES))

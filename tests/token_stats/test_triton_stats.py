@@ -111,7 +111,8 @@ def test_weight_tiles_through_tma_descriptors(monkeypatch, hidden_size, ref_hidd
     ref_stats, ref_grads = run(case, "reference", outputs)
     with utils.override_tile_config(TMA_SHAPE):
         stats, grads = run(case, "triton", outputs)
-    assert len(used) >= 3 and set(used) == {tma}  # forward, JSD or backward chunks: every launch
+    hopper = not CUDA or torch.cuda.get_device_capability()[0] >= 9  # the interpreter reads descriptors too
+    assert len(used) >= 3 and set(used) == {tma and hopper}  # forward, JSD or backward chunks: every launch
     for stat in outputs:
         assert max_rel_err(getattr(stats, stat), getattr(ref_stats, stat)) < 1e-9, stat
     assert len(grads) == len(ref_grads) > 0

@@ -122,7 +122,8 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
     fused head statistics (bf16/fp16 GEMM operands, fp32 accumulation and statistics), also for
     precomputed reference log-probs; ``cast_lm_head_to_fp32`` keeps the head of both models in fp32.
     Mixture-of-Experts models add the router load-balancing loss times ``router_aux_loss_coef``
-    (logged as ``aux_loss``), computed by the policy's forward as in TRL.
+    (logged as ``aux_loss``), computed by the policy's forward as in TRL (with SPO's on-policy
+    regulariser the samples' rows are part of that forward, and so of the load-balancing loss).
 
     ``spo`` regularises on completions sampled from the policy and ``sppo`` / ``sppo_single`` read
     SPPO's win-rate columns (see `fpo_ops.integrations.trl.seed`).
@@ -208,13 +209,11 @@ class FusedDPOTrainer(SeedLossesMixin, DPOTrainer):
         input_length = inputs["input_ids"].shape[1]
         labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
         samples = self._spo_step_samples(model, inputs)
-        policy_kwargs = self._model_kwargs(inputs, router_logits=self.aux_loss_enabled)
-        forward_kwargs = model_kwargs
-        if samples is not None:  # SPO's sample rows join the batch's forwards
-            policy_kwargs, forward_kwargs = (self._spo_joint_kwargs(k, samples) for k in (policy_kwargs, model_kwargs))
+        # SPO's sample rows join the batch's forwards
+        forward_kwargs = model_kwargs if samples is None else self._spo_joint_kwargs(model_kwargs, samples)
         forward_length = forward_kwargs["input_ids"].shape[1]
 
-        policy = model(**policy_kwargs)
+        policy = model(**head_model_kwargs(forward_kwargs, router_logits=self.aux_loss_enabled))
         hidden = self._head_hidden(policy, forward_length)
         reference: Optional[HeadInputs] = None
         ref_logps: Dict[str, torch.Tensor] = {}

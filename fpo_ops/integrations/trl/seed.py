@@ -142,6 +142,11 @@ class SeedLossesMixin:
         self._spo_samples: Optional[_Samples] = None
         self._spo_generations = 0
         self._spo_on_policy = "spo" in self.loss_types and _seed_option(self.args, "spo_regularizer") == "on_policy"
+        if self._spo_on_policy and getattr(self.args, "padding_free", False):
+            raise ValueError(
+                "spo_regularizer: 'on_policy' appends the samples to the batch's padded rows; expected "
+                "padding_free=False or spo_regularizer='pair', got padding_free=True"
+            )
         for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
             datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
             for data in datasets:
@@ -195,37 +200,37 @@ class SeedLossesMixin:
     def _spo_joint_kwargs(self, model_kwargs: Dict[str, Any], samples: _Samples) -> Dict[str, Any]:
         """``model_kwargs`` with the sample rows appended, both right-padded to one width.
 
-        The samples run in the batch's own forward (policy and reference): one forward per model
-        and step, where a second forward before backward would leave FSDP2 resharding the root's
-        parameters in the first one's backward, and would gather ZeRO-3's layers twice.
+        The samples run in the batch's own forward: the policy runs one forward with gradients per
+        step, where a second one before backward would leave FSDP2 resharding the root's parameters
+        in the first one's backward (and would gather ZeRO-3's layers twice).
         """
-        others = sorted(k for k, v in model_kwargs.items()
-                        if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask"))
-        if others or "attention_mask" not in model_kwargs:
+        tensors = sorted(k for k, v in model_kwargs.items() if isinstance(v, torch.Tensor))
+        if tensors != ["attention_mask", "input_ids"]:
             raise ValueError(
                 f"spo_regularizer: 'on_policy' appends the samples to the batch's input_ids and attention_mask "
-                f"and takes no other model input; got the batch's {sorted(k for k, v in model_kwargs.items() if isinstance(v, torch.Tensor))}; "
-                f"expected spo_regularizer='pair' for such a batch"
+                f"and takes no other model input; got the batch's {tensors}; expected spo_regularizer='pair' "
+                f"for such a batch"
             )
         width = max(model_kwargs["input_ids"].shape[1], samples.input_ids.shape[1])
         pad = lambda t, value: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-        pad_id = self._tokenizer.pad_token_id
+        pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0  # masked out
         return dict(
             model_kwargs,
             input_ids=torch.cat([pad(model_kwargs["input_ids"], pad_id), pad(samples.input_ids, pad_id)]),
             attention_mask=torch.cat([pad(model_kwargs["attention_mask"], 0), pad(samples.attention_mask, 0)]),
         )
 
-    def _split_spo_rows(self, samples: _Samples, hidden: torch.Tensor, ref_hidden: torch.Tensor, pairs: int,
+    def _split_spo_rows(self, samples: _Samples, hidden: torch.Tensor, ref_hidden: torch.Tensor, rows: int,
                         length: int) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
-        """The joint forward's [B + S, W - 1, H] hidden states split into the batch's ``pairs`` rows
-        (cut to its ``length``) and SPO's `preference_loss` arguments of the sample rows."""
+        """The joint forward's [2B + S, W - 1, H] hidden states split into the batch's ``rows`` (2B:
+        chosen and rejected, cut to its ``length``) and SPO's `preference_loss` arguments of the
+        sample rows."""
         sample_length = samples.input_ids.shape[1] - 1
         extra = dict(
-            sample_hidden=hidden[pairs:, :sample_length], sample_ref_hidden=ref_hidden[pairs:, :sample_length],
+            sample_hidden=hidden[rows:, :sample_length], sample_ref_hidden=ref_hidden[rows:, :sample_length],
             sample_labels=samples.labels, spo_score_function=_seed_option(self.args, "spo_score_function"),
         )
-        return hidden[:pairs, :length - 1], ref_hidden[:pairs, :length - 1], extra
+        return hidden[:rows, :length - 1], ref_hidden[:rows, :length - 1], extra
 
     def _generate_spo_samples(self, model, inputs: Dict[str, Any], step: int) -> _Samples:
         """Completions of the chosen rows' prompts, sampled from the policy (no gradient)."""

@@ -96,7 +96,8 @@ def weight_operands(cfg: "TileConfig", *weights: torch.Tensor):
     """(the heads' weights as a launch passes them, W_TMA): host tensor descriptors of [BV,
     BH_reduce] blocks when ``cfg.weight_tma`` asks for them and every weight allows one
     (`weight_tma_ok`), else the tensors themselves. One flag for all: a kernel takes either kind."""
-    if not (cfg.weight_tma and all(weight_tma_ok(w) for w in weights)):
+    # a TMA box spans at most 256 elements per dimension
+    if not (cfg.weight_tma and cfg.BV <= 256 and cfg.BH_reduce <= 256 and all(weight_tma_ok(w) for w in weights)):
         return weights, False
     from triton.tools.tensor_descriptor import TensorDescriptor
 
