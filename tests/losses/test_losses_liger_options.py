@@ -13,6 +13,25 @@ IMPLS = ("reference", "torch", "triton")
 LIGER_TOL = 1e-5  # Liger's fp32 log-softmax against float64
 
 
+def _assert_oracle(loss, grads, want, inputs):
+    """``loss`` and its ``grads`` with respect to ``inputs`` equal the float64 oracle ``want``'s."""
+    want_grads = torch.autograd.grad(want, inputs)
+    assert max_rel_err(loss, want) < 1e-10
+    for got, ref in zip(grads, want_grads):
+        assert max_rel_err(got, ref) < 1e-9
+
+
+def _assert_liger(loss, grads, liger, h, w):
+    """``loss`` and its gradients with respect to (h, w) equal Liger's ``liger(h, w)`` (a scalar loss,
+    run on detached copies) to Liger's fp32 level."""
+    h2, w2 = h.detach().requires_grad_(), w.detach().requires_grad_()
+    theirs = liger(h2, w2)
+    liger_grads = torch.autograd.grad(theirs, (h2, w2))
+    assert max_rel_err(loss, theirs) < LIGER_TOL
+    for got, ref in zip(grads, liger_grads):
+        assert max_rel_err(got, ref) < LIGER_TOL
+
+
 def _unpaired(seed=0, n=3, t=6, hidden_size=16, vocab=21):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, t, hidden_size, generator=g, dtype=torch.float64).requires_grad_()
@@ -42,19 +61,11 @@ def test_kto_precomputed_reference_point(impl, kl_shape):
     ratio = ((logp.gather(-1, safe)[..., 0] - logq.gather(-1, safe)[..., 0]) * mask).sum(-1)
     sign = torch.where(desirable, 1.0, -1.0).double()
     want = (1 - torch.sigmoid(0.2 * (ratio - kl) * sign)).mean()
-    want_grads = torch.autograd.grad(want, (h, w))
-    assert max_rel_err(out.loss, want) < 1e-10
-    for got, ref in zip(grads, want_grads):
-        assert max_rel_err(got, ref) < 1e-9
+    _assert_oracle(out.loss, grads, want, (h, w))
     # Liger's own loss on the same inputs, in one chunk (Liger broadcasts a [B] kl against each
     # chunk's examples, so only a whole-batch chunk pairs them up)
-    h2, w2 = h.detach().requires_grad_(), w.detach().requires_grad_()
-    liger = liger_kto.LigerFusedLinearKTOFunction.apply(h2, w2, y, desirable, None, rh, rw, None, kl, -100, 0.2,
-                                                       False, True, False, 3)[0]
-    liger_grads = torch.autograd.grad(liger, (h2, w2))
-    assert max_rel_err(out.loss, liger) < LIGER_TOL
-    for got, ref in zip(grads, liger_grads):
-        assert max_rel_err(got, ref) < LIGER_TOL
+    _assert_liger(out.loss, grads, lambda h2, w2: liger_kto.LigerFusedLinearKTOFunction.apply(
+        h2, w2, y, desirable, None, rh, rw, None, kl, -100, 0.2, False, True, False, 3)[0], h, w)
 
 
 def test_kto_kl_bad_input():
@@ -101,20 +112,12 @@ def test_average_log_prob(impl, loss_type):
     want = {"sigmoid": lambda: -torch.nn.functional.logsigmoid(delta),
             "apo_zero": lambda: (1 - torch.sigmoid(0.3 * ratios[:2])) + torch.sigmoid(0.3 * ratios[2:]),
             "ipo": lambda: (ratios[:2] - ratios[2:] - 1 / (2 * 0.3)) ** 2}[loss_type]().mean()
-    want_grads = torch.autograd.grad(want, (h, w))
-    assert max_rel_err(out.loss, want) < 1e-10
-    for got, ref in zip(grads, want_grads):
-        assert max_rel_err(got, ref) < 1e-9
+    _assert_oracle(out.loss, grads, want, (h, w))
     assert max_rel_err(out.chosen_rewards, 0.3 * ratios[:2]) < 1e-10
     if loss_type == "ipo":  # Liger refuses ipo
         return
-    h2, w2 = h.detach().requires_grad_(), w.detach().requires_grad_()
-    liger = liger_dpo.LigerFusedLinearDPOFunction.apply(
-        h2, w2, y, None, rh, rw, None, -100, 0.3, False, False, True, True, 1, loss_type)[0]
-    liger_grads = torch.autograd.grad(liger, (h2, w2))
-    assert max_rel_err(out.loss, liger) < LIGER_TOL
-    for got, ref in zip(grads, liger_grads):
-        assert max_rel_err(got, ref) < LIGER_TOL
+    _assert_liger(out.loss, grads, lambda h2, w2: liger_dpo.LigerFusedLinearDPOFunction.apply(
+        h2, w2, y, None, rh, rw, None, -100, 0.3, False, False, True, True, 1, loss_type)[0], h, w)
 
 
 def test_average_log_prob_divides_precomputed_reference_log_probs():
@@ -153,18 +156,11 @@ def test_nll_target(impl, loss_type):
     else:
         seq = token.sum(-1)
         want = -torch.nn.functional.logsigmoid(0.3 * (seq[:2] - seq[2:])).mean() + nll
-    want_grads = torch.autograd.grad(want, (h, w))
-    assert max_rel_err(out.loss, want) < 1e-10
-    for got, ref in zip(grads, want_grads):
-        assert max_rel_err(got, ref) < 1e-9
+    _assert_oracle(out.loss, grads, want, (h, w))
     if loss_type == "cpo":  # the installed Liger's CPO has no nll_target: the oracle only
         return
-    h2, w2 = h.detach().requires_grad_(), w.detach().requires_grad_()
-    liger = liger_mod.LigerFusedLinearORPOFunction.apply(h2, w2, y, None, -100, 0.3, True, nll_target, False, 1)
-    liger_grads = torch.autograd.grad(liger[0], (h2, w2))
-    assert max_rel_err(out.loss, liger[0]) < LIGER_TOL
-    for got, ref in zip(grads, liger_grads):
-        assert max_rel_err(got, ref) < LIGER_TOL
+    _assert_liger(out.loss, grads, lambda h2, w2: liger_mod.LigerFusedLinearORPOFunction.apply(
+        h2, w2, y, None, -100, 0.3, True, nll_target, False, 1)[0], h, w)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -187,18 +183,15 @@ def test_distill_hard_and_soft_terms(impl, temperature):
     jsd = 0.5 * (logq.exp() * (logq - logm)).sum(-1) + 0.5 * (logp.exp() * (logp - logm)).sum(-1)
     ce = -torch.log_softmax(z, -1).gather(-1, y.clamp_min(0)[..., None])[..., 0]
     want = ((0.3 * ce + 0.7 * jsd) * mask).sum() / mask.sum()
-    want_grads = torch.autograd.grad(want, (h, w))
-    assert max_rel_err(loss, want) < 1e-10
-    for got, ref in zip(grads, want_grads):
-        assert max_rel_err(got, ref) < 1e-9
-    h2, w2 = h.detach().reshape(-1, 16).requires_grad_(), w.detach().requires_grad_()
-    liger = liger_jsd.LigerFusedLinearJSDFunction.apply(h2, w2, rh.reshape(-1, 16), rw, y.reshape(-1), None, None,
-                                                       0.3, 0.7, 0.5, -100, temperature, False)
-    liger = liger[0] if isinstance(liger, tuple) else liger
-    liger_grads = torch.autograd.grad(liger, (h2, w2))
-    assert max_rel_err(loss, liger) < LIGER_TOL
-    for got, ref in zip((grads[0].reshape(-1, 16), grads[1]), liger_grads):
-        assert max_rel_err(got, ref) < LIGER_TOL
+    _assert_oracle(loss, grads, want, (h, w))
+
+    def liger(h2, w2):
+        out = liger_jsd.LigerFusedLinearJSDFunction.apply(h2.reshape(-1, 16), w2, rh.reshape(-1, 16), rw,
+                                                          y.reshape(-1), None, None, 0.3, 0.7, 0.5, -100,
+                                                          temperature, False)
+        return out[0] if isinstance(out, tuple) else out
+
+    _assert_liger(loss, grads, liger, h, w)
 
 
 def _same_output(got, want, inputs):
