@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from fpo_ops.token_stats.kernels.utils import PREVIOUS_16BIT_TILES
+from fpo_ops.token_stats.kernels.utils import FIRST_WIDE_16BIT_STEPS, PREVIOUS_16BIT_TILES
 
 from .heads import get_head
 from .workloads import get_workload
@@ -128,14 +128,16 @@ PLANS = {
         sweep_workload="tdpo", sweep_tokens=16384,
         # tile_config's per-variant shapes ([128, 128] tiles where they fit; tdpo's forward takes
         # [64, 128]), the [64, 128] ones before them for every launch (levels None; the first GPU
-        # run keeps or reverts the default), the same per-variant shapes with the weight tiles by
-        # TMA (`TileConfig.weight_tma`, off until measured), and [64, 256] tiles (a 64x128 wgmma per
-        # warpgroup at 64 tokens)
+        # run keeps or reverts the default), the per-variant shapes with 64-wide hidden steps through
+        # 3 stages, and the same per-variant shapes with the weight tiles by TMA
+        # (`TileConfig.weight_tma`, off until measured). Not [64, 256]: its 64x128 wgmma per
+        # warpgroup holds as many accumulator registers per thread as [128, 128] (tdpo's forward
+        # spills at both)
         sweep_candidates=(
             {},
             dict(PREVIOUS_16BIT_TILES, levels=None),
+            FIRST_WIDE_16BIT_STEPS,
             {"weight_tma": True},
-            {"BN": 64, "BV": 256},
         ),
         sweep_repeats=3,
     ),

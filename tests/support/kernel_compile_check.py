@@ -66,7 +66,7 @@ VARIANTS = (
     Variant("tdpo", partial_keys=("kl",), grads=("logp", "kl")),
     Variant("jsd", jsd=True, grads=("jsd",)),
     Variant("every-stat", partial_keys=("ent", "s2", "sum_z", "m_pre", "argmax", "rkl", "kl"), jsd=True,
-            grads=("logp", "entropy", "kl", "reverse_kl", "jsd"), bias=True, softcap=True),
+            grads=("logp", "lse", "entropy", "kl", "reverse_kl", "jsd"), bias=True, softcap=True),
     Variant("filtered", partial_keys=("ent", "rkl", "kl"),
             grads=("logp", "entropy", "kl", "reverse_kl", "jsd"), bias=True, softcap=True, filter_eps=1e-6),
     Variant("dpo-capped", grads=("logp",), bias=True, softcap=True),
@@ -239,7 +239,7 @@ def _key(launch: Launch) -> Tuple:
 
 # constexprs that name a kernel's branch (the rest are tile sizes and dtypes, shown once per row)
 _BRANCH_FLAGS = ("HAS_REF", "WANT_ENT", "WANT_S2", "WANT_SUM_Z", "WANT_M_PRE", "WANT_ARGMAX", "WANT_RKL", "WANT_KL",
-                 "HAS_BIAS", "CAPPED", "G_LOGP", "G_ENT", "G_KL", "G_RKL", "G_JSD", "WANT_DB", "FILTER", "ACCUMULATE")
+                 "HAS_BIAS", "CAPPED", "G_LOGP", "G_LSE", "G_ENT", "G_KL", "G_RKL", "G_JSD", "WANT_DB", "FILTER", "ACCUMULATE")
 
 
 def _flags(constexprs: Dict[str, object]) -> str:

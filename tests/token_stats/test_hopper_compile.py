@@ -28,12 +28,12 @@ LOGIT_GEMM_KERNELS = ("token_stats_fwd_kernel", "token_stats_jsd_fwd_kernel", "t
 # (kernel, variant) pairs that still spill (see benchmarks/results/hopper-compile-*.md): none since each
 # launch takes the tile shape its variant fits (`fpo_ops.token_stats.kernels.utils.VARIANT_TILES`)
 KNOWN_SPILLS = set()
-# logit GEMMs narrower than 64x128, by that choice: [64, 128] tiles (64x64) for tdpo's forward and the
-# JSD pass, [64, 64] (64x32; the dh GEMM 64x64) for every statistic and gradient at once
+# logit GEMMs narrower than 64x128, by that choice: [64, 128] tiles (64x64 over two warpgroups) for
+# tdpo's forward, the JSD pass and every statistic and gradient at once; their dh GEMM runs [64, 128]
+# on one warpgroup (`gradient_gemm_launch`)
 KNOWN_NARROW = {
     ("token_stats_fwd_kernel", "tdpo"), ("token_stats_fwd_kernel", "every-stat"),
     ("token_stats_jsd_fwd_kernel", "every-stat"), ("token_stats_bwd_kernel", "every-stat"),
-    ("token_stats_bwd_dh_kernel", "every-stat"),
 }
 
 

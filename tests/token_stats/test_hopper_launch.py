@@ -10,8 +10,8 @@ import triton
 from fpo_ops.token_stats.kernels.token_stats_bwd import bwd_flags
 from fpo_ops.token_stats.kernels.token_stats_fwd import fwd_flags, jsd_flags
 from fpo_ops.token_stats.kernels.utils import (
-    HOPPER_16BIT_TILES, MIN_LAST_WAVE, PREVIOUS_16BIT_TILES, TileConfig, last_wave_fill, launch_level, launch_tiles,
-    split_blocks, tile_config,
+    HOPPER_16BIT_TILES, MIN_LAST_WAVE, STAGE_SHARED_BYTES, TileConfig, gradient_gemm_launch, last_wave_fill,
+    launch_level, launch_tiles, split_blocks, stages_within_shared, tile_config,
 )
 from fpo_ops.token_stats.options import HeadOptions
 from fpo_ops.token_stats.stats import REFERENCE_GRADS
@@ -72,13 +72,13 @@ def _launches(opts, keys=(), grads=("logp",), has_ref=True, bias=False):
 
 
 def test_each_variant_gets_the_tiles_its_compiled_code_fits(hopper_configs):
-    """16-bit: [128, 128] tiles where the sm_90a build does not spill at them, [64, 128] (the previous
-    default) or [64, 64] elsewhere (benchmarks/results/hopper-compile-bf16-after.md); wider dtypes
+    """16-bit: [128, 128] tiles where the sm_90a build does not spill at them, [64, 128] or [64, 64]
+    elsewhere (benchmarks/results/hopper-compile-bf16-after.md); wider dtypes
     have one shape for all."""
     cfg = hopper_configs[torch.bfloat16]
     wide, narrow, narrowest = cfg, cfg.at("narrow"), cfg.at("narrowest")
     assert {k: getattr(wide, k) for k in HOPPER_16BIT_TILES} == HOPPER_16BIT_TILES
-    assert {k: getattr(narrow, k) for k in PREVIOUS_16BIT_TILES} == PREVIOUS_16BIT_TILES
+    assert {k: getattr(narrow, k) for k in HOPPER_16BIT_TILES} == {**HOPPER_16BIT_TILES, "BN": 64}
     assert (narrowest.BN, narrowest.BV, narrowest.num_stages) == (64, 64, 2) and narrowest.levels is None
     plain = HeadOptions()
     capped = HeadOptions(softcap=30.0, ref_softcap=30.0)
@@ -88,14 +88,14 @@ def test_each_variant_gets_the_tiles_its_compiled_code_fits(hopper_configs):
         # (launches, forward, backward); the JSD pass is [64, 128] whatever its flags
         (_launches(plain), wide, wide),                                              # dpo
         (_launches(plain, has_ref=False), wide, wide),                               # SFT
-        (_launches(plain, has_ref=False, keys=("m_pre", "argmax")), narrow, wide),   # SFT, token accuracy
-        (_launches(capped, bias=True), narrow, wide),                                # dpo, bias + softcap
+        (_launches(plain, has_ref=False, keys=("m_pre", "argmax")), wide, wide),     # SFT, token accuracy
+        (_launches(capped, bias=True), wide, wide),                                  # dpo, bias + softcap
         (_launches(plain, keys=("kl",), grads=("logp", "kl")), narrow, wide),        # tdpo
-        (_launches(plain, grads=("jsd",)), wide, narrow),                            # distillation
-        (_launches(capped, bias=True, keys=("ent", "rkl", "kl"), grads=every_grad), narrow, narrowest),
-        (_launches(filtered, keys=("ent", "s2", "sum_z", "m_pre", "argmax", "rkl", "kl")), narrowest, narrowest),
-        # not measured at the wider shapes: the narrowest
-        (_launches(plain, grads=("lse",)), wide, narrowest),
+        (_launches(plain, grads=("jsd",)), wide, wide),                              # distillation
+        (_launches(capped, bias=True, keys=("ent", "rkl", "kl"), grads=every_grad), narrow, narrow),
+        (_launches(filtered, keys=("ent", "s2", "sum_z", "m_pre", "argmax", "rkl", "kl")), narrow, narrowest),
+        # the log-normaliser's gradient: measured with every other one at [64, 128]
+        (_launches(plain, grads=("lse",)), wide, narrow),
     ]
     for launches, fwd, bwd in expected:
         assert launch_tiles(cfg, "fwd", launches["fwd"]) == fwd, launches["fwd"]
@@ -109,3 +109,25 @@ def test_each_variant_gets_the_tiles_its_compiled_code_fits(hopper_configs):
         cfg.at("wider")
     with pytest.raises(ValueError, match=r"levels\['narrow'\]: expected overrides of"):
         TileConfig(**{**cfg.as_kwargs(), "levels": {"narrow": dict(BM=64)}})
+
+
+def test_gradient_gemms_keep_wgmma_64x128_within_shared_memory(hopper_configs):
+    """The dh/dw GEMMs' [BV, BH_grad] operand tiles are 4x the logit GEMMs' [BV, BH_reduce] ones: at
+    the 16-bit shape they take 3 of its 4 stages (4 would need 256 KiB of a block's 227). At 64-token
+    tiles dh runs on one warpgroup (8 warps would split it into two 64x64 halves), with the stages
+    two programs per SM can hold."""
+    cfg = hopper_configs[torch.bfloat16]
+    dh_stage = (cfg.BN + cfg.BH_grad) * cfg.BV * 2
+    assert cfg.num_stages == 4 and stages_within_shared(cfg.num_stages, dh_stage) == 3
+    assert 3 * dh_stage <= STAGE_SHARED_BYTES < 4 * dh_stage
+    assert gradient_gemm_launch(cfg, cfg.BN, dh_stage, 2) == (8, 3)
+    narrow = cfg.at("narrow")
+    narrow_stage = (narrow.BN + narrow.BH_grad) * narrow.BV * 2
+    assert gradient_gemm_launch(narrow, narrow.BN, narrow_stage, 2) == (4, 2)
+    assert 2 * 2 * narrow_stage <= STAGE_SHARED_BYTES < 2 * 3 * narrow_stage
+    # wider dtypes keep their warps (no 16-bit wgmma to widen)
+    fp32 = hopper_configs[torch.float32]
+    assert gradient_gemm_launch(fp32, fp32.BN, (fp32.BN + fp32.BH_grad) * fp32.BV * 4, 4)[0] == fp32.num_warps
+    # the logit GEMMs' steps keep all of theirs; a stage larger than the budget still runs, unpipelined
+    assert stages_within_shared(cfg.num_stages, (cfg.BN + cfg.BV) * cfg.BH_reduce * 2) == 4
+    assert stages_within_shared(3, STAGE_SHARED_BYTES + 1) == 1

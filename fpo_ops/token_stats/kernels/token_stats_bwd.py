@@ -24,8 +24,8 @@ from .rows import (
     LSE_ROW, REVERSE_KL_ROW,
 )
 from .utils import (
-    dot_acc, dot_precision, head_logits, log_mixture, preactivation_grad, round_for_store, triton_dtype,
-    upcast_dot_operands, weight_operands,
+    dot_acc, dot_precision, gradient_gemm_launch, head_logits, log_mixture, preactivation_grad, round_for_store,
+    triton_dtype, upcast_dot_operands, weight_operands,
 )
 
 
@@ -75,7 +75,10 @@ def token_stats_bwd_kernel(
         logp = z - lse[:, None]
         p = tl.exp(logp)
         tile = row_mask[:, None] & col_mask[None, :]
-        is_label = (cols[None, :] == labels[:, None]) & tile
+        # the label as an int32 offset in the tile: an int64 column per element of the logit
+        # tile's layout costs two registers each
+        label_in_tile = (labels - pid_v * BV).to(tl.int32)
+        is_label = (tl.arange(0, BV)[None, :] == label_in_tile[:, None]) & tile
         dz = tl.zeros([BN, BV], dtype=ACC)
         if G_LOGP:
             g = tl.load(coef_ptr + G_LOGP_ROW * stride_coef + rows, mask=row_mask, other=0.0)
@@ -120,7 +123,8 @@ def token_stats_bwd_kernel(
             negligible = negligible & (tl.sum(is_label.to(tl.int32)) == 0)
             dz = tl.where(negligible, 0.0, dz)
             tl.store(skip_ptr + pid_n * stride_skip + pid_v, negligible.to(tl.int8))
-        tl.store(dz_ptr + idx[:, None] * stride_dz + cols[None, :], round_for_store(dz, dz_ptr), mask=tile)
+        dz_rows = dz_ptr + idx * stride_dz + pid_v * BV
+        tl.store(dz_rows[:, None] + tl.arange(0, BV)[None, :], round_for_store(dz, dz_ptr), mask=tile)
         if WANT_DB:
             tl.store(db_part_ptr + pid_n * stride_db_part + cols, tl.sum(dz, 0), mask=col_mask)
     else:
@@ -298,22 +302,25 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
         kept_v_count = (flags == 0).sum(1)
         kept_n = torch.argsort(flags.T, dim=1, stable=True).contiguous()
         kept_n_count = (flags == 0).sum(0)
+    size = dz.element_size()
     if grad_h is not None:
+        warps, stages = gradient_gemm_launch(cfg, cfg.BN, (cfg.BN + cfg.BH_grad) * cfg.BV * size, size)
         token_stats_bwd_dh_kernel[(triton.cdiv(hidden.shape[1], cfg.BH_grad), token_blocks)](
             dz, weight, grad_h, order, n_valid, kept_v, kept_v_count,
             n, hidden.shape[1], chunk, dz.stride(0), weight.stride(0), grad_h.stride(0),
             kept_v.stride(0),
             ACCUMULATE=not first_chunk, FILTER=filtering, ACC=triton_dtype(acc),
             BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_grad, UPCAST=upcast, PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=warps, num_stages=stages,
         )
     if grad_w is not None:
+        warps, stages = gradient_gemm_launch(cfg, cfg.BV, (cfg.BV + cfg.BH_grad) * cfg.BN * size, size)
         token_stats_bwd_dw_kernel[(triton.cdiv(chunk, cfg.BV), triton.cdiv(hidden.shape[1], cfg.BH_grad))](
             dz, hidden, grad_w, order, n_valid, kept_n, kept_n_count,
             n, hidden.shape[1], chunk, dz.stride(0), hidden.stride(0), grad_w.stride(0),
             kept_n.stride(0),
             FILTER=filtering, ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_grad,
-            UPCAST=upcast, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            UPCAST=upcast, PRECISION=precision, num_warps=warps, num_stages=stages,
         )
     if grad_b is not None:
         grad_b.copy_(db_part[:, :chunk].sum(0))

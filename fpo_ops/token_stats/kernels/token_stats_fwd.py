@@ -87,20 +87,25 @@ def token_stats_fwd_kernel(
         z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
                         logit_scale, softcap, temperature, HAS_BIAS, CAPPED, ACC, BN, BV, BH,
                         UPCAST, PRECISION, W_TMA)
-        is_label = (cols[None, :] == labels[:, None]) & col_mask[None, :]
-        tile_max = tl.max(tl.where(col_mask[None, :], z, float("-inf")), 1)
+        # on the logit tile's layout columns are compared as int32 offsets in the tile: an int64
+        # column index per element there costs two registers each
+        lanes = tl.arange(0, BV)
+        in_tile = lanes < (v_hi - v0).to(tl.int32)
+        label_in_tile = (labels - v0).to(tl.int32)
+        is_label = (lanes[None, :] == label_in_tile[:, None]) & in_tile[None, :]
+        tile_max = tl.max(tl.where(in_tile[None, :], z, float("-inf")), 1)
         m_new = tl.maximum(m, tile_max)
         if WANT_ARGMAX:
             # the tile's first column at its maximum; it replaces the running index only when
             # strictly larger, so the first maximal index (torch.argmax's) wins across tiles
-            at_max = (z == tile_max[:, None]) & col_mask[None, :]
-            tile_arg = tl.min(tl.where(at_max, cols[None, :], v_hi), 1)
+            at_max = (z == tile_max[:, None]) & in_tile[None, :]
+            tile_arg = tl.min(tl.where(at_max, lanes[None, :], BV), 1) + v0
             argmax = tl.where(tile_max > m, tile_arg, argmax)
         # before the first tile s is 0 and every sum is 0: any finite shift keeps them 0
         d = tl.where(s > 0, m - m_new, 0.0)
         alpha = tl.exp(d)
-        shifted = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
-        e = tl.where(col_mask[None, :], tl.exp(shifted), 0.0)
+        shifted = tl.where(in_tile[None, :], z - m_new[:, None], 0.0)
+        e = tl.where(in_tile[None, :], tl.exp(shifted), 0.0)
         # the policy tile is folded before the reference tile is formed: across the reference GEMM
         # only `shifted` stays live (for the divergences), not z, e and their sums as well
         if WANT_ENT:
@@ -108,10 +113,10 @@ def token_stats_fwd_kernel(
         if WANT_S2:
             s2 = alpha * alpha * s2 + tl.sum(e * e, 1)
         if WANT_SUM_Z:
-            sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+            sum_z += tl.sum(tl.where(in_tile[None, :], z, 0.0), 1)
         if WANT_M_PRE:
             # the columns before the label (labels of ignored tokens are -1: none)
-            before = (cols[None, :] < labels[:, None]) & col_mask[None, :]
+            before = (lanes[None, :] < label_in_tile[:, None]) & in_tile[None, :]
             m_pre = tl.maximum(m_pre, tl.max(tl.where(before, z, float("-inf")), 1))
         z_label += tl.sum(tl.where(is_label, z, 0.0), 1)
         s_before = s
@@ -121,21 +126,19 @@ def token_stats_fwd_kernel(
             zr = head_logits(rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, HR, stride_rh,
                              stride_rw, ref_logit_scale, ref_softcap, temperature, HAS_REF_BIAS,
                              REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION, W_TMA)
-            m_ref_new = tl.maximum(m_ref, tl.max(tl.where(col_mask[None, :], zr, float("-inf")), 1))
+            m_ref_new = tl.maximum(m_ref, tl.max(tl.where(in_tile[None, :], zr, float("-inf")), 1))
             d_ref = tl.where(s_ref > 0, m_ref - m_ref_new, 0.0)
             alpha_ref = tl.exp(d_ref)
-            shifted_ref = tl.where(col_mask[None, :], zr - m_ref_new[:, None], 0.0)
-            e_ref = tl.where(col_mask[None, :], tl.exp(shifted_ref), 0.0)
+            shifted_ref = tl.where(in_tile[None, :], zr - m_ref_new[:, None], 0.0)
+            e_ref = tl.where(in_tile[None, :], tl.exp(shifted_ref), 0.0)
             if WANT_RKL:
                 # e again from `shifted`: one exp per logit is cheaper than a tile kept live
-                e_again = tl.where(col_mask[None, :], tl.exp(shifted), 0.0)
+                e_again = tl.where(in_tile[None, :], tl.exp(shifted), 0.0)
                 rkl = alpha * (rkl + (d - d_ref) * s_before) + tl.sum(e_again * (shifted - shifted_ref), 1)
             if WANT_KL:
                 kl = alpha_ref * (kl + (d_ref - d) * s_ref) + tl.sum(e_ref * (shifted_ref - shifted), 1)
-            # the label's column again, from the label's offset in the tile: no [BN, BV] mask
-            # kept live across the reference GEMM
-            label_in_tile = labels - v0
-            ref_is_label = (tl.arange(0, BV)[None, :] == label_in_tile[:, None]) & col_mask[None, :]
+            # the label's column again: no [BN, BV] mask kept live across the reference GEMM
+            ref_is_label = (lanes[None, :] == label_in_tile[:, None]) & in_tile[None, :]
             z_ref_label += tl.sum(tl.where(ref_is_label, zr, 0.0), 1)
             s_ref = alpha_ref * s_ref + tl.sum(e_ref, 1)
             m_ref = m_ref_new

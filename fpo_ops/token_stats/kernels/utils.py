@@ -156,6 +156,32 @@ def log_mixture(logp, logq, log_beta, log1m_beta):
     return hi + tl.log(1.0 + tl.exp(lo - hi))
 
 
+# Shared memory the pipeline stages of one GEMM may fill: a Hopper block gets 227 KiB, and Triton
+# keeps some of it for the epilogue's layout conversions.
+STAGE_SHARED_BYTES = 200 << 10
+
+
+def stages_within_shared(num_stages: int, stage_bytes: int) -> int:
+    """Pipeline stages for a GEMM loop whose operand tiles take ``stage_bytes`` per stage: at most
+    ``num_stages``, as many as `STAGE_SHARED_BYTES` holds (at least 1). The gradient GEMMs' wide
+    BH_grad tiles hold fewer stages than the logit GEMMs' narrow BH_reduce steps."""
+    return max(1, min(num_stages, STAGE_SHARED_BYTES // max(1, stage_bytes)))
+
+
+def gradient_gemm_launch(cfg: "TileConfig", rows: int, stage_bytes: int, element_size: int):
+    """(num_warps, num_stages) of a gradient GEMM (dh or dw) whose program computes a [rows, BH_grad]
+    tile, with ``stage_bytes`` of operand tiles per pipeline stage.
+
+    Triton gives each warpgroup (4 warps) 64 rows of an output tile and splits the rest between
+    warpgroups along its columns: at 64 rows and 8 warps each would issue 64x64 wgmma. So a 16-bit
+    [64, >= 128] tile runs on one warpgroup (64x128), with the stages two programs can hold in
+    shared memory, so that an SM still runs two warpgroups.
+    """
+    if element_size == 2 and rows == 64 and cfg.BH_grad >= 128 and cfg.num_warps == 8:
+        return 4, stages_within_shared(cfg.num_stages, 2 * stage_bytes)
+    return cfg.num_warps, stages_within_shared(cfg.num_stages, stage_bytes)
+
+
 # The forward's last wave of programs is at least this full (when a split count allows it).
 MIN_LAST_WAVE = 0.75
 
@@ -334,14 +360,21 @@ def resident_programs(registers: int, shared_bytes: int, num_warps: int) -> int:
 # The 16-bit CUDA launch shape: [128, 128] logit tiles over 8 warps, so each of the two warpgroups
 # issues wgmma.64x128x16 (tests/support/kernel_compile_check.py reads the shape from the SASS; the
 # previous [64, 128] tiles gave 64x64, which needs more shared-memory bandwidth per multiply-add than
-# an SM has). Launches that keep more live than these tiles leave registers for take a level of
-# `HOPPER_16BIT_LEVELS` instead (`launch_tiles`). Not yet timed on a GPU: scripts/gpu_check.sh's
-# sweep times it beside `PREVIOUS_16BIT_TILES` and prints the faster.
-HOPPER_16BIT_TILES = dict(BN=128, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3)
+# an SM has), reduced over the hidden size in 32-wide steps through 4 stages: the same 64 KiB of
+# operand buffers per program as 64-wide steps through 2, one stage deeper, and fewer registers for
+# each stage's addresses (at 64-wide steps through 3 stages DPO's forward spills 16 B, bias and
+# softcap 16 B, and the JSD backward did not fit [128, 128]). The gradient GEMMs' wider BH_grad
+# tiles take the stages shared memory holds (`stages_within_shared`: 3). Launches that keep more live
+# than these tiles leave registers for take a level of `HOPPER_16BIT_LEVELS` instead (`launch_tiles`).
+# Not yet timed on a GPU: scripts/gpu_check.sh's sweep times it beside `PREVIOUS_16BIT_TILES`
+# ([64, 128] for every launch) and `FIRST_WIDE_16BIT_STEPS` (64-wide steps, 3 stages) and prints the
+# fastest.
+HOPPER_16BIT_TILES = dict(BN=128, BV=128, BH_reduce=32, BH_grad=128, num_warps=8, num_stages=4)
 PREVIOUS_16BIT_TILES = dict(BN=64, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3)
+FIRST_WIDE_16BIT_STEPS = dict(BH_reduce=64, num_stages=3)
 # Lighter shapes for the launches that spill at [128, 128] (`VARIANT_TILES`): a [64, 128] tile over
 # 8 warps holds half the accumulator registers per thread of a [128, 128] one; [64, 64] (wgmma 64x32)
-# with 2 stages only for the few launches that still spill at [64, 128].
+# with 2 stages only for the launches that still spill at [64, 128].
 HOPPER_16BIT_LEVELS = {"narrow": dict(BN=64), "narrowest": dict(BN=64, BV=64, num_stages=2)}
 
 # Per pass, (flag set, level) from the widest level down: a launch takes the first level whose flag
@@ -349,31 +382,30 @@ HOPPER_16BIT_LEVELS = {"narrow": dict(BN=64), "narrowest": dict(BN=64, BV=64, nu
 # set is a variant measured with `python tests/support/kernel_compile_check.py bf16` (cuda:90, 8 warps;
 # registers/spill bytes, benchmarks/results/hopper-compile-bf16-after.md) to compile without a spill
 # at that level and to spill at the one above it:
-# - forward, wide: dpo 255/0. Narrow ([64, 128]): tdpo (WANT_KL) 214/0, 136 B spilt at [128, 128];
-#   dpo with bias and softcap 191/0 (204 B); SFT's token accuracy (WANT_M_PRE, WANT_ARGMAX, no
-#   reference) 216/0 (400 B); entropy, both KLs, bias and softcap ("filtered") 239/0 (1372 B).
-#   Fewer pipeline stages at [128, 128] do not help (num_stages 2: tdpo 120 B, SFT 344 B).
-# - JSD pass, narrow: 184/0, with bias and softcap 190/0 (364 B and 1092 B at [128, 128]).
-# - backward logit-gradient kernel, wide: tdpo (G_LOGP, G_KL) 254/0; G_LOGP with bias and softcap
-#   236/0. Narrow: G_JSD 128/0 (24 B at [128, 128]). Every gradient at once, and gradient filtering,
-#   still spill at [64, 128] (16 B and 296 B; 2268 B and 6548 B at [128, 128]), also at 2 stages
-#   (16 B, 288 B); at [64, 64] with 2 stages 181/0 and 216/0. Every forward statistic at once:
-#   16 B at [64, 128], 193/0 at [64, 64].
+# - forward, wide: dpo 255/0; with bias and softcap 213/0; SFT's token accuracy (WANT_M_PRE,
+#   WANT_ARGMAX, no reference) 192/0. Narrow ([64, 128]): tdpo (WANT_KL) 197/0, 24 B spilt at
+#   [128, 128]; every statistic with bias and softcap 255/0.
+# - JSD pass, narrow: 183/0, with bias and softcap 196/0 (256 B at [128, 128]).
+# - backward logit-gradient kernel, wide: tdpo (G_LOGP, G_KL) 244/0; G_LOGP with bias and softcap
+#   235/0; G_JSD 215/0. Narrow: every gradient with bias and softcap 195/0. Gradient filtering
+#   still spills at [64, 128] (64 B): [64, 64] with 2 stages, 193/0.
 #   The backward's dh/dw GEMMs take the same shape (they read its dz buffer, dbias parts and skip
 #   flags by its token blocks).
 _REF = frozenset({"HAS_REF", "HAS_REF_BIAS", "REF_CAPPED"})
 _POLICY = frozenset({"HAS_BIAS", "CAPPED"})
 VARIANT_TILES = {
     "fwd": (
-        (frozenset({"HAS_REF"}), "wide"),
-        (_REF | _POLICY | {"WANT_ENT", "WANT_RKL", "WANT_KL"}, "narrow"),
-        (frozenset({"WANT_M_PRE", "WANT_ARGMAX"}), "narrow"),
+        (_REF | _POLICY, "wide"),
+        (frozenset({"WANT_M_PRE", "WANT_ARGMAX"}), "wide"),
+        (_REF | _POLICY | {"WANT_ENT", "WANT_S2", "WANT_SUM_Z", "WANT_M_PRE", "WANT_ARGMAX", "WANT_RKL", "WANT_KL"},
+         "narrow"),
     ),
     "jsd": ((_REF | _POLICY, "narrow"),),
     "bwd": (
         (frozenset({"G_LOGP", "G_KL"}), "wide"),
         (frozenset({"G_LOGP", "HAS_BIAS", "CAPPED", "WANT_DB"}), "wide"),
-        (frozenset({"G_JSD"}), "narrow"),
+        (frozenset({"G_JSD"}), "wide"),
+        (_REF | _POLICY | {"G_LOGP", "G_LSE", "G_ENT", "G_KL", "G_RKL", "G_JSD", "WANT_DB"}, "narrow"),
     ),
 }
 PASSES = tuple(VARIANT_TILES)
