@@ -389,8 +389,8 @@ HOPPER_16BIT_LEVELS = {"narrow": dict(BN=64), "narrowest": dict(BN=64, BV=64, nu
 # - backward logit-gradient kernel, wide: tdpo (G_LOGP, G_KL) 244/0; G_LOGP with bias and softcap
 #   235/0; G_JSD 215/0. Narrow: every gradient with bias and softcap 195/0. Gradient filtering
 #   still spills at [64, 128] (64 B): [64, 64] with 2 stages, 193/0.
-#   The backward's dh/dw GEMMs take the same shape (they read its dz buffer, dbias parts and skip
-#   flags by its token blocks).
+#   The backward's dh/dw GEMMs take the same tile shape (they read its dz buffer, dbias parts and
+#   skip flags by its token blocks), with warps and stages of their own (`gradient_gemm_launch`).
 _REF = frozenset({"HAS_REF", "HAS_REF_BIAS", "REF_CAPPED"})
 _POLICY = frozenset({"HAS_BIAS", "CAPPED"})
 VARIANT_TILES = {
