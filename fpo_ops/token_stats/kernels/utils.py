@@ -384,7 +384,9 @@ HOPPER_16BIT_LEVELS = {"narrow": dict(BN=64), "narrowest": dict(BN=64, BV=64, nu
 # at that level and to spill at the one above it:
 # - forward, wide: dpo 255/0; with bias and softcap 213/0; SFT's token accuracy (WANT_M_PRE,
 #   WANT_ARGMAX, no reference) 192/0. Narrow ([64, 128]): tdpo (WANT_KL) 197/0, 24 B spilt at
-#   [128, 128]; every statistic with bias and softcap 255/0.
+#   [128, 128] (all outside the K loops: the thread index stored once and reloaded after the
+#   vocabulary loop, two words reloaded per vocabulary tile; a GPU run may find 64x128 worth it);
+#   every statistic with bias and softcap 255/0.
 # - JSD pass, narrow: 183/0, with bias and softcap 196/0 (256 B at [128, 128]).
 # - backward logit-gradient kernel, wide: tdpo (G_LOGP, G_KL) 244/0; G_LOGP with bias and softcap
 #   235/0; G_JSD 215/0. Narrow: every gradient with bias and softcap 195/0. Gradient filtering
