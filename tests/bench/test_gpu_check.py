@@ -14,6 +14,7 @@ import torch
 from benchmarks import gpu_plan, tile_sweep
 from benchmarks.providers import ours
 from benchmarks.summary import append_jsonl, build_payload, read_jsonl
+from fpo_ops.token_stats.kernels.utils import FIRST_WIDE_16BIT_STEPS, HOPPER_16BIT_TILES, PREVIOUS_16BIT_TILES
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -40,6 +41,11 @@ def test_plan_prints_every_case_and_fits_in_four_minutes():
     assert any("liger" in line and "dpo N=16384" in line for line in lines)
     assert not any("liger" in line and "tdpo N=" in line for line in lines)  # Liger has no token KL
     assert sum(line.strip().startswith("sweep") for line in lines) == 1 + len(plan.sweep_candidates)
+    # the first GPU run keeps or reverts the default from times beside the shapes it replaced
+    assert plan.sweep_candidates[0] == {}
+    assert dict(PREVIOUS_16BIT_TILES, levels=None) in plan.sweep_candidates
+    assert FIRST_WIDE_16BIT_STEPS in plan.sweep_candidates
+    assert all(v != FIRST_WIDE_16BIT_STEPS[k] for k, v in HOPPER_16BIT_TILES.items() if k in FIRST_WIDE_16BIT_STEPS)
 
 
 def test_estimate_follows_the_performance_model():
