@@ -126,13 +126,12 @@ PLANS = {
         # oracles at N 1031 x V 32003 on the GPU, one Llama-3 head at N 4096
         test_args=GPU_TESTS, tests_estimate_s=PYTHON_START_S + 20 * TRITON_COMPILE_S + 6.0,
         sweep_workload="tdpo", sweep_tokens=16384,
-        # tile_config's per-variant shapes ([128, 128] tiles where they fit; tdpo's forward takes
-        # [64, 128]), the [64, 128] ones before them for every launch (levels None; the first GPU
-        # run keeps or reverts the default), the per-variant shapes with 64-wide hidden steps through
-        # 3 stages, and the same per-variant shapes with the weight tiles by TMA
-        # (`TileConfig.weight_tma`, off until measured). Not [64, 256]: its 64x128 wgmma per
-        # warpgroup holds as many accumulator registers per thread as [128, 128] (tdpo's forward
-        # spills at both)
+        # tile_config's per-variant shapes ([128, 128] tiles for both tdpo kernels), the [64, 128]
+        # ones before them for every launch (levels None; the first GPU run keeps or reverts the
+        # default), the per-variant shapes with 64-wide hidden steps through 3 stages, and the same
+        # per-variant shapes with the weight tiles by TMA (`TileConfig.weight_tma`, off until
+        # measured). Not [64, 256]: its 64x128 wgmma per warpgroup holds as many accumulator
+        # registers per thread as [128, 128]
         sweep_candidates=(
             {},
             dict(PREVIOUS_16BIT_TILES, levels=None),

@@ -1,7 +1,8 @@
 """What Triton builds for a Hopper GPU (cuda:90) from fpo-ops' real launches, read without a GPU.
 
 Run as a script (it must not run under TRITON_INTERPRET=1):
-    python tests/support/kernel_compile_check.py [bf16|fp16|fp32] [--main | --variants a,b] [--weight-tma] [--json]
+    python tests/support/kernel_compile_check.py [bf16|fp16|fp32] [--main | --variants a,b] [--weight-tma]
+        [--widest] [--json]
 
 The kernels are not compiled from a hand-written signature: the backend's own host code
 (`triton_vocab_partials`, `triton_jsd_pass`, `triton_backward_tiles`) runs on ``meta`` tensors of a
@@ -13,9 +14,11 @@ signature. A meta tensor's data pointer is its byte offset from an aligned base,
 allocation's is, so slices such as a vocabulary chunk's rows keep their real alignment.
 
 Per kernel variant it reports the registers, spill bytes and stack frame from ptxas' log, the
-LDL/STL instructions and the ``HGMMA.64xNx16`` shapes in the SASS (bundled cuobjdump), the shared
-memory, the programs one SM holds, and per N in `WAVE_TOKENS` the launch's programs and waves on
-a 132-SM H100/H200 with the last wave's fill. Exits non-zero if a kernel fails to compile.
+LDL/STL instructions (all, those inside the GEMMs' K loops and inside any loop) and the ``HGMMA.64xNx16`` shapes in
+the SASS (bundled cuobjdump), the shared memory, the programs one SM holds, and per N in
+`WAVE_TOKENS` the launch's programs and waves on a 132-SM H100/H200 with the last wave's fill.
+``--widest`` builds every launch at the widest level, what `VARIANT_TILES` steps down from. Exits
+non-zero if a kernel fails to compile.
 """
 import contextlib
 import io
@@ -212,10 +215,43 @@ _INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", re.MULTILINE)
 _LOCAL = re.compile(r"\b(LDL|STL)(\.[A-Z0-9.]+)?\s")
 
 
+_ADDRESSED = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*)$")
+# a predicated branch: a loop's back edge (an unconditional branch back is the return from an
+# out-of-line block, such as a barrier's wait placed after the kernel's body)
+_BRANCH = re.compile(r"^@!?U?P\d\s+BRA(?:\.[A-Z.]+)? 0x([0-9a-f]+)")
+
+
+def loop_local_accesses(text: str) -> Tuple[int, int]:
+    """(in K loops, in loops) LDL/STL instructions: inside the innermost loops that issue wgmma (the
+    GEMMs' K loops), where a spill costs per K step, and inside any loop that issues wgmma (a
+    forward's vocabulary loop too), where it costs per tile. A spill outside both costs once per
+    program.
+
+    A loop is a predicated backward branch and the instructions from its target up to it."""
+    lines = [(int(m.group(1), 16), m.group(2)) for m in map(_ADDRESSED.match, text.splitlines()) if m]
+    loops = []
+    for address, instruction in lines:
+        branch = _BRANCH.search(instruction)
+        if branch and int(branch.group(1), 16) < address:
+            start = int(branch.group(1), 16)
+            if any(start <= a <= address and "HGMMA" in i for a, i in lines):
+                loops.append((start, address))
+    innermost = [(lo, hi) for lo, hi in loops if not any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi)
+                                                         for lo2, hi2 in loops)]
+    local = [a for a, i in lines if _LOCAL.search(i + " ")]
+
+    def inside(ranges):
+        return sum(1 for a in local if any(lo <= a <= hi for lo, hi in ranges))
+
+    return inside(innermost), inside(loops)
+
+
 def sass_summary(text: str) -> dict:
-    """Local-memory instructions, the wgmma shapes (``HGMMA.64x128x16``: M x N x K), TMA tile loads
-    (``UTMALDG``), per-thread async copies (``LDGSTS``) and all instructions of some SASS."""
+    """Local-memory instructions (also those in the K loops), the wgmma shapes (``HGMMA.64x128x16``:
+    M x N x K), TMA tile loads (``UTMALDG``), per-thread async copies (``LDGSTS``) and all instructions
+    of some SASS."""
     return {"ldl": len(re.findall(r"\bLDL\b", text)), "stl": len(re.findall(r"\bSTL\b", text)),
+            **dict(zip(("k_loop_ldl_stl", "loop_ldl_stl"), loop_local_accesses(text))),
             "wgmma": sorted(set(_HGMMA.findall(text)), key=lambda s: [int(x) for x in s.split("x")]),
             "hmma": len(re.findall(r"\bHMMA\b", text)), "tma_loads": len(re.findall(r"\bUTMALDG\b", text)),
             "ldgsts": len(re.findall(r"\bLDGSTS\b", text)), "instructions": len(_INSTRUCTION.findall(text))}
@@ -319,12 +355,14 @@ def _describe(launch: Launch, variant: str, ptxas_logs: str, cfg: TileConfig) ->
 
 def format_report(rows: List[dict], wave_tokens: Sequence[int] = WAVE_TOKENS) -> str:
     """A Markdown table of `compile_report`'s rows (waves as ``waves/last-wave fill``)."""
-    header = ["kernel", "variant", "flags", "tile", "warps", "regs", "spill B", "stack B", "LDL", "STL", "wgmma",
+    header = ["kernel", "variant", "flags", "tile", "warps", "regs", "spill B", "stack B", "LDL", "STL",
+              "in K loops", "in loops", "wgmma",
               "TMA", "LDGSTS", "instr", "smem KiB", "per SM"] + [f"N {n}" for n in wave_tokens]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
         cells = [r["kernel"], r["variant"], r["flags"], r["tile"], str(r["num_warps"]), str(r["registers"]),
                  str(r["spill_bytes"]), str(r["stack_bytes"]), str(r["ldl"]), str(r["stl"]),
+                 str(r["k_loop_ldl_stl"]), str(r["loop_ldl_stl"]),
                  " ".join(r["wgmma"]) or ("HMMA" if r["hmma"] else "-"), str(r["tma_loads"]), str(r["ldgsts"]),
                  str(r["instructions"]), f"{r['shared_bytes'] / 1024:.0f}",
                  str(r["programs_per_sm"])]
@@ -355,6 +393,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = hopper_config(DTYPES[dtype_name])
     if "--weight-tma" in argv:  # the logit kernels' weight tiles through TMA descriptors
         cfg = TileConfig(**{**cfg.as_kwargs(), "weight_tma": True})
+    if "--widest" in argv:  # every launch at the widest level (what VARIANT_TILES steps down from)
+        cfg = TileConfig(**{**cfg.as_kwargs(), "levels": {}})
     rows = compile_report(dtype_name, names, cfg=cfg)
     if "--json" in argv:
         for row in rows:

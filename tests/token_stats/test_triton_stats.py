@@ -50,10 +50,10 @@ WIDE, NARROW, NARROWEST = (32, 32), (16, 32), (16, 16)
 
 @pytest.mark.parametrize("outputs, extra, want", [
     (("logp", "ref_logp"), {}, {"fwd": WIDE, "bwd": WIDE}),                            # dpo
-    (("logp", "kl"), {}, {"fwd": NARROW, "bwd": WIDE}),                                # tdpo
+    (("logp", "kl"), {}, {"fwd": WIDE, "bwd": WIDE}),                                  # tdpo
     (("jsd",), {}, {"fwd": WIDE, "jsd": NARROW, "bwd": WIDE}),                         # distillation
     (("entropy", "top1_correct", "argmax"), {}, {"fwd": NARROW, "bwd": NARROW}),
-    (("logp", "kl"), dict(grad_filter_eps=1e-30), {"fwd": NARROW, "bwd": NARROWEST}),
+    (("logp", "kl"), dict(grad_filter_eps=1e-30), {"fwd": WIDE, "bwd": NARROWEST}),
     (ALL_STATS, {}, {"fwd": NARROW, "jsd": NARROW, "bwd": NARROW}),
 ])
 def test_each_variant_at_its_own_tiles(monkeypatch, outputs, extra, want):

@@ -381,12 +381,14 @@ HOPPER_16BIT_LEVELS = {"narrow": dict(BN=64), "narrowest": dict(BN=64, BV=64, nu
 # set holds every constexpr branch flag it sets (as the launchers pass them), else "narrowest". Each
 # set is a variant measured with `python tests/support/kernel_compile_check.py bf16` (cuda:90, 8 warps;
 # registers/spill bytes, benchmarks/results/hopper-compile-bf16-after.md) to compile without a spill
-# at that level and to spill at the one above it:
+# at that level and to spill at the one above it, or, for tdpo's forward, to spill only outside
+# every loop (no local memory access per tile or per K step):
 # - forward, wide: dpo 255/0; with bias and softcap 213/0; SFT's token accuracy (WANT_M_PRE,
-#   WANT_ARGMAX, no reference) 192/0. Narrow ([64, 128]): tdpo (WANT_KL) 197/0, 24 B spilt at
-#   [128, 128] (all outside the K loops: the thread index stored once and reloaded after the
-#   vocabulary loop, two words reloaded per vocabulary tile; a GPU run may find 64x128 worth it);
-#   every statistic with bias and softcap 255/0.
+#   WANT_ARGMAX, no reference) 192/0; tdpo (WANT_KL) 255 registers and 24 B: three words stored
+#   before the vocabulary loop and loaded after it, once per program, where [64, 128] (197/0)
+#   would halve its wgmma to 64x64 (the JSD pass at [128, 128] spills in each tile's epilogue: 34
+#   local loads and stores per tile). Narrow ([64, 128]): every statistic with bias and softcap
+#   255/0 (268 per tile at [128, 128]).
 # - JSD pass, narrow: 183/0, with bias and softcap 196/0 (256 B at [128, 128]).
 # - backward logit-gradient kernel, wide: tdpo (G_LOGP, G_KL) 244/0; G_LOGP with bias and softcap
 #   235/0; G_JSD 215/0. Narrow: every gradient with bias and softcap 195/0. Gradient filtering
@@ -399,6 +401,7 @@ VARIANT_TILES = {
     "fwd": (
         (_REF | _POLICY, "wide"),
         (frozenset({"WANT_M_PRE", "WANT_ARGMAX"}), "wide"),
+        (frozenset({"HAS_REF", "WANT_KL"}), "wide"),
         (_REF | _POLICY | {"WANT_ENT", "WANT_S2", "WANT_SUM_Z", "WANT_M_PRE", "WANT_ARGMAX", "WANT_RKL", "WANT_KL"},
          "narrow"),
     ),
