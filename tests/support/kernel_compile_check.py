@@ -14,9 +14,10 @@ signature. A meta tensor's data pointer is its byte offset from an aligned base,
 allocation's is, so slices such as a vocabulary chunk's rows keep their real alignment.
 
 Per kernel variant it reports the registers, spill bytes and stack frame from ptxas' log, the
-LDL/STL instructions (all, those inside the GEMMs' K loops and inside any loop) and the ``HGMMA.64xNx16`` shapes in
-the SASS (bundled cuobjdump), the shared memory, the programs one SM holds, and per N in
-`WAVE_TOKENS` the launch's programs and waves on a 132-SM H100/H200 with the last wave's fill.
+LDL/STL instructions (all, those inside the GEMMs' K loops and those inside any loop) and the
+``HGMMA.64xNx16`` shapes in the SASS (bundled cuobjdump), the shared memory, the programs one SM
+holds, and per N in `WAVE_TOKENS` the launch's programs and waves on a 132-SM H100/H200 with the
+last wave's fill.
 ``--widest`` builds every launch at the widest level, what `VARIANT_TILES` steps down from. Exits
 non-zero if a kernel fails to compile.
 """
@@ -247,7 +248,7 @@ def loop_local_accesses(text: str) -> Tuple[int, int]:
 
 
 def sass_summary(text: str) -> dict:
-    """Local-memory instructions (also those in the K loops), the wgmma shapes (``HGMMA.64x128x16``:
+    """Local-memory instructions (also those in loops, `loop_local_accesses`), the wgmma shapes (``HGMMA.64x128x16``:
     M x N x K), TMA tile loads (``UTMALDG``), per-thread async copies (``LDGSTS``) and all instructions
     of some SASS."""
     return {"ldl": len(re.findall(r"\bLDL\b", text)), "stl": len(re.findall(r"\bSTL\b", text)),
