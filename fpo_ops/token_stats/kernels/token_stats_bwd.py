@@ -77,8 +77,9 @@ def token_stats_bwd_kernel(
         tile = row_mask[:, None] & col_mask[None, :]
         # the label as an int32 offset in the tile: an int64 column per element of the logit
         # tile's layout costs two registers each
+        lanes = tl.arange(0, BV)
         label_in_tile = (labels - pid_v * BV).to(tl.int32)
-        is_label = (tl.arange(0, BV)[None, :] == label_in_tile[:, None]) & tile
+        is_label = (lanes[None, :] == label_in_tile[:, None]) & tile
         dz = tl.zeros([BN, BV], dtype=ACC)
         if G_LOGP:
             g = tl.load(coef_ptr + G_LOGP_ROW * stride_coef + rows, mask=row_mask, other=0.0)
@@ -124,7 +125,7 @@ def token_stats_bwd_kernel(
             dz = tl.where(negligible, 0.0, dz)
             tl.store(skip_ptr + pid_n * stride_skip + pid_v, negligible.to(tl.int8))
         dz_rows = dz_ptr + idx * stride_dz + pid_v * BV
-        tl.store(dz_rows[:, None] + tl.arange(0, BV)[None, :], round_for_store(dz, dz_ptr), mask=tile)
+        tl.store(dz_rows[:, None] + lanes[None, :], round_for_store(dz, dz_ptr), mask=tile)
         if WANT_DB:
             tl.store(db_part_ptr + pid_n * stride_db_part + cols, tl.sum(dz, 0), mask=col_mask)
     else:

@@ -174,12 +174,15 @@ def gradient_gemm_launch(cfg: "TileConfig", rows: int, stage_bytes: int, element
 
     Triton gives each warpgroup (4 warps) 64 rows of an output tile and splits the rest between
     warpgroups along its columns: at 64 rows and 8 warps each would issue 64x64 wgmma. So a 16-bit
-    [64, >= 128] tile runs on one warpgroup (64x128), with the stages two programs can hold in
-    shared memory, so that an SM still runs two warpgroups.
+    tile gets at most one warpgroup per 64x128 block of it, and the programs per SM that frees
+    (``num_warps`` over its warps) share shared memory for their stages, so an SM still runs
+    ``num_warps`` warps.
     """
-    if element_size == 2 and rows == 64 and cfg.BH_grad >= 128 and cfg.num_warps == 8:
-        return 4, stages_within_shared(cfg.num_stages, 2 * stage_bytes)
-    return cfg.num_warps, stages_within_shared(cfg.num_stages, stage_bytes)
+    warps = cfg.num_warps
+    if element_size == 2:
+        warps = min(warps, 4 * max(1, (rows // 64) * (cfg.BH_grad // 128)))
+    programs = max(1, cfg.num_warps // warps)
+    return warps, stages_within_shared(cfg.num_stages, programs * stage_bytes)
 
 
 # The forward's last wave of programs is at least this full (when a split count allows it).
