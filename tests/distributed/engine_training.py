@@ -310,6 +310,11 @@ def main(out: str, names) -> None:
         # rank 0 keeps the results (both ranks hold the same weights and logs); any rank its failure
         if rank == 0 or "error" in result:
             torch.save(result, os.path.join(out, f"{name}-rank{rank}.pt"))
+    # leave the process group before the interpreter exits: gloo's threads torn down at exit can
+    # abort a rank ("terminate called without an active exception") after its cases have passed
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
