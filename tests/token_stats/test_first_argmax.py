@@ -40,15 +40,18 @@ def test_top1_correct_takes_the_first_maximal_index(name, impl):
     assert torch.all(stats.top1_correct[later_tie] == 0)
 
 
+# with the entropy the Triton forward folds each tile in column pieces, which are not in column
+# order (`fpo_ops.token_stats.kernels.utils.forward_pieces`): a tie between pieces of one tile
+@pytest.mark.parametrize("more", [(), ("entropy",)], ids=["whole-tiles", "tile-pieces"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_argmax_is_the_first_maximal_index(name, impl):
+def test_argmax_is_the_first_maximal_index(name, impl, more):
     """int64 ids, -1 at ignored tokens (as Liger's predicted tokens), no gradient."""
     case = CASES[name]()
     predicted, _ = first_argmax(case)
     ignored = case.labels == -100
     stats = fpo_ops.token_stats(case.hidden, case.weight, case.labels, bias=case.bias,
-                                outputs=("argmax", "logp"), impl=impl, **case.kwargs)
+                                outputs=("argmax", "logp", *more), impl=impl, **case.kwargs)
     assert stats.argmax.dtype == torch.int64 and not stats.argmax.requires_grad
     assert torch.equal(stats.argmax, torch.where(ignored, -1, predicted))
     # the first of several maxima, not the label: where the label is a later copy they differ

@@ -4,11 +4,10 @@ One subprocess (the interpreter must be off) compiles the main variants (DPO, TD
 with bias and softcap) through the JIT's own specialisation for cuda:90, with the ptxas and
 cuobjdump bundled in triton, and the test keeps: every kernel compiles within shared memory with no
 int32 offset products; the forward holds `PROGRAMS_PER_SM` programs per SM, as `tile_config`
-assumes; the logit GEMMs issue wgmma at least 64x128 except where the launch takes narrower tiles
-to fit its registers (`KNOWN_NARROW`, exact); no kernel touches local memory inside a loop, and the
-only spill is TDPO's forward's, a few words saved before its vocabulary loop and restored after it
-(`SPILLS_OUTSIDE_LOOPS`, exact: a new spill anywhere fails, and so does the listed one's going); the
-forward's last wave is at least 3/4 full at every N of the report.
+assumes; every logit GEMM issues wgmma at least 64x128; no kernel touches local memory inside a
+GEMM's K loop, and the only spills are the listed ones (`LISTED_SPILLS`, exact: a new spill fails,
+and so does a listed one's going), each within its bytes and its local accesses per vocabulary
+tile; the forward's last wave is at least 3/4 full at every N of the report.
 """
 import json
 import os
@@ -26,16 +25,14 @@ SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "support", "kernel_c
 # kernels whose inner GEMMs produce logit tiles or consume them (the dh GEMM reads dz tiles)
 LOGIT_GEMM_KERNELS = ("token_stats_fwd_kernel", "token_stats_jsd_fwd_kernel", "token_stats_bwd_kernel",
                       "token_stats_bwd_dh_kernel")
-# (kernel, variant) pairs that spill, only outside every loop (benchmarks/results/hopper-compile-*.md):
-# TDPO's forward at [128, 128] (`fpo_ops.token_stats.kernels.utils.VARIANT_TILES`), whose next level
-# down would halve its wgmma
-SPILLS_OUTSIDE_LOOPS = {("token_stats_fwd_kernel", "tdpo")}
-# logit GEMMs narrower than 64x128, by that choice: [64, 128] tiles (64x64 over two warpgroups) for
-# the JSD pass and every statistic and gradient at once; their dh GEMM runs [64, 128] on one
-# warpgroup (`gradient_gemm_launch`)
-KNOWN_NARROW = {
-    ("token_stats_fwd_kernel", "every-stat"), ("token_stats_jsd_fwd_kernel", "every-stat"),
-    ("token_stats_bwd_kernel", "every-stat"),
+# (kernel, variant): (spill bytes, LDL/STL per vocabulary tile), the most each listed spill may take
+# (benchmarks/results/hopper-compile-bf16-after.md). All run at [128, 128]
+# (`fpo_ops.token_stats.kernels.utils.VARIANT_TILES`), where the next level down would halve their
+# wgmma: a few words reloaded once per tile of 2 x 128 K steps, or once per program.
+LISTED_SPILLS = {
+    ("token_stats_fwd_kernel", "tdpo"): (48, 2),
+    ("token_stats_fwd_kernel", "every-stat"): (64, 4),
+    ("token_stats_jsd_fwd_kernel", "every-stat"): (16, 0),
 }
 
 
@@ -106,27 +103,27 @@ def test_logit_gemms_issue_wgmma_at_least_64x128(reports):
               and min(int(shape.split("x")[1]) for shape in r["wgmma"]) < 128}
     for r in reports:
         assert r["wgmma"], r  # every kernel multiplies on the tensor cores' Hopper path
-    assert narrow == KNOWN_NARROW & _ids(reports)
+    assert narrow == set()
 
 
-def test_no_local_memory_inside_a_loop(reports):
-    # neither per K step nor per tile: a spill there costs in proportion to the work
-    assert [r for r in reports if r["loop_ldl_stl"] or r["k_loop_ldl_stl"]] == []
+def test_no_local_memory_inside_a_k_loop(reports):
+    # a spill there costs in proportion to the GEMM's work
+    assert [r for r in reports if r["k_loop_ldl_stl"]] == []
 
 
-def test_spills_only_where_listed_and_outside_every_loop(reports):
+def test_spills_only_where_listed_and_within_their_bounds(reports):
     spilling = {(r["kernel"], r["variant"]) for r in reports if r["spill_bytes"] or r["ldl"] or r["stl"]}
     # exact: a listed kernel that stops spilling fails here too, so the list shrinks as spills go
-    assert spilling == SPILLS_OUTSIDE_LOOPS & _ids(reports), [r for r in reports if (r["kernel"], r["variant"]) in spilling]
+    assert spilling == set(LISTED_SPILLS) & _ids(reports), [r for r in reports if (r["kernel"], r["variant"]) in spilling]
     for r in reports:
-        if (r["kernel"], r["variant"]) in spilling:
-            assert r["loop_ldl_stl"] == 0 and r["ldl"] + r["stl"] <= 8 and r["spill_bytes"] <= 32, r
+        spill_bytes, per_tile = LISTED_SPILLS.get((r["kernel"], r["variant"]), (0, 0))
+        assert r["spill_bytes"] <= spill_bytes and r["loop_ldl_stl"] <= per_tile, r
 
 
 def test_weight_tma_loads_weight_tiles_by_tma_and_spills_no_more(reports, tma_reports):
     # every logit kernel of DPO and TDPO issues TMA tile loads, and its per-thread async copies are
-    # fewer (those of the gathered hidden rows are left); no spill beyond the listed one, none inside a
-    # loop, and shared memory stays within the limit
+    # fewer (those of the gathered hidden rows are left); no spill beyond the listed ones' bounds,
+    # none inside a K loop, and shared memory stays within the limit
     plain = {(r["kernel"], r["variant"]): r for r in reports}
     logit = [r for r in tma_reports if r["kernel"] in LOGIT_GEMM_KERNELS[:3]]
     assert {(r["kernel"], r["variant"]) for r in logit} == {
@@ -136,8 +133,9 @@ def test_weight_tma_loads_weight_tiles_by_tma_and_spills_no_more(reports, tma_re
         before = plain[(r["kernel"], r["variant"])]
         assert r["tma_loads"] > 0 and before["tma_loads"] == 0, r
         assert 0 < r["ldgsts"] < before["ldgsts"], (r, before)
-        assert r["loop_ldl_stl"] == 0 and 0 < r["shared_bytes"] <= H100_SHARED_MEMORY_PER_BLOCK, r
-        assert r["spill_bytes"] == 0 or (r["kernel"], r["variant"]) in SPILLS_OUTSIDE_LOOPS, r
+        spill_bytes, per_tile = LISTED_SPILLS.get((r["kernel"], r["variant"]), (0, 0))
+        assert r["k_loop_ldl_stl"] == 0 and 0 < r["shared_bytes"] <= H100_SHARED_MEMORY_PER_BLOCK, r
+        assert r["spill_bytes"] <= spill_bytes and r["loop_ldl_stl"] <= per_tile, r
 
 
 def test_loop_local_accesses_counts_the_k_loops_and_every_wgmma_loop():

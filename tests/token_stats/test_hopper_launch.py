@@ -10,8 +10,8 @@ import triton
 from fpo_ops.token_stats.kernels.token_stats_bwd import bwd_flags
 from fpo_ops.token_stats.kernels.token_stats_fwd import fwd_flags, jsd_flags
 from fpo_ops.token_stats.kernels.utils import (
-    HOPPER_16BIT_TILES, MIN_LAST_WAVE, STAGE_SHARED_BYTES, TileConfig, gradient_gemm_launch, last_wave_fill,
-    launch_level, launch_tiles, split_blocks, stages_within_shared, tile_config,
+    HOPPER_16BIT_TILES, MIN_LAST_WAVE, STAGE_SHARED_BYTES, TileConfig, forward_pieces, gradient_gemm_launch,
+    last_wave_fill, launch_level, launch_tiles, split_blocks, stages_within_shared, tile_config,
 )
 from fpo_ops.token_stats.options import HeadOptions
 from fpo_ops.token_stats.stats import REFERENCE_GRADS
@@ -72,9 +72,10 @@ def _launches(opts, keys=(), grads=("logp",), has_ref=True, bias=False):
 
 
 def test_each_variant_gets_the_tiles_its_compiled_code_fits(hopper_configs):
-    """16-bit: [128, 128] tiles where the sm_90a build does not spill at them (or, for TDPO's
-    forward, spills only outside every loop), [64, 128] or [64, 64] elsewhere (benchmarks/results/hopper-compile-bf16-after.md); wider dtypes
-    have one shape for all."""
+    """16-bit: [128, 128] tiles for every variant, whose sm_90a build at that shape keeps local
+    memory out of the K loops (benchmarks/results/hopper-compile-bf16-after.md); the forward folds
+    a tile whole or in 8 pieces by its statistics; a flag set no variant measured takes the
+    narrowest shape; wider dtypes have one shape for all."""
     cfg = hopper_configs[torch.bfloat16]
     wide, narrow, narrowest = cfg, cfg.at("narrow"), cfg.at("narrowest")
     assert {k: getattr(wide, k) for k in HOPPER_16BIT_TILES} == HOPPER_16BIT_TILES
@@ -85,22 +86,22 @@ def test_each_variant_gets_the_tiles_its_compiled_code_fits(hopper_configs):
     filtered = HeadOptions(grad_filter_eps=1e-6)
     every_grad = ("logp", "entropy", "kl", "reverse_kl", "jsd")
     expected = [
-        # (launches, forward, backward); the JSD pass is [64, 128] whatever its flags
-        (_launches(plain), wide, wide),                                              # dpo
-        (_launches(plain, has_ref=False), wide, wide),                               # SFT
-        (_launches(plain, has_ref=False, keys=("m_pre", "argmax")), wide, wide),     # SFT, token accuracy
-        (_launches(capped, bias=True), wide, wide),                                  # dpo, bias + softcap
-        (_launches(plain, keys=("kl",), grads=("logp", "kl")), wide, wide),          # tdpo
-        (_launches(plain, grads=("jsd",)), wide, wide),                              # distillation
-        (_launches(capped, bias=True, keys=("ent", "rkl", "kl"), grads=every_grad), narrow, narrow),
-        (_launches(filtered, keys=("ent", "s2", "sum_z", "m_pre", "argmax", "rkl", "kl")), narrow, narrowest),
-        # the log-normaliser's gradient: measured with every other one at [64, 128]
-        (_launches(plain, grads=("lse",)), wide, narrow),
+        # (launches, the forward's pieces)
+        (_launches(plain), 1),                                              # dpo
+        (_launches(plain, has_ref=False), 1),                               # SFT
+        (_launches(plain, has_ref=False, keys=("m_pre", "argmax")), 1),     # SFT, token accuracy
+        (_launches(capped, bias=True), 1),                                  # dpo, bias + softcap
+        (_launches(plain, keys=("kl",), grads=("logp", "kl")), 1),          # tdpo
+        (_launches(plain, grads=("jsd",)), 1),                              # distillation
+        (_launches(capped, bias=True, keys=("ent", "rkl", "kl"), grads=every_grad), 8),
+        (_launches(filtered, keys=("ent", "s2", "sum_z", "m_pre", "argmax", "rkl", "kl")), 8),
+        (_launches(plain, keys=("ent",), grads=("lse",)), 8),
     ]
-    for launches, fwd, bwd in expected:
-        assert launch_tiles(cfg, "fwd", launches["fwd"]) == fwd, launches["fwd"]
-        assert launch_tiles(cfg, "jsd", launches["jsd"]) == narrow
-        assert launch_tiles(cfg, "bwd", launches["bwd"]) == bwd, launches["bwd"]
+    for launches, pieces in expected:
+        for kernel in ("fwd", "jsd", "bwd"):
+            assert launch_tiles(cfg, kernel, launches[kernel]) == wide, (kernel, launches[kernel])
+        assert forward_pieces(launches["fwd"]) == pieces, launches["fwd"]
+    assert launch_level("fwd", {"HAS_REF": True, "A_FLAG_NOT_MEASURED": True}) == "narrowest"
     fp32 = hopper_configs[torch.float32]
     assert launch_tiles(fp32, "bwd", _launches(filtered)["bwd"]) is fp32
     with pytest.raises(ValueError, match="kernel: expected one of"):

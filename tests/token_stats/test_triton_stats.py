@@ -46,6 +46,17 @@ SPLIT_SHAPE = TileConfig(BN=32, BV=32, BH_reduce=16, BH_grad=16, num_warps=1, nu
                          target_programs=4, min_splits=1, dz_buffer_bytes=1 << 10, min_vocab_chunk=32,
                          levels={"narrow": dict(BN=16), "narrowest": dict(BN=16, BV=16)})
 WIDE, NARROW, NARROWEST = (32, 32), (16, 32), (16, 16)
+# Levels by variant, mixed within a call (every 16-bit Hopper launch is wide now, `VARIANT_TILES`).
+_REF = {"HAS_REF", "HAS_REF_BIAS", "REF_CAPPED"}
+_POLICY = {"HAS_BIAS", "CAPPED"}
+MIXED_LEVELS = {
+    "fwd": ((frozenset(_REF | _POLICY | {"WANT_KL"}), "wide"),
+            (frozenset(_REF | _POLICY | {"WANT_ENT", "WANT_S2", "WANT_SUM_Z", "WANT_M_PRE", "WANT_ARGMAX", "WANT_RKL",
+                                         "WANT_KL"}), "narrow")),
+    "jsd": ((frozenset(_REF | _POLICY), "narrow"),),
+    "bwd": ((frozenset({"G_LOGP", "G_KL", "G_JSD"}), "wide"),
+            (frozenset(_REF | _POLICY | {"G_LOGP", "G_LSE", "G_ENT", "G_KL", "G_RKL", "G_JSD", "WANT_DB"}), "narrow")),
+}
 
 
 @pytest.mark.parametrize("outputs, extra, want", [
@@ -57,10 +68,12 @@ WIDE, NARROW, NARROWEST = (32, 32), (16, 32), (16, 16)
     (ALL_STATS, {}, {"fwd": NARROW, "jsd": NARROW, "bwd": NARROW}),
 ])
 def test_each_variant_at_its_own_tiles(monkeypatch, outputs, extra, want):
-    """Each variant runs at the launch shape `launch_tiles` gives it, and matches the oracle."""
+    """Each variant runs at the launch shape `launch_tiles` gives it by `MIXED_LEVELS`, and matches
+    the oracle."""
     from fpo_ops.token_stats import triton_stats
     from fpo_ops.token_stats.kernels import token_stats_fwd, utils
 
+    monkeypatch.setattr(utils, "VARIANT_TILES", MIXED_LEVELS)
     used = {}
 
     def recording(cfg, kernel, flags):

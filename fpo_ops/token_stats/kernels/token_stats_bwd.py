@@ -24,8 +24,8 @@ from .rows import (
     LSE_ROW, REVERSE_KL_ROW,
 )
 from .utils import (
-    dot_acc, dot_precision, gradient_gemm_launch, head_logits, log_mixture, preactivation_grad, round_for_store,
-    triton_dtype, upcast_dot_operands, weight_operands,
+    BACKWARD_PIECES, dot_acc, dot_precision, gradient_gemm_launch, head_gemm, log_mixture, logit_piece,
+    preactivation_grad, round_for_store, triton_dtype, upcast_dot_operands, weight_operands,
 )
 
 
@@ -58,7 +58,7 @@ def token_stats_bwd_kernel(
     G_LOGP: tl.constexpr, G_LSE: tl.constexpr, G_ENT: tl.constexpr, G_KL: tl.constexpr,
     G_RKL: tl.constexpr, G_JSD: tl.constexpr, WANT_DB: tl.constexpr, FILTER: tl.constexpr,
     ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_TMA: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_TMA: tl.constexpr, PIECES: tl.constexpr,
 ):
     # w [C, H] and rw [C, HR] are the chunk's rows (tensor descriptors with W_TMA); coef [GRAD_KEYS, N], saved [SAVED_KEYS, N]
     # dz [N, C] indexed by position in order; db_part [N / BN, C]; skip [N / BN, C / BV]
@@ -69,65 +69,80 @@ def token_stats_bwd_kernel(
         rows = tl.load(order_ptr + idx, mask=row_mask, other=0)
         labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1) - label_offset
         lse = tl.load(saved_ptr + LSE_ROW * stride_saved + rows, mask=row_mask, other=0.0)
-        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
-                        logit_scale, softcap, temperature, HAS_BIAS, CAPPED, ACC, BN, BV, BH,
+        # the GEMMs' accumulators; the logits (bias, scale, softcap, temperature) and every term are
+        # formed on column pieces of them (`logit_piece`), after the reference GEMM
+        acc = head_gemm(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, ACC, BN, BV, BH,
                         UPCAST, PRECISION, W_TMA)
-        logp = z - lse[:, None]
-        p = tl.exp(logp)
-        tile = row_mask[:, None] & col_mask[None, :]
-        # the label as an int32 offset in the tile: an int64 column per element of the logit
-        # tile's layout costs two registers each
-        lanes = tl.arange(0, BV)
-        label_in_tile = (labels - pid_v * BV).to(tl.int32)
-        is_label = (lanes[None, :] == label_in_tile[:, None]) & tile
-        dz = tl.zeros([BN, BV], dtype=ACC)
-        if G_LOGP:
-            g = tl.load(coef_ptr + G_LOGP_ROW * stride_coef + rows, mask=row_mask, other=0.0)
-            dz += tl.where(is_label, g[:, None], 0.0) - g[:, None] * p
-        if G_LSE:
-            g = tl.load(coef_ptr + G_LSE_ROW * stride_coef + rows, mask=row_mask, other=0.0)
-            dz += g[:, None] * p
-        if G_ENT:
-            g = tl.load(coef_ptr + G_ENT_ROW * stride_coef + rows, mask=row_mask, other=0.0)
-            entropy = tl.load(saved_ptr + ENTROPY_ROW * stride_saved + rows, mask=row_mask, other=0.0)
-            dz -= g[:, None] * p * (logp + entropy[:, None])
-        if G_KL:
-            # the policy half of g (p - q) before the reference tile is formed: p need not stay
-            # live across the reference GEMM for it
-            g_kl = tl.load(coef_ptr + G_KL_ROW * stride_coef + rows, mask=row_mask, other=0.0)
-            dz += g_kl[:, None] * p
-        if FILTER:
-            negligible = tl.max(tl.where(tile, p, 0.0)) < filter_eps
         if G_KL or G_RKL or G_JSD:
             lse_ref = tl.load(saved_ptr + LSE_REF_ROW * stride_saved + rows, mask=row_mask, other=0.0)
-            zr = head_logits(rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, HR, stride_rh,
-                             stride_rw, ref_logit_scale, ref_softcap, temperature, HAS_REF_BIAS,
-                             REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION, W_TMA)
-            logq = zr - lse_ref[:, None]
-            if G_KL:
-                dz -= g_kl[:, None] * tl.exp(logq)
-            if G_RKL:
-                g = tl.load(coef_ptr + G_RKL_ROW * stride_coef + rows, mask=row_mask, other=0.0)
-                rkl = tl.load(saved_ptr + REVERSE_KL_ROW * stride_saved + rows, mask=row_mask, other=0.0)
-                dz += g[:, None] * p * (logp - logq - rkl[:, None])
-            if G_JSD:
-                g = tl.load(coef_ptr + G_JSD_ROW * stride_coef + rows, mask=row_mask, other=0.0)
-                kl_p_m = tl.load(saved_ptr + KL_P_M_ROW * stride_saved + rows, mask=row_mask, other=0.0)
-                logm = log_mixture(logp, logq, log_beta, log1m_beta)
-                dz += (g - g * jsd_beta)[:, None] * p * (logp - logm - kl_p_m[:, None])
-            if FILTER:
-                negligible = negligible & (tl.max(tl.where(tile, tl.exp(logq), 0.0)) < filter_eps)
-        dz = preactivation_grad(dz, z, logit_scale, softcap, temperature, CAPPED)
-        dz = tl.where(tile, dz, 0.0)
+            acc_ref = head_gemm(rh_ptr, rw_ptr, rows, cols, row_mask, col_mask, HR, stride_rh, stride_rw, ACC,
+                                BN, BV, BH, UPCAST, PRECISION, W_TMA)
+        # on the tile's layout columns are int32 offsets in the tile: an int64 column per element
+        # there costs two registers each
+        v0 = pid_v * BV
+        n_in = (C - v0).to(tl.int32)
+        label_in_tile = (labels - v0).to(tl.int32)
         if FILTER:
-            # the label column carries the one-hot term, which is never negligible
-            negligible = negligible & (tl.sum(is_label.to(tl.int32)) == 0)
-            dz = tl.where(negligible, 0.0, dz)
+            # The label column carries the one-hot term, which is never negligible. The tile's dz is
+            # stored whatever the flag says: the dh and dw GEMMs skip flagged tiles, the host drops
+            # their dbias parts.
+            has_label = row_mask & (label_in_tile >= 0) & (label_in_tile < n_in)
+            negligible = tl.sum(has_label.to(tl.int32)) == 0
+        if G_LOGP:
+            g_logp = tl.load(coef_ptr + G_LOGP_ROW * stride_coef + rows, mask=row_mask, other=0.0)
+        if G_LSE:
+            g_lse = tl.load(coef_ptr + G_LSE_ROW * stride_coef + rows, mask=row_mask, other=0.0)
+        if G_ENT:
+            g_ent = tl.load(coef_ptr + G_ENT_ROW * stride_coef + rows, mask=row_mask, other=0.0)
+            entropy = tl.load(saved_ptr + ENTROPY_ROW * stride_saved + rows, mask=row_mask, other=0.0)
+        if G_KL:
+            g_kl = tl.load(coef_ptr + G_KL_ROW * stride_coef + rows, mask=row_mask, other=0.0)
+        if G_RKL:
+            g_rkl = tl.load(coef_ptr + G_RKL_ROW * stride_coef + rows, mask=row_mask, other=0.0)
+            rkl = tl.load(saved_ptr + REVERSE_KL_ROW * stride_saved + rows, mask=row_mask, other=0.0)
+        if G_JSD:
+            g_jsd = tl.load(coef_ptr + G_JSD_ROW * stride_coef + rows, mask=row_mask, other=0.0)
+            g_jsd = g_jsd - g_jsd * jsd_beta
+            kl_p_m = tl.load(saved_ptr + KL_P_M_ROW * stride_saved + rows, mask=row_mask, other=0.0)
+        dz_rows = dz_ptr + idx * stride_dz + v0
+        # each piece's dz is stored as it is done
+        for i in tl.static_range(PIECES):
+            z, lanes, in_piece = logit_piece(acc, i, PIECES, b_ptr, v0, n_in, logit_scale, softcap, temperature,
+                                             HAS_BIAS, CAPPED, ACC, BN, BV)
+            tile = row_mask[:, None] & in_piece[None, :]
+            logp = z - lse[:, None]
+            p = tl.exp(logp)
+            if FILTER:
+                negligible = negligible & (tl.max(tl.where(tile, p, 0.0)) < filter_eps)
+            dz = tl.zeros([BN, BV // PIECES], dtype=ACC)
+            if G_LOGP:
+                is_label = (lanes[None, :] == label_in_tile[:, None]) & tile
+                dz += tl.where(is_label, g_logp[:, None], 0.0) - g_logp[:, None] * p
+            if G_LSE:
+                dz += g_lse[:, None] * p
+            if G_ENT:
+                dz -= g_ent[:, None] * p * (logp + entropy[:, None])
+            if G_KL or G_RKL or G_JSD:
+                # the same lanes and mask as the policy's piece
+                zr, lanes, in_piece = logit_piece(acc_ref, i, PIECES, rb_ptr, v0, n_in, ref_logit_scale,
+                                                  ref_softcap, temperature, HAS_REF_BIAS, REF_CAPPED, ACC, BN, BV)
+                logq = zr - lse_ref[:, None]
+                if FILTER:
+                    negligible = negligible & (tl.max(tl.where(tile, tl.exp(logq), 0.0)) < filter_eps)
+            if G_KL:
+                dz += g_kl[:, None] * p - g_kl[:, None] * tl.exp(logq)
+            if G_RKL:
+                dz += g_rkl[:, None] * p * (logp - logq - rkl[:, None])
+            if G_JSD:
+                logm = log_mixture(logp, logq, log_beta, log1m_beta)
+                dz += g_jsd[:, None] * p * (logp - logm - kl_p_m[:, None])
+            dz = preactivation_grad(dz, z, logit_scale, softcap, temperature, CAPPED)
+            dz = tl.where(tile, dz, 0.0)
+            tl.store(dz_rows[:, None] + lanes[None, :], round_for_store(dz, dz_ptr), mask=tile)
+            if WANT_DB:
+                tl.store(db_part_ptr + pid_n * stride_db_part + v0 + lanes, tl.sum(dz, 0), mask=in_piece)
+        if FILTER:
             tl.store(skip_ptr + pid_n * stride_skip + pid_v, negligible.to(tl.int8))
-        dz_rows = dz_ptr + idx * stride_dz + pid_v * BV
-        tl.store(dz_rows[:, None] + lanes[None, :], round_for_store(dz, dz_ptr), mask=tile)
-        if WANT_DB:
-            tl.store(db_part_ptr + pid_n * stride_db_part + cols, tl.sum(dz, 0), mask=col_mask)
     else:
         if WANT_DB:
             tl.store(db_part_ptr + pid_n * stride_db_part + cols, tl.zeros([BV], dtype=ACC), mask=col_mask)
@@ -292,7 +307,8 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
         **bwd_flags(bias is not None, has_ref, ref_bias is not None, grad_flags, opts, db_part is not None,
                      filtering),
         ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
-        UPCAST=upcast, PRECISION=precision, W_TMA=w_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        UPCAST=upcast, PRECISION=precision, W_TMA=w_tma, PIECES=BACKWARD_PIECES,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     kept_v = kept_v_count = kept_n = kept_n_count = dz
     if filtering:
@@ -324,4 +340,9 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
             UPCAST=upcast, PRECISION=precision, num_warps=warps, num_stages=stages,
         )
     if grad_b is not None:
-        grad_b.copy_(db_part[:, :chunk].sum(0))
+        parts = db_part[:, :chunk]
+        if filtering:
+            # a flagged tile's dbias part is dropped as its dh and dw terms are
+            dropped = flags.repeat_interleave(cfg.BV, dim=1)[:, :chunk] != 0
+            parts = parts.masked_fill(dropped, 0.0)
+        grad_b.copy_(parts.sum(0))

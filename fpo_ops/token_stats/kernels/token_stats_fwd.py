@@ -19,7 +19,8 @@ from .rows import (
     Z_LABEL_ROW, Z_REF_LABEL_ROW,
 )
 from .utils import (
-    dot_precision, head_logits, launch_tiles, log_mixture, triton_dtype, upcast_dot_operands, weight_operands,
+    JSD_PASS_PIECES, dot_precision, forward_pieces, head_gemm, launch_tiles, log_mixture, logit_piece,
+    triton_dtype, upcast_dot_operands, weight_operands,
 )
 
 
@@ -59,7 +60,7 @@ def token_stats_fwd_kernel(
     WANT_ENT: tl.constexpr, WANT_S2: tl.constexpr, WANT_SUM_Z: tl.constexpr, WANT_M_PRE: tl.constexpr,
     WANT_ARGMAX: tl.constexpr, WANT_RKL: tl.constexpr, WANT_KL: tl.constexpr,
     ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_TMA: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_TMA: tl.constexpr, PIECES: tl.constexpr,
 ):
     # h [N, H], w [V, H], rh [N, HR], rw [V, HR], labels [N], order [N], part [S, PARTIAL_KEYS, N];
     # with W_TMA, w and rw are tensor descriptors (block [BV, BH])
@@ -84,63 +85,99 @@ def token_stats_fwd_kernel(
     for v0 in range(v_lo, v_end, BV):
         cols = v0 + tl.arange(0, BV)
         col_mask = cols < v_hi
-        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
-                        logit_scale, softcap, temperature, HAS_BIAS, CAPPED, ACC, BN, BV, BH,
+        acc = head_gemm(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, ACC, BN, BV, BH,
                         UPCAST, PRECISION, W_TMA)
-        # on the logit tile's layout columns are compared as int32 offsets in the tile: an int64
-        # column index per element there costs two registers each
-        lanes = tl.arange(0, BV)
-        in_tile = lanes < (v_hi - v0).to(tl.int32)
+        # The tile is folded piece by piece (`logit_piece`), each piece an online-softmax step of its
+        # own. On the tile's layout columns are int32 offsets in the tile: an int64 column index per
+        # element there costs two registers each.
+        n_in = (v_hi - v0).to(tl.int32)
         label_in_tile = (labels - v0).to(tl.int32)
-        is_label = (lanes[None, :] == label_in_tile[:, None]) & in_tile[None, :]
-        tile_max = tl.max(tl.where(in_tile[None, :], z, float("-inf")), 1)
-        m_new = tl.maximum(m, tile_max)
-        if WANT_ARGMAX:
-            # the tile's first column at its maximum; it replaces the running index only when
-            # strictly larger, so the first maximal index (torch.argmax's) wins across tiles
-            at_max = (z == tile_max[:, None]) & in_tile[None, :]
-            tile_arg = tl.min(tl.where(at_max, lanes[None, :], BV), 1) + v0
-            argmax = tl.where(tile_max > m, tile_arg, argmax)
-        # before the first tile s is 0 and every sum is 0: any finite shift keeps them 0
-        d = tl.where(s > 0, m - m_new, 0.0)
-        alpha = tl.exp(d)
-        shifted = tl.where(in_tile[None, :], z - m_new[:, None], 0.0)
-        e = tl.where(in_tile[None, :], tl.exp(shifted), 0.0)
-        # the policy tile is folded before the reference tile is formed: across the reference GEMM
-        # only `shifted` stays live (for the divergences), not z, e and their sums as well
-        if WANT_ENT:
-            ent = alpha * (ent + d * s) + tl.sum(e * shifted, 1)
-        if WANT_S2:
-            s2 = alpha * alpha * s2 + tl.sum(e * e, 1)
-        if WANT_SUM_Z:
-            sum_z += tl.sum(tl.where(in_tile[None, :], z, 0.0), 1)
-        if WANT_M_PRE:
-            # the columns before the label (labels of ignored tokens are -1: none)
-            before = (lanes[None, :] < label_in_tile[:, None]) & in_tile[None, :]
-            m_pre = tl.maximum(m_pre, tl.max(tl.where(before, z, float("-inf")), 1))
-        z_label += tl.sum(tl.where(is_label, z, 0.0), 1)
+        m_before = m
         s_before = s
-        s = alpha * s + tl.sum(e, 1)
-        m = m_new
+        for i in tl.static_range(PIECES):
+            z, lanes, in_piece = logit_piece(acc, i, PIECES, b_ptr, v0, n_in, logit_scale, softcap, temperature,
+                                             HAS_BIAS, CAPPED, ACC, BN, BV)
+            in_piece = in_piece[None, :]
+            piece_max = tl.max(tl.where(in_piece, z, float("-inf")), 1)
+            m_new = tl.maximum(m, piece_max)
+            if WANT_ARGMAX:
+                # the first column at the maximum, torch.argmax's: pieces are not in column order,
+                # so a tie takes the lower column (earlier tiles' columns are all lower)
+                at_max = (z == piece_max[:, None]) & in_piece
+                piece_arg = tl.min(tl.where(at_max, lanes[None, :], BV), 1) + v0
+                argmax = tl.where(piece_max > m, piece_arg,
+                                  tl.where(piece_max == m, tl.minimum(argmax, piece_arg), argmax))
+            # before the first column s is 0 and every sum is 0: any finite shift keeps them 0
+            d = tl.where(s > 0, m - m_new, 0.0)
+            alpha = tl.exp(d)
+            shifted = tl.where(in_piece, z - m_new[:, None], 0.0)
+            e = tl.where(in_piece, tl.exp(shifted), 0.0)
+            if WANT_ENT:
+                ent = alpha * (ent + d * s) + tl.sum(e * shifted, 1)
+            if WANT_S2:
+                s2 = alpha * alpha * s2 + tl.sum(e * e, 1)
+            if WANT_SUM_Z:
+                sum_z += tl.sum(tl.where(in_piece, z, 0.0), 1)
+            if WANT_M_PRE:
+                # the columns before the label (labels of ignored tokens are -1: none)
+                before = (lanes[None, :] < label_in_tile[:, None]) & in_piece
+                m_pre = tl.maximum(m_pre, tl.max(tl.where(before, z, float("-inf")), 1))
+            is_label = (lanes[None, :] == label_in_tile[:, None]) & in_piece
+            z_label += tl.sum(tl.where(is_label, z, 0.0), 1)
+            s = alpha * s + tl.sum(e, 1)
+            m = m_new
+        # a whole-tile fold keeps its shifted logits across the reference GEMM (as many registers
+        # as the accumulator, without a second transform); pieces take them from the accumulator
+        tile_shifted = shifted
         if HAS_REF:
-            zr = head_logits(rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, HR, stride_rh,
-                             stride_rw, ref_logit_scale, ref_softcap, temperature, HAS_REF_BIAS,
-                             REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION, W_TMA)
-            m_ref_new = tl.maximum(m_ref, tl.max(tl.where(in_tile[None, :], zr, float("-inf")), 1))
+            # across the reference GEMM the policy's accumulator stays live only for the divergences
+            acc_ref = head_gemm(rh_ptr, rw_ptr, rows, cols, row_mask, col_mask, HR, stride_rh, stride_rw, ACC,
+                                BN, BV, BH, UPCAST, PRECISION, W_TMA)
+            # the reference's maximum over the whole tile first: the divergences' recurrences then
+            # take one shift of each maximum per tile (the policy's, m_before -> m, and this one).
+            # A shift per piece left them to cancel terms the size of the logits: at temperature
+            # 2^-40 the reverse KL's gradient was off by 1e17 where plain PyTorch's is off by 1e9.
+            tile_max_ref = tl.full([BN], float("-inf"), dtype=ACC)
+            for i in tl.static_range(PIECES):
+                zr, lanes, in_piece = logit_piece(acc_ref, i, PIECES, rb_ptr, v0, n_in, ref_logit_scale,
+                                                  ref_softcap, temperature, HAS_REF_BIAS, REF_CAPPED, ACC, BN, BV)
+                tile_max_ref = tl.maximum(tile_max_ref, tl.max(tl.where(in_piece[None, :], zr, float("-inf")), 1))
+            m_ref_new = tl.maximum(m_ref, tile_max_ref)
             d_ref = tl.where(s_ref > 0, m_ref - m_ref_new, 0.0)
             alpha_ref = tl.exp(d_ref)
-            shifted_ref = tl.where(in_tile[None, :], zr - m_ref_new[:, None], 0.0)
-            e_ref = tl.where(in_tile[None, :], tl.exp(shifted_ref), 0.0)
+            if PIECES > 1:  # one piece: its fold's d and alpha are the tile's
+                d = tl.where(s_before > 0, m_before - m, 0.0)
+                alpha = tl.exp(d)
+            tile_s_ref = tl.zeros([BN], dtype=ACC)
+            tile_rkl = tl.zeros([BN], dtype=ACC)
+            tile_kl = tl.zeros([BN], dtype=ACC)
+            for i in tl.static_range(PIECES):
+                zr, lanes, in_piece = logit_piece(acc_ref, i, PIECES, rb_ptr, v0, n_in, ref_logit_scale,
+                                                  ref_softcap, temperature, HAS_REF_BIAS, REF_CAPPED, ACC, BN, BV)
+                in_piece = in_piece[None, :]
+                shifted_ref = tl.where(in_piece, zr - m_ref_new[:, None], 0.0)
+                e_ref = tl.where(in_piece, tl.exp(shifted_ref), 0.0)
+                if PIECES == 1:
+                    shifted = tile_shifted
+                elif WANT_RKL or WANT_KL:
+                    # the policy's logits again: one transform per logit is cheaper than pieces kept live
+                    z, lanes, _in = logit_piece(acc, i, PIECES, b_ptr, v0, n_in, logit_scale, softcap,
+                                                temperature, HAS_BIAS, CAPPED, ACC, BN, BV)
+                    shifted = tl.where(in_piece, z - m[:, None], 0.0)
+                if WANT_RKL:
+                    # e again from `shifted`: one exp per logit is cheaper than a tile kept live
+                    e = tl.where(in_piece, tl.exp(shifted), 0.0)
+                    tile_rkl += tl.sum(e * (shifted - shifted_ref), 1)
+                if WANT_KL:
+                    tile_kl += tl.sum(e_ref * (shifted_ref - shifted), 1)
+                is_label = (lanes[None, :] == label_in_tile[:, None]) & in_piece
+                z_ref_label += tl.sum(tl.where(is_label, zr, 0.0), 1)
+                tile_s_ref += tl.sum(e_ref, 1)
             if WANT_RKL:
-                # e again from `shifted`: one exp per logit is cheaper than a tile kept live
-                e_again = tl.where(in_tile[None, :], tl.exp(shifted), 0.0)
-                rkl = alpha * (rkl + (d - d_ref) * s_before) + tl.sum(e_again * (shifted - shifted_ref), 1)
+                rkl = alpha * (rkl + (d - d_ref) * s_before) + tile_rkl
             if WANT_KL:
-                kl = alpha_ref * (kl + (d_ref - d) * s_ref) + tl.sum(e_ref * (shifted_ref - shifted), 1)
-            # the label's column again: no [BN, BV] mask kept live across the reference GEMM
-            ref_is_label = (lanes[None, :] == label_in_tile[:, None]) & in_tile[None, :]
-            z_ref_label += tl.sum(tl.where(ref_is_label, zr, 0.0), 1)
-            s_ref = alpha_ref * s_ref + tl.sum(e_ref, 1)
+                kl = alpha_ref * (kl + (d_ref - d) * s_ref) + tile_kl
+            s_ref = alpha_ref * s_ref + tile_s_ref
             m_ref = m_ref_new
 
     # skipped blocks hold ignored tokens only: finite placeholders (one logit 0) that merge cleanly
@@ -180,7 +217,7 @@ def token_stats_jsd_fwd_kernel(
     logit_scale, softcap, ref_logit_scale, ref_softcap, temperature, log_beta, log1m_beta,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, CAPPED: tl.constexpr, REF_CAPPED: tl.constexpr,
     ACC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_TMA: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_TMA: tl.constexpr, PIECES: tl.constexpr,
 ):
     # lse, lse_ref [N] (over the whole vocabulary), sums [S, 2, N]: sum q (log q - log m), sum p (...)
     pid_s, pid_n, n_valid, in_range, row_mask, rows = _token_block(order_ptr, n_valid_ptr, N, BN)
@@ -193,17 +230,23 @@ def token_stats_jsd_fwd_kernel(
     for v0 in range(v_lo, v_end, BV):
         cols = v0 + tl.arange(0, BV)
         col_mask = cols < v_hi
-        z = head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
-                        logit_scale, softcap, temperature, HAS_BIAS, CAPPED, ACC, BN, BV, BH,
+        acc = head_gemm(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, ACC, BN, BV, BH,
                         UPCAST, PRECISION, W_TMA)
-        zr = head_logits(rh_ptr, rw_ptr, rb_ptr, rows, cols, row_mask, col_mask, HR, stride_rh,
-                         stride_rw, ref_logit_scale, ref_softcap, temperature, HAS_REF_BIAS,
-                         REF_CAPPED, ACC, BN, BV, BH, UPCAST, PRECISION, W_TMA)
-        logp = z - lse[:, None]
-        logq = zr - lse_ref[:, None]
-        logm = log_mixture(logp, logq, log_beta, log1m_beta)
-        sum_q += tl.sum(tl.where(col_mask[None, :], tl.exp(logq) * (logq - logm), 0.0), 1)
-        sum_p += tl.sum(tl.where(col_mask[None, :], tl.exp(logp) * (logp - logm), 0.0), 1)
+        acc_ref = head_gemm(rh_ptr, rw_ptr, rows, cols, row_mask, col_mask, HR, stride_rh, stride_rw, ACC,
+                            BN, BV, BH, UPCAST, PRECISION, W_TMA)
+        # the logits and the log-mixture's exps and logs are formed on column pieces of the
+        # accumulators (`logit_piece`)
+        n_in = (v_hi - v0).to(tl.int32)
+        for i in tl.static_range(PIECES):
+            z, lanes, in_piece = logit_piece(acc, i, PIECES, b_ptr, v0, n_in, logit_scale, softcap, temperature,
+                                         HAS_BIAS, CAPPED, ACC, BN, BV)
+            zr, lanes, in_piece = logit_piece(acc_ref, i, PIECES, rb_ptr, v0, n_in, ref_logit_scale, ref_softcap,
+                                   temperature, HAS_REF_BIAS, REF_CAPPED, ACC, BN, BV)
+            logp = z - lse[:, None]
+            logq = zr - lse_ref[:, None]
+            logm = log_mixture(logp, logq, log_beta, log1m_beta)
+            sum_q += tl.sum(tl.where(in_piece[None, :], tl.exp(logq) * (logq - logm), 0.0), 1)
+            sum_p += tl.sum(tl.where(in_piece[None, :], tl.exp(logp) * (logp - logm), 0.0), 1)
     out = sums_ptr + pid_s * stride_sums_split + rows
     tl.store(out, sum_q, mask=in_range)
     tl.store(out + stride_sums_key, sum_p, mask=in_range)
@@ -273,7 +316,7 @@ def token_stats_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labe
         scale, cap, ref_scale, ref_cap, float(opts.temperature),
         **flags, ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
         UPCAST=upcast_dot_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype), W_TMA=w_tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PIECES=forward_pieces(flags), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return part
 
@@ -314,6 +357,6 @@ def token_stats_jsd_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
         scale, cap, ref_scale, ref_cap, float(opts.temperature), log_beta, log1m_beta,
         **flags, ACC=triton_dtype(opts.accum_dtype), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
         UPCAST=upcast_dot_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype), W_TMA=w_tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PIECES=JSD_PASS_PIECES, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return sums

@@ -105,12 +105,10 @@ def weight_operands(cfg: "TileConfig", *weights: torch.Tensor):
 
 
 @triton.jit
-def head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_h, stride_w,
-                logit_scale, softcap, temperature,
-                HAS_BIAS: tl.constexpr, CAPPED: tl.constexpr, ACC: tl.constexpr,
-                BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_TMA: tl.constexpr):
-    # rows [BN] int64 token rows, cols [BV] int64 weight rows (contiguous) -> z [BN, BV]. With
+def head_gemm(h_ptr, w_ptr, rows, cols, row_mask, col_mask, K, stride_h, stride_w, ACC: tl.constexpr,
+              BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_TMA: tl.constexpr):
+    # rows [BN] int64 token rows, cols [BV] int64 weight rows (contiguous) -> h W^T [BN, BV]. With
     # W_TMA, w_ptr is a tensor descriptor of the weight ([rows, K], block [BV, BH]): the tile comes
     # by TMA, zero beyond its rows and K; columns past the caller's slice are its masks' to drop.
     acc = tl.zeros([BN, BV], dtype=ACC)
@@ -127,12 +125,32 @@ def head_logits(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, K, stride_h
             w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
                         mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc = dot_acc(h, tl.trans(w), acc, UPCAST, PRECISION)
+    return acc
+
+
+@triton.jit
+def head_transform(acc, b_ptr, cols, col_mask, logit_scale, softcap, temperature,
+                   HAS_BIAS: tl.constexpr, CAPPED: tl.constexpr, ACC: tl.constexpr):
+    # h W^T [BN, X] of the columns cols [X] -> the logits: + bias, * scale, the softcap, / T
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
     acc = acc * logit_scale
     if CAPPED:
         acc = softcap * stable_tanh(acc / softcap)
     return acc / temperature
+
+
+@triton.jit
+def logit_piece(acc, i: tl.constexpr, PIECES: tl.constexpr, b_ptr, v0, n_in, logit_scale, softcap, temperature,
+                HAS_BIAS: tl.constexpr, CAPPED: tl.constexpr, ACC: tl.constexpr,
+                BN: tl.constexpr, BV: tl.constexpr):
+    # piece i (`column_piece`) of the logit tile whose `head_gemm` is acc and first column v0, its
+    # n_in columns in the slice: (the logits [BN, BV // PIECES], their int32 lanes, in-slice mask)
+    lanes = piece_lanes(i, PIECES, BV)
+    in_piece = lanes < n_in
+    z = head_transform(column_piece(acc, i, PIECES, BN, BV), b_ptr, v0 + lanes, in_piece, logit_scale, softcap,
+                       temperature, HAS_BIAS, CAPPED, ACC)
+    return z, lanes, in_piece
 
 
 @triton.jit
@@ -144,6 +162,66 @@ def preactivation_grad(dz, z, logit_scale, softcap, temperature, CAPPED: tl.cons
         t = z * temperature / softcap
         dz = dz * (1.0 - t * t)
     return dz
+
+
+# An epilogue with many elementwise ops (the JSD pass's log-mixture, the backward's gradient terms)
+# runs on column pieces of the logit tiles, one after another. Triton lowers a tile's elementwise
+# ops op by op, so a whole [128, 128] tile's temporaries sit beside the two accumulators (policy and
+# reference) and spilled at 255 registers; a piece holds 1 / PIECES of them. The pieces are views of
+# the registers: a thread of a wgmma (or mma) accumulator holds its columns in pairs (c, c + 1)
+# repeated every 8 columns, so taking the even or odd columns and then halves by the top bits moves
+# no data (the compile check shows no added shared-memory access).
+# Measured at [128, 128] in bf16 (`kernel_compile_check.py bf16 --widest`): the JSD pass takes 4
+# pieces, the backward 8, the forward 8 or 1 by its statistics (`forward_pieces`). The forward folds
+# each piece as an online-softmax step of its own, but takes the reference's maximum over the whole
+# tile before its divergences' sums (token_stats_fwd.py).
+JSD_PASS_PIECES = 4
+BACKWARD_PIECES = 8
+
+
+@triton.jit
+def _half(x, top: tl.constexpr, BN: tl.constexpr, W: tl.constexpr):
+    # x [BN, W] -> its first (top 0) or last (top 1) W / 2 columns
+    lo, hi = tl.split(tl.permute(tl.reshape(x, [BN, 2, W // 2]), (0, 2, 1)))
+    if top == 0:
+        out = lo
+    else:
+        out = hi
+    return out
+
+
+@triton.jit
+def column_piece(x, i: tl.constexpr, PIECES: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr):
+    # x [BN, BV] -> piece i of PIECES (1, 2, 4 or 8) [BN, BV // PIECES]: the even (i even) or odd
+    # columns, then halves by the next bits of i
+    if PIECES == 1:
+        piece = x
+    else:
+        even, odd = tl.split(tl.reshape(x, [BN, BV // 2, 2]))
+        if i % 2 == 0:
+            piece = even
+        else:
+            piece = odd
+        if PIECES >= 4:
+            piece = _half(piece, (i // 2) % 2, BN, BV // 2)
+        if PIECES >= 8:
+            piece = _half(piece, (i // 4) % 2, BN, BV // 4)
+    return piece
+
+
+@triton.jit
+def piece_lanes(i: tl.constexpr, PIECES: tl.constexpr, BV: tl.constexpr):
+    # the int32 offsets in the tile of piece i's columns (`column_piece`)
+    if PIECES == 1:
+        lanes = tl.arange(0, BV)
+    else:
+        # a shift, not `2 *`: the compile check counts int32 tensor multiplies (offset products)
+        lanes = (tl.arange(0, BV // PIECES) << 1) + i % 2
+        if PIECES >= 4:
+            lanes += ((i // 2) % 2) * (BV // 2)
+        if PIECES >= 8:
+            lanes += ((i // 4) % 2) * (BV // 4)
+    return lanes
 
 
 @triton.jit
@@ -367,55 +445,58 @@ def resident_programs(registers: int, shared_bytes: int, num_warps: int) -> int:
 # operand buffers per program as 64-wide steps through 2, one stage deeper, and fewer registers for
 # each stage's addresses (at 64-wide steps through 3 stages DPO's forward spills 16 B, bias and
 # softcap 16 B, and the JSD backward did not fit [128, 128]). The gradient GEMMs' wider BH_grad
-# tiles take the stages shared memory holds (`stages_within_shared`: 3). Launches that keep more live
-# than these tiles leave registers for take a level of `HOPPER_16BIT_LEVELS` instead (`launch_tiles`).
+# tiles take the stages shared memory holds (`stages_within_shared`: 3). Every measured launch takes
+# these tiles (`VARIANT_TILES`, its heavy epilogues in column pieces).
 # Not yet timed on a GPU: scripts/gpu_check.sh's sweep times it beside `PREVIOUS_16BIT_TILES`
 # ([64, 128] for every launch) and `FIRST_WIDE_16BIT_STEPS` (64-wide steps, 3 stages) and prints the
 # fastest.
 HOPPER_16BIT_TILES = dict(BN=128, BV=128, BH_reduce=32, BH_grad=128, num_warps=8, num_stages=4)
 PREVIOUS_16BIT_TILES = dict(BN=64, BV=128, BH_reduce=64, BH_grad=128, num_warps=8, num_stages=3)
 FIRST_WIDE_16BIT_STEPS = dict(BH_reduce=64, num_stages=3)
-# Lighter shapes for the launches that spill at [128, 128] (`VARIANT_TILES`): a [64, 128] tile over
-# 8 warps holds half the accumulator registers per thread of a [128, 128] one; [64, 64] (wgmma 64x32)
-# with 2 stages only for the launches that still spill at [64, 128].
+# Lighter shapes, for flag sets no variant measured and for launch shapes that name them: a [64, 128]
+# tile over 8 warps holds half the accumulator registers per thread of a [128, 128] one; [64, 64]
+# (wgmma 64x32) with 2 stages.
 HOPPER_16BIT_LEVELS = {"narrow": dict(BN=64), "narrowest": dict(BN=64, BV=64, num_stages=2)}
 
 # Per pass, (flag set, level) from the widest level down: a launch takes the first level whose flag
 # set holds every constexpr branch flag it sets (as the launchers pass them), else "narrowest". Each
-# set is a variant measured with `python tests/support/kernel_compile_check.py bf16` (cuda:90, 8 warps;
-# registers/spill bytes, benchmarks/results/hopper-compile-bf16-after.md) to compile without a spill
-# at that level and to spill at the one above it, or, for tdpo's forward, to spill only outside
-# every loop (no local memory access per tile or per K step):
-# - forward, wide: dpo 255/0; with bias and softcap 213/0; SFT's token accuracy (WANT_M_PRE,
-#   WANT_ARGMAX, no reference) 192/0; tdpo (WANT_KL) 255 registers and 24 B: three words stored
-#   before the vocabulary loop and loaded after it, once per program, where [64, 128] (197/0)
-#   would halve its wgmma to 64x64 (the JSD pass at [128, 128] spills in each tile's epilogue: 34
-#   local loads and stores per tile). Narrow ([64, 128]): every statistic with bias and softcap
-#   255/0 (268 per tile at [128, 128]).
-# - JSD pass, narrow: 183/0, with bias and softcap 196/0 (256 B at [128, 128]).
-# - backward logit-gradient kernel, wide: tdpo (G_LOGP, G_KL) 244/0; G_LOGP with bias and softcap
-#   235/0; G_JSD 215/0. Narrow: every gradient with bias and softcap 195/0. Gradient filtering
-#   still spills at [64, 128] (64 B): [64, 64] with 2 stages, 193/0.
+# set is a variant measured with `python tests/support/kernel_compile_check.py bf16 --widest`
+# (cuda:90, 8 warps; benchmarks/results/hopper-compile-bf16-widest.md) to compile at that level
+# with no local memory access in a GEMM's K loop and at most a few per vocabulary tile. With the
+# epilogues on column pieces (`column_piece`) every variant does so at [128, 128] (registers / spill
+# bytes / local accesses per tile):
+# - forward: dpo 201/0; with bias and softcap 255/16 B/0 (once per program); SFT's token accuracy
+#   202/0; tdpo 255/48 B/2; every statistic with bias and softcap 255/64 B/4 (268 before the
+#   pieces); gradient filtering's statistics 255/96 B/8 (178 before).
+# - JSD pass: 255/0; with bias and softcap 255/16 B/0 (34 and 205 per tile before).
+# - backward logit-gradient kernel (one tile per program): every gradient with bias and softcap
+#   255/0 (1844 B before); gradient filtering 248/0 (5920 B before); dpo 121/0.
+# The levels below stay for launch shapes that name them (`HOPPER_16BIT_LEVELS`, the GPU sweep's
+# candidates) and for flag sets no variant measured.
 #   The backward's dh/dw GEMMs take the same tile shape (they read its dz buffer, dbias parts and
 #   skip flags by its token blocks), with warps and stages of their own (`gradient_gemm_launch`).
 _REF = frozenset({"HAS_REF", "HAS_REF_BIAS", "REF_CAPPED"})
 _POLICY = frozenset({"HAS_BIAS", "CAPPED"})
+_EVERY_FWD = _REF | _POLICY | {"WANT_ENT", "WANT_S2", "WANT_SUM_Z", "WANT_M_PRE", "WANT_ARGMAX", "WANT_RKL", "WANT_KL"}
 VARIANT_TILES = {
-    "fwd": (
-        (_REF | _POLICY, "wide"),
-        (frozenset({"WANT_M_PRE", "WANT_ARGMAX"}), "wide"),
-        (frozenset({"HAS_REF", "WANT_KL"}), "wide"),
-        (_REF | _POLICY | {"WANT_ENT", "WANT_S2", "WANT_SUM_Z", "WANT_M_PRE", "WANT_ARGMAX", "WANT_RKL", "WANT_KL"},
-         "narrow"),
-    ),
-    "jsd": ((_REF | _POLICY, "narrow"),),
-    "bwd": (
-        (frozenset({"G_LOGP", "G_KL"}), "wide"),
-        (frozenset({"G_LOGP", "HAS_BIAS", "CAPPED", "WANT_DB"}), "wide"),
-        (frozenset({"G_JSD"}), "wide"),
-        (_REF | _POLICY | {"G_LOGP", "G_LSE", "G_ENT", "G_KL", "G_RKL", "G_JSD", "WANT_DB"}, "narrow"),
-    ),
+    "fwd": ((_EVERY_FWD, "wide"),),
+    "jsd": ((_REF | _POLICY, "wide"),),
+    "bwd": ((_REF | _POLICY | {"G_LOGP", "G_LSE", "G_ENT", "G_KL", "G_RKL", "G_JSD", "WANT_DB", "FILTER"}, "wide"),),
 }
+# The forward launches that fold each tile whole (one piece): at [128, 128] these build with fewer
+# instructions and no more spills than in pieces (dpo 3456 instructions whole, 4128 in 8 pieces);
+# the others fold 8 pieces.
+WHOLE_TILE_FOLDS = (_REF | _POLICY, frozenset({"WANT_M_PRE", "WANT_ARGMAX"}), frozenset({"HAS_REF", "WANT_KL"}))
+FORWARD_PIECES = 8
+
+
+def forward_pieces(flags: dict) -> int:
+    """The column pieces (`column_piece`) the forward kernel folds each tile in, by the launch's
+    constexpr ``flags``: 1 for the flag sets of `WHOLE_TILE_FOLDS`, else `FORWARD_PIECES`."""
+    on = {name for name, value in flags.items() if value}
+    return 1 if any(on <= fits for fits in WHOLE_TILE_FOLDS) else FORWARD_PIECES
+
+
 PASSES = tuple(VARIANT_TILES)
 
 
