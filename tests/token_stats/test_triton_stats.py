@@ -283,23 +283,33 @@ def _filtered_reference_grads(case, eps, block_n, block_v, outputs):
     return (dz @ weight, dz.T @ hidden, dz.sum(0)), (~keep).float().mean().item()
 
 
-def test_gradient_filter_drops_exactly_the_negligible_tiles():
+# (first frequent column, frequent columns, the rare columns' offset, share of dz entries dropped):
+# the frequent tokens first;
+# or a tile's width after the start of the backward's vocabulary chunk, so that a negligible tile
+# precedes the labels' tile within one chunk
+@pytest.mark.parametrize("first, frequent, rare_offset, dropped_within",
+                         [(0, 32, 12.0, (0.2, 0.6)), (16, 16, 16.0, (0.2, 0.9))],
+                         ids=["frequent-first", "labels-later-in-the-chunk"])
+def test_gradient_filter_drops_exactly_the_negligible_tiles(first, frequent, rare_offset, dropped_within):
     """With filtering the gradients equal the oracle's with those tiles' gradient zeroed."""
     if CUDA:
         pytest.skip("uses the interpreter's tile shape")
     cfg = tile_config(torch.device("cpu"))
+    assert first in (0, cfg.BV) and cfg.vocab_chunk(37, 100, 8) > cfg.BV  # tiles [0, BV) and [BV, 2 BV) share a chunk
     outputs = ("logp", "kl")
     case = make_case(shape=(37,), hidden_size=16, vocab=100, ignore_fraction=0.0, seed=23,
                      ref_hidden_size=16, bias=True, ref_bias=True)
     # A head like a language model's: most of the vocabulary is rare, labels are frequent tokens;
     # the rare columns sit near eps, so some of their tiles are dropped and some are kept.
+    rare = torch.ones(100, dtype=torch.bool)
+    rare[first:first + frequent] = False
     with torch.no_grad():
-        case.bias[32:] -= 12.0
-        case.ref_bias[32:] -= 12.0
-    case.labels = case.labels % 32
+        case.bias[rare] -= rare_offset
+        case.ref_bias[rare] -= rare_offset
+    case.labels = first + case.labels % frequent
     eps = 1e-4
     want, dropped = _filtered_reference_grads(case, eps, cfg.BN, cfg.BV, outputs)
-    assert 0.2 < dropped < 0.6, dropped  # real work to skip and real rare tiles to keep
+    assert dropped_within[0] < dropped < dropped_within[1], dropped  # real work to skip and real rare tiles to keep
     _, grads = run(case, "triton", outputs, grad_filter_eps=eps)
     for got, expected in zip(grads, want):
         assert max_rel_err(got, expected) < 1e-9

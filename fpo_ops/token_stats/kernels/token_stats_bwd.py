@@ -86,7 +86,7 @@ def token_stats_bwd_kernel(
             # The label column carries the one-hot term, which is never negligible. The tile's dz is
             # stored whatever the flag says: the dh and dw GEMMs skip flagged tiles, the host drops
             # their dbias parts.
-            has_label = row_mask & (label_in_tile >= 0) & (label_in_tile < n_in)
+            has_label = row_mask & (label_in_tile >= 0) & (label_in_tile < tl.minimum(n_in, BV))
             negligible = tl.sum(has_label.to(tl.int32)) == 0
         if G_LOGP:
             g_logp = tl.load(coef_ptr + G_LOGP_ROW * stride_coef + rows, mask=row_mask, other=0.0)
