@@ -126,9 +126,6 @@ def token_stats_fwd_kernel(
             z_label += tl.sum(tl.where(is_label, z, 0.0), 1)
             s = alpha * s + tl.sum(e, 1)
             m = m_new
-        # a whole-tile fold keeps its shifted logits across the reference GEMM (as many registers
-        # as the accumulator, without a second transform); pieces take them from the accumulator
-        tile_shifted = shifted
         if HAS_REF:
             # across the reference GEMM the policy's accumulator stays live only for the divergences
             acc_ref = head_gemm(rh_ptr, rw_ptr, rows, cols, row_mask, col_mask, HR, stride_rh, stride_rw, ACC,
@@ -145,9 +142,8 @@ def token_stats_fwd_kernel(
             m_ref_new = tl.maximum(m_ref, tile_max_ref)
             d_ref = tl.where(s_ref > 0, m_ref - m_ref_new, 0.0)
             alpha_ref = tl.exp(d_ref)
-            if PIECES > 1:  # one piece: its fold's d and alpha are the tile's
-                d = tl.where(s_before > 0, m_before - m, 0.0)
-                alpha = tl.exp(d)
+            d = tl.where(s_before > 0, m_before - m, 0.0)
+            alpha = tl.exp(d)
             tile_s_ref = tl.zeros([BN], dtype=ACC)
             tile_rkl = tl.zeros([BN], dtype=ACC)
             tile_kl = tl.zeros([BN], dtype=ACC)
@@ -157,9 +153,7 @@ def token_stats_fwd_kernel(
                 in_piece = in_piece[None, :]
                 shifted_ref = tl.where(in_piece, zr - m_ref_new[:, None], 0.0)
                 e_ref = tl.where(in_piece, tl.exp(shifted_ref), 0.0)
-                if PIECES == 1:
-                    shifted = tile_shifted
-                elif WANT_RKL or WANT_KL:
+                if WANT_RKL or WANT_KL:
                     # the policy's logits again: one transform per logit is cheaper than pieces kept live
                     z, lanes, _in = logit_piece(acc, i, PIECES, b_ptr, v0, n_in, logit_scale, softcap,
                                                 temperature, HAS_BIAS, CAPPED, ACC, BN, BV)

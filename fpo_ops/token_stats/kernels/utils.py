@@ -470,8 +470,8 @@ HOPPER_16BIT_LEVELS = {"narrow": dict(BN=64), "narrowest": dict(BN=64, BV=64, nu
 #   pieces); gradient filtering's statistics 255/96 B/8 (178 before).
 # - JSD pass: 255/0; with bias and softcap 255/16 B/0 (34 and 205 per tile before).
 # - backward logit-gradient kernel (one tile per program): every gradient with bias and softcap
-#   255/0 (1844 B before); gradient filtering 248/0 (5920 B before); dpo 121/0.
-# The levels below stay for launch shapes that name them (`HOPPER_16BIT_LEVELS`, the GPU sweep's
+#   255/0 (1844 B before); gradient filtering 248/0 (5920 B before); dpo 117/0.
+# The narrower levels (`HOPPER_16BIT_LEVELS`) stay for launch shapes that name them (the GPU sweep's
 # candidates) and for flag sets no variant measured.
 #   The backward's dh/dw GEMMs take the same tile shape (they read its dz buffer, dbias parts and
 #   skip flags by its token blocks), with warps and stages of their own (`gradient_gemm_launch`).
@@ -490,11 +490,14 @@ WHOLE_TILE_FOLDS = (_REF | _POLICY, frozenset({"WANT_M_PRE", "WANT_ARGMAX"}), fr
 FORWARD_PIECES = 8
 
 
+def _flags_on(flags: dict) -> set:
+    return {name for name, value in flags.items() if value}
+
+
 def forward_pieces(flags: dict) -> int:
     """The column pieces (`column_piece`) the forward kernel folds each tile in, by the launch's
     constexpr ``flags``: 1 for the flag sets of `WHOLE_TILE_FOLDS`, else `FORWARD_PIECES`."""
-    on = {name for name, value in flags.items() if value}
-    return 1 if any(on <= fits for fits in WHOLE_TILE_FOLDS) else FORWARD_PIECES
+    return 1 if any(_flags_on(flags) <= fits for fits in WHOLE_TILE_FOLDS) else FORWARD_PIECES
 
 
 PASSES = tuple(VARIANT_TILES)
@@ -505,8 +508,7 @@ def launch_level(kernel: str, flags: dict) -> str:
     ``flags`` {name: bool} (see `VARIANT_TILES`)."""
     if kernel not in VARIANT_TILES:
         raise ValueError(f"kernel: expected one of {PASSES}, got {kernel!r}")
-    on = {name for name, value in flags.items() if value}
-    return next((level for fits, level in VARIANT_TILES[kernel] if on <= fits), "narrowest")
+    return next((level for fits, level in VARIANT_TILES[kernel] if _flags_on(flags) <= fits), "narrowest")
 
 
 def launch_tiles(cfg: TileConfig, kernel: str, flags: dict) -> TileConfig:
