@@ -41,7 +41,7 @@ def test_top1_correct_takes_the_first_maximal_index(name, impl):
 
 
 # with the entropy the Triton forward folds each tile in column pieces, which are not in column
-# order (`fpo_ops.token_stats.kernels.utils.forward_pieces`): a tie between pieces of one tile
+# order (`fpo_ops.token_stats.kernels.utils.launch_pieces`): a tie between pieces of one tile
 @pytest.mark.parametrize("more", [(), ("entropy",)], ids=["whole-tiles", "tile-pieces"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(CASES))

@@ -10,8 +10,8 @@ import triton
 from fpo_ops.token_stats.kernels.token_stats_bwd import bwd_flags
 from fpo_ops.token_stats.kernels.token_stats_fwd import fwd_flags, jsd_flags
 from fpo_ops.token_stats.kernels.utils import (
-    HOPPER_16BIT_TILES, MIN_LAST_WAVE, STAGE_SHARED_BYTES, TileConfig, forward_pieces, gradient_gemm_launch,
-    last_wave_fill, launch_level, launch_tiles, split_blocks, stages_within_shared, tile_config,
+    HOPPER_16BIT_TILES, MIN_LAST_WAVE, STAGE_SHARED_BYTES, TileConfig, gradient_gemm_launch,
+    last_wave_fill, launch_level, launch_pieces, launch_tiles, split_blocks, stages_within_shared, tile_config,
 )
 from fpo_ops.token_stats.options import HeadOptions
 from fpo_ops.token_stats.stats import REFERENCE_GRADS
@@ -74,7 +74,8 @@ def _launches(opts, keys=(), grads=("logp",), has_ref=True, bias=False):
 def test_each_variant_gets_the_tiles_its_compiled_code_fits(hopper_configs):
     """16-bit: [128, 128] tiles for every variant, whose sm_90a build at that shape keeps local
     memory out of the K loops (benchmarks/results/hopper-compile-bf16-after.md); the forward folds
-    a tile whole or in 8 pieces by its statistics; a flag set no variant measured takes the
+    a tile whole or in 8 pieces by its statistics, the JSD pass in 4, the backward in 8, none
+    narrower than 8 columns; a flag set no variant measured takes the
     narrowest shape; wider dtypes have one shape for all."""
     cfg = hopper_configs[torch.bfloat16]
     wide, narrow, narrowest = cfg, cfg.at("narrow"), cfg.at("narrowest")
@@ -100,7 +101,16 @@ def test_each_variant_gets_the_tiles_its_compiled_code_fits(hopper_configs):
     for launches, pieces in expected:
         for kernel in ("fwd", "jsd", "bwd"):
             assert launch_tiles(cfg, kernel, launches[kernel]) == wide, (kernel, launches[kernel])
-        assert forward_pieces(launches["fwd"]) == pieces, launches["fwd"]
+        assert launch_pieces("fwd", launches["fwd"], wide.BV) == pieces, launches["fwd"]
+        assert (launch_pieces("jsd", launches["jsd"], wide.BV), launch_pieces("bwd", launches["bwd"], wide.BV)) == (4, 8)
+    # a piece is at least 8 columns wide: the narrowest CUDA tiles (64) keep every piece, the
+    # interpreter's 16- and 32-wide tiles take 2 and 4
+    heavy = _launches(capped, bias=True, keys=("ent", "rkl", "kl"), grads=every_grad)
+    assert [launch_pieces("bwd", heavy["bwd"], bv) for bv in (16, 32, 64, 128)] == [2, 4, 8, 8]
+    assert [launch_pieces("fwd", heavy["fwd"], bv) for bv in (16, 32, 64)] == [2, 4, 8]
+    assert [launch_pieces("jsd", heavy["jsd"], bv) for bv in (16, 32, 64)] == [2, 4, 4]
+    with pytest.raises(ValueError, match="kernel: expected one of"):
+        launch_pieces("dh", {}, 128)
     assert launch_level("fwd", {"HAS_REF": True, "A_FLAG_NOT_MEASURED": True}) == "narrowest"
     fp32 = hopper_configs[torch.float32]
     assert launch_tiles(fp32, "bwd", _launches(filtered)["bwd"]) is fp32

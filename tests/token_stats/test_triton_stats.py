@@ -96,6 +96,42 @@ def test_each_variant_at_its_own_tiles(monkeypatch, outputs, extra, want):
         assert max_rel_err(got, expected) < 1e-9
 
 
+# 64-wide tiles: each epilogue in its full count of column pieces (`launch_pieces`: the forward's
+# and the backward's 8, the JSD pass's 4), which the interpreter's default 16-wide tiles cap at 2.
+PIECES_SHAPE = TileConfig(BN=16, BV=64, BH_reduce=16, BH_grad=16, num_warps=1, num_stages=1,
+                          target_programs=4, min_splits=1, dz_buffer_bytes=1 << 12, min_vocab_chunk=64)
+
+
+@pytest.mark.parametrize("outputs, case_extra, extra, want", [
+    (ALL_STATS, dict(bias=True, softcap=5.0), {}, {"fwd": 8, "jsd": 4, "bwd": 8}),
+    (("logp", "kl"), {}, dict(grad_filter_eps=1e-30), {"fwd": 1, "bwd": 8}),
+])
+def test_full_piece_counts_match_the_oracle(monkeypatch, outputs, case_extra, extra, want):
+    """At 64-wide tiles (three full ones and a partial one per 200 columns) every epilogue runs in
+    its full piece count, with and without gradient filtering, and matches the oracle."""
+    from fpo_ops.token_stats.kernels import token_stats_bwd, token_stats_fwd, utils
+
+    used = {}
+
+    def recording(kernel, flags, BV):
+        used[kernel] = utils.launch_pieces(kernel, flags, BV)
+        return used[kernel]
+
+    monkeypatch.setattr(token_stats_fwd, "launch_pieces", recording)
+    monkeypatch.setattr(token_stats_bwd, "launch_pieces", recording)
+    case = make_case(shape=(37,), hidden_size=24, vocab=200, ref_hidden_size=16, **case_extra)
+    ref_stats, ref_grads = run(case, "reference", outputs, **extra)
+    with utils.override_tile_config(PIECES_SHAPE):
+        stats, grads = run(case, "triton", outputs, **extra)
+    assert used == want
+    for stat in outputs:
+        assert max_rel_err(getattr(stats, stat), getattr(ref_stats, stat)) < 1e-9, stat
+    assert len(grads) == len(ref_grads) > 0
+    for got, expected in zip(grads, ref_grads):
+        # a filter at 1e-30 drops no tile of this case: the exact gradients
+        assert max_rel_err(got, expected) < 1e-9
+
+
 # SPLIT_SHAPE with the weight tiles read through TMA descriptors (`TileConfig.weight_tma`).
 TMA_SHAPE = TileConfig(**{**SPLIT_SHAPE.as_kwargs(), "weight_tma": True})
 

@@ -24,7 +24,7 @@ from .rows import (
     LSE_ROW, REVERSE_KL_ROW,
 )
 from .utils import (
-    BACKWARD_PIECES, dot_acc, dot_precision, gradient_gemm_launch, head_gemm, log_mixture, logit_piece,
+    dot_acc, dot_precision, gradient_gemm_launch, head_gemm, launch_pieces, log_mixture, logit_piece,
     preactivation_grad, round_for_store, triton_dtype, upcast_dot_operands, weight_operands,
 )
 
@@ -292,6 +292,7 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
         if grad_b is not None:
             grad_b.zero_()
         return
+    flags = bwd_flags(bias is not None, has_ref, ref_bias is not None, grad_flags, opts, db_part is not None, filtering)
     (w_arg, rw_arg), w_tma = weight_operands(cfg, weight, rw)
     token_stats_bwd_kernel[(triton.cdiv(chunk, cfg.BV), token_blocks)](
         hidden, w_arg, weight if bias is None else bias, rh, rw_arg, rb, labels, order, n_valid,
@@ -304,10 +305,8 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
         float(opts.ref_logit_scale), 1.0 if opts.ref_softcap is None else float(opts.ref_softcap),
         float(opts.temperature), beta, math.log(beta) if beta > 0.0 else float("-inf"),
         math.log1p(-beta) if beta < 1.0 else float("-inf"), float(opts.grad_filter_eps),
-        **bwd_flags(bias is not None, has_ref, ref_bias is not None, grad_flags, opts, db_part is not None,
-                     filtering),
-        ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
-        UPCAST=upcast, PRECISION=precision, W_TMA=w_tma, PIECES=BACKWARD_PIECES,
+        **flags, ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
+        UPCAST=upcast, PRECISION=precision, W_TMA=w_tma, PIECES=launch_pieces("bwd", flags, cfg.BV),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     kept_v = kept_v_count = kept_n = kept_n_count = dz

@@ -19,7 +19,7 @@ from .rows import (
     Z_LABEL_ROW, Z_REF_LABEL_ROW,
 )
 from .utils import (
-    JSD_PASS_PIECES, dot_precision, forward_pieces, head_gemm, launch_tiles, log_mixture, logit_piece,
+    dot_precision, head_gemm, launch_pieces, launch_tiles, log_mixture, logit_piece,
     triton_dtype, upcast_dot_operands, weight_operands,
 )
 
@@ -310,7 +310,7 @@ def token_stats_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labe
         scale, cap, ref_scale, ref_cap, float(opts.temperature),
         **flags, ACC=triton_dtype(acc), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
         UPCAST=upcast_dot_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype), W_TMA=w_tma,
-        PIECES=forward_pieces(flags), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PIECES=launch_pieces("fwd", flags, cfg.BV), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return part
 
@@ -351,6 +351,6 @@ def token_stats_jsd_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
         scale, cap, ref_scale, ref_cap, float(opts.temperature), log_beta, log1m_beta,
         **flags, ACC=triton_dtype(opts.accum_dtype), BN=cfg.BN, BV=cfg.BV, BH=cfg.BH_reduce,
         UPCAST=upcast_dot_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype), W_TMA=w_tma,
-        PIECES=JSD_PASS_PIECES, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PIECES=launch_pieces("jsd", flags, cfg.BV), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return sums

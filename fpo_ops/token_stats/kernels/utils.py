@@ -172,11 +172,14 @@ def preactivation_grad(dz, z, logit_scale, softcap, temperature, CAPPED: tl.cons
 # repeated every 8 columns, so taking the even or odd columns and then halves by the top bits moves
 # no data (the compile check shows no added shared-memory access).
 # Measured at [128, 128] in bf16 (`kernel_compile_check.py bf16 --widest`): the JSD pass takes 4
-# pieces, the backward 8, the forward 8 or 1 by its statistics (`forward_pieces`). The forward folds
+# pieces, the backward 8, the forward 8 or 1 by its statistics (`launch_pieces`). The forward folds
 # each piece as an online-softmax step of its own, but takes the reference's maximum over the whole
 # tile before its divergences' sums (token_stats_fwd.py).
 JSD_PASS_PIECES = 4
 BACKWARD_PIECES = 8
+# A piece is at least this many columns wide. The interpreter (16- and 32-wide tiles) pays per op,
+# so narrower pieces there only multiply its time; CUDA tiles (64 or 128 wide) never meet the bound.
+MIN_PIECE_COLUMNS = 8
 
 
 @triton.jit
@@ -494,10 +497,20 @@ def _flags_on(flags: dict) -> set:
     return {name for name, value in flags.items() if value}
 
 
-def forward_pieces(flags: dict) -> int:
-    """The column pieces (`column_piece`) the forward kernel folds each tile in, by the launch's
-    constexpr ``flags``: 1 for the flag sets of `WHOLE_TILE_FOLDS`, else `FORWARD_PIECES`."""
-    return 1 if any(_flags_on(flags) <= fits for fits in WHOLE_TILE_FOLDS) else FORWARD_PIECES
+def launch_pieces(kernel: str, flags: dict, BV: int) -> int:
+    """The column pieces (`column_piece`) a launch of ``kernel`` ("fwd", "jsd" or "bwd") with
+    constexpr ``flags`` and ``BV``-wide tiles takes its epilogue in: the JSD pass `JSD_PASS_PIECES`,
+    the backward `BACKWARD_PIECES`, the forward 1 for the flag sets of `WHOLE_TILE_FOLDS`, else
+    `FORWARD_PIECES`; at most as many as leave each piece `MIN_PIECE_COLUMNS` wide."""
+    if kernel == "fwd":
+        pieces = 1 if any(_flags_on(flags) <= fits for fits in WHOLE_TILE_FOLDS) else FORWARD_PIECES
+    elif kernel == "jsd":
+        pieces = JSD_PASS_PIECES
+    elif kernel == "bwd":
+        pieces = BACKWARD_PIECES
+    else:
+        raise ValueError(f"kernel: expected one of {PASSES}, got {kernel!r}")
+    return max(1, min(pieces, BV // MIN_PIECE_COLUMNS))
 
 
 PASSES = tuple(VARIANT_TILES)
