@@ -5,7 +5,15 @@ imports triton; hence this happens at conftest import time.
 """
 import os
 
-import torch
+# pytest-xdist runs a worker per core (scripts/test.sh): one thread each, in the processes they
+# launch too, keeps the workers' OpenMP threads from spinning against each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

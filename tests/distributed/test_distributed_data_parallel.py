@@ -20,6 +20,8 @@ from fpo_ops.distributed import data_parallel_mean, mean_over_ranks, vocab_range
 from distributed_launch import launch
 from stats_cases import max_rel_err
 
+pytestmark = pytest.mark.process_group  # processes in lockstep: run apart (scripts/test.sh)
+
 VOCAB, HIDDEN, REF_HIDDEN, SEQ = 29, 12, 10, 7
 BETA, KL_COEF = 0.1, 0.3
 TOL = 1e-9

@@ -27,6 +27,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.process_group  # processes in lockstep: run apart (scripts/test.sh)
+
 pytest.importorskip("trl")
 pytest.importorskip("deepspeed")
 pytest.importorskip("accelerate")

@@ -1,6 +1,7 @@
 """Ties at the maximum logit across the slices of a vocabulary-parallel head (2 gloo processes):
 ``top1_correct`` and ``argmax`` take the lowest global index that attains the maximum, as on one
 process."""
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -8,6 +9,8 @@ import fpo_ops
 from fpo_ops.token_stats import chunked
 from distributed_launch import launch
 from tie_cases import CASES, first_argmax
+
+pytestmark = pytest.mark.process_group  # processes in lockstep: run apart (scripts/test.sh)
 
 # (start, stop) per rank: the first tied column (3) on rank 1 with the others, or on rank 0 alone
 SPLITS = {"first_tie_on_rank_1": [(0, 3), (3, 37)], "even": [(0, 19), (19, 37)]}

@@ -21,6 +21,8 @@ from distributed_launch import launch
 from loss_batches import make_batch
 from stats_cases import ALL_STATS, SPLIT_CASES, Case, make_case, max_rel_err, run
 
+pytestmark = pytest.mark.process_group  # processes in lockstep: run apart (scripts/test.sh)
+
 TOL = 1e-9
 
 # every split case but jsd_beta_1 (the DTensor path adds no JSD-specific code)

@@ -22,6 +22,8 @@ import traceback
 import pytest
 import torch
 
+pytestmark = pytest.mark.process_group  # processes in lockstep: run apart (scripts/test.sh)
+
 pytest.importorskip("trl")
 
 from distributed_launch import launch  # noqa: E402

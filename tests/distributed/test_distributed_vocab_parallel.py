@@ -17,6 +17,8 @@ from distributed_launch import launch
 from fpo_ops.token_stats.stats import INDEX_STATS
 from stats_cases import ALL_STATS, SPLIT_CASES as CASES, Case, make_case, max_abs_err, max_rel_err, run
 
+pytestmark = pytest.mark.process_group  # processes in lockstep: run apart (scripts/test.sh)
+
 TOL = 1e-9
 
 SUBSETS = [("logp",), ("kl", "ref_logp"), ("reverse_kl", "entropy"), ("jsd", "mean_logit")]

@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+pytestmark = pytest.mark.process_group  # processes in lockstep: run apart (scripts/test.sh)
+
 pytest.importorskip("deepspeed")
 
 from distributed_launch import launch  # noqa: E402

@@ -227,6 +227,7 @@ def _vocab_parallel_worker(rank: int, world: int) -> None:
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10 * max(b.abs().max().item(), 1.0))
 
 
+@pytest.mark.process_group  # processes in lockstep: run apart (scripts/test.sh)
 def test_vocab_parallel_head_equals_one_process():
     """Label smoothing, z-loss and lse over a vocabulary split (log V and lse the whole vocabulary's), on 2
     gloo processes, equal to the float64 oracle with dhidden whole and dweight/dbias per slice."""

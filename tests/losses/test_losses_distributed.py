@@ -5,6 +5,7 @@ same impl, and the float64 oracle), then on its own contiguous slice of the rows
 ``process_group``, and compares to 1e-9: the loss, every metric, the per-sequence outputs, the full
 dhidden and its slice of dweight/dbias, under a random upstream gradient.
 """
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -13,6 +14,8 @@ from fpo_ops.token_stats import chunked
 from distributed_launch import launch
 from loss_batches import make_batch
 from stats_cases import max_rel_err
+
+pytestmark = pytest.mark.process_group  # processes in lockstep: run apart (scripts/test.sh)
 
 TOL = 1e-9
 LOSSES = {
