@@ -59,6 +59,21 @@ MIXED_LEVELS = {
 }
 
 
+def assert_triton_matches_oracle_at(shape, case, outputs, **extra):
+    """impl="triton" at the launch shape ``shape`` equals the float64 oracle, every statistic and
+    gradient to 1e-9 (relative)."""
+    from fpo_ops.token_stats.kernels.utils import override_tile_config
+
+    ref_stats, ref_grads = run(case, "reference", outputs, **extra)
+    with override_tile_config(shape):
+        stats, grads = run(case, "triton", outputs, **extra)
+    for stat in outputs:
+        assert max_rel_err(getattr(stats, stat), getattr(ref_stats, stat)) < 1e-9, stat
+    assert len(grads) == len(ref_grads) > 0
+    for got, expected in zip(grads, ref_grads):
+        assert max_rel_err(got, expected) < 1e-9
+
+
 @pytest.mark.parametrize("outputs, extra, want", [
     (("logp", "ref_logp"), {}, {"fwd": WIDE, "bwd": WIDE}),                            # dpo
     (("logp", "kl"), {}, {"fwd": WIDE, "bwd": WIDE}),                                  # tdpo
@@ -84,16 +99,9 @@ def test_each_variant_at_its_own_tiles(monkeypatch, outputs, extra, want):
     monkeypatch.setattr(token_stats_fwd, "launch_tiles", recording)
     monkeypatch.setattr(triton_stats, "launch_tiles", recording)
     case = make_case(shape=(37,), hidden_size=24, vocab=100, ref_hidden_size=16)
-    ref_stats, ref_grads = run(case, "reference", outputs, **extra)
-    with utils.override_tile_config(SPLIT_SHAPE):
-        stats, grads = run(case, "triton", outputs, **extra)
+    # a filter at 1e-30 drops no tile of this case: the exact gradients
+    assert_triton_matches_oracle_at(SPLIT_SHAPE, case, outputs, **extra)
     assert used == want
-    for stat in outputs:
-        assert max_rel_err(getattr(stats, stat), getattr(ref_stats, stat)) < 1e-9, stat
-    assert len(grads) == len(ref_grads) > 0
-    for got, expected in zip(grads, ref_grads):
-        # a filter at 1e-30 drops no tile of this case: the exact gradients
-        assert max_rel_err(got, expected) < 1e-9
 
 
 # 64-wide tiles: each epilogue in its full count of column pieces (`launch_pieces`: the forward's
@@ -120,16 +128,9 @@ def test_full_piece_counts_match_the_oracle(monkeypatch, outputs, case_extra, ex
     monkeypatch.setattr(token_stats_fwd, "launch_pieces", recording)
     monkeypatch.setattr(token_stats_bwd, "launch_pieces", recording)
     case = make_case(shape=(37,), hidden_size=24, vocab=200, ref_hidden_size=16, **case_extra)
-    ref_stats, ref_grads = run(case, "reference", outputs, **extra)
-    with utils.override_tile_config(PIECES_SHAPE):
-        stats, grads = run(case, "triton", outputs, **extra)
+    # a filter at 1e-30 drops no tile of this case: the exact gradients
+    assert_triton_matches_oracle_at(PIECES_SHAPE, case, outputs, **extra)
     assert used == want
-    for stat in outputs:
-        assert max_rel_err(getattr(stats, stat), getattr(ref_stats, stat)) < 1e-9, stat
-    assert len(grads) == len(ref_grads) > 0
-    for got, expected in zip(grads, ref_grads):
-        # a filter at 1e-30 drops no tile of this case: the exact gradients
-        assert max_rel_err(got, expected) < 1e-9
 
 
 # SPLIT_SHAPE with the weight tiles read through TMA descriptors (`TileConfig.weight_tma`).
@@ -157,16 +158,9 @@ def test_weight_tiles_through_tma_descriptors(monkeypatch, hidden_size, ref_hidd
     monkeypatch.setattr(token_stats_fwd, "weight_operands", recording)
     monkeypatch.setattr(token_stats_bwd, "weight_operands", recording)
     case = make_case(shape=(37,), hidden_size=hidden_size, vocab=100, ref_hidden_size=ref_hidden_size, **extra)
-    ref_stats, ref_grads = run(case, "reference", outputs)
-    with utils.override_tile_config(TMA_SHAPE):
-        stats, grads = run(case, "triton", outputs)
+    assert_triton_matches_oracle_at(TMA_SHAPE, case, outputs)
     hopper = not CUDA or torch.cuda.get_device_capability()[0] >= 9  # the interpreter reads descriptors too
     assert len(used) >= 3 and set(used) == {tma and hopper}  # forward, JSD or backward chunks: every launch
-    for stat in outputs:
-        assert max_rel_err(getattr(stats, stat), getattr(ref_stats, stat)) < 1e-9, stat
-    assert len(grads) == len(ref_grads) > 0
-    for got, expected in zip(grads, ref_grads):
-        assert max_rel_err(got, expected) < 1e-9
 
 
 # The oracle cases, some with more for the kernels to do: a bias under the softcap, one token over
