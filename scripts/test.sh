@@ -12,6 +12,6 @@ if [ $# -gt 0 ]; then
   exec python -m pytest -q "$@"
 fi
 status=0
-python -m pytest -q -n auto --dist loadfile -m "not process_group" || status=$?
-python -m pytest -q -m process_group || status=$?
+python -m pytest -q --durations=10 -n auto --dist loadfile -m "not process_group" || status=$?
+python -m pytest -q --durations=10 -m process_group || status=$?
 exit "$status"
