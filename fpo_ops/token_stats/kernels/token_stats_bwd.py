@@ -312,12 +312,12 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
     kept_v = kept_v_count = kept_n = kept_n_count = dz
     if filtering:
         # unfiltered blocks first (stable sort of the 0/1 flags) and their counts, on the device
-        flags = skip[:, :triton.cdiv(chunk, cfg.BV)]
+        skipped = skip[:, :triton.cdiv(chunk, cfg.BV)]
         # the kernels read the lists with unit stride along a row
-        kept_v = torch.argsort(flags, dim=1, stable=True).contiguous()
-        kept_v_count = (flags == 0).sum(1)
-        kept_n = torch.argsort(flags.T, dim=1, stable=True).contiguous()
-        kept_n_count = (flags == 0).sum(0)
+        kept_v = torch.argsort(skipped, dim=1, stable=True).contiguous()
+        kept_v_count = (skipped == 0).sum(1)
+        kept_n = torch.argsort(skipped.T, dim=1, stable=True).contiguous()
+        kept_n_count = (skipped == 0).sum(0)
     size = dz.element_size()
     if grad_h is not None:
         warps, stages = gradient_gemm_launch(cfg, cfg.BN, (cfg.BN + cfg.BH_grad) * cfg.BV * size, size)
@@ -342,6 +342,6 @@ def token_stats_bwd_chunk(hidden, weight, bias, ref_hidden, ref_weight, ref_bias
         parts = db_part[:, :chunk]
         if filtering:
             # a flagged tile's dbias part is dropped as its dh and dw terms are
-            dropped = flags.repeat_interleave(cfg.BV, dim=1)[:, :chunk] != 0
+            dropped = skipped.repeat_interleave(cfg.BV, dim=1)[:, :chunk] != 0
             parts = parts.masked_fill(dropped, 0.0)
         grad_b.copy_(parts.sum(0))

@@ -233,9 +233,9 @@ def token_stats_jsd_fwd_kernel(
         n_in = (v_hi - v0).to(tl.int32)
         for i in tl.static_range(PIECES):
             z, lanes, in_piece = logit_piece(acc, i, PIECES, b_ptr, v0, n_in, logit_scale, softcap, temperature,
-                                         HAS_BIAS, CAPPED, ACC, BN, BV)
+                                             HAS_BIAS, CAPPED, ACC, BN, BV)
             zr, lanes, in_piece = logit_piece(acc_ref, i, PIECES, rb_ptr, v0, n_in, ref_logit_scale, ref_softcap,
-                                   temperature, HAS_REF_BIAS, REF_CAPPED, ACC, BN, BV)
+                                              temperature, HAS_REF_BIAS, REF_CAPPED, ACC, BN, BV)
             logp = z - lse[:, None]
             logq = zr - lse_ref[:, None]
             logm = log_mixture(logp, logq, log_beta, log1m_beta)

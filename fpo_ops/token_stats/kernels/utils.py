@@ -175,8 +175,7 @@ def preactivation_grad(dz, z, logit_scale, softcap, temperature, CAPPED: tl.cons
 # pieces, the backward 8, the forward 8 or 1 by its statistics (`launch_pieces`). The forward folds
 # each piece as an online-softmax step of its own, but takes the reference's maximum over the whole
 # tile before its divergences' sums (token_stats_fwd.py).
-JSD_PASS_PIECES = 4
-BACKWARD_PIECES = 8
+EPILOGUE_PIECES = {"fwd": 8, "jsd": 4, "bwd": 8}
 # A piece is at least this many columns wide. The interpreter (16- and 32-wide tiles) pays per op,
 # so narrower pieces there only multiply its time; CUDA tiles (64 or 128 wide) never meet the bound.
 MIN_PIECE_COLUMNS = 8
@@ -488,9 +487,8 @@ VARIANT_TILES = {
 }
 # The forward launches that fold each tile whole (one piece): at [128, 128] these build with fewer
 # instructions and no more spills than in pieces (dpo 3456 instructions whole, 4128 in 8 pieces);
-# the others fold 8 pieces.
+# the others fold `EPILOGUE_PIECES["fwd"]`.
 WHOLE_TILE_FOLDS = (_REF | _POLICY, frozenset({"WANT_M_PRE", "WANT_ARGMAX"}), frozenset({"HAS_REF", "WANT_KL"}))
-FORWARD_PIECES = 8
 
 
 def _flags_on(flags: dict) -> set:
@@ -499,17 +497,14 @@ def _flags_on(flags: dict) -> set:
 
 def launch_pieces(kernel: str, flags: dict, BV: int) -> int:
     """The column pieces (`column_piece`) a launch of ``kernel`` ("fwd", "jsd" or "bwd") with
-    constexpr ``flags`` and ``BV``-wide tiles takes its epilogue in: the JSD pass `JSD_PASS_PIECES`,
-    the backward `BACKWARD_PIECES`, the forward 1 for the flag sets of `WHOLE_TILE_FOLDS`, else
-    `FORWARD_PIECES`; at most as many as leave each piece `MIN_PIECE_COLUMNS` wide."""
-    if kernel == "fwd":
-        pieces = 1 if any(_flags_on(flags) <= fits for fits in WHOLE_TILE_FOLDS) else FORWARD_PIECES
-    elif kernel == "jsd":
-        pieces = JSD_PASS_PIECES
-    elif kernel == "bwd":
-        pieces = BACKWARD_PIECES
-    else:
-        raise ValueError(f"kernel: expected one of {PASSES}, got {kernel!r}")
+    constexpr ``flags`` and ``BV``-wide tiles takes its epilogue in: its pass's `EPILOGUE_PIECES`
+    (1 for the forward flag sets of `WHOLE_TILE_FOLDS`), at most as many as leave each piece
+    `MIN_PIECE_COLUMNS` wide."""
+    if kernel not in EPILOGUE_PIECES:
+        raise ValueError(f"kernel: expected one of {tuple(EPILOGUE_PIECES)}, got {kernel!r}")
+    pieces = EPILOGUE_PIECES[kernel]
+    if kernel == "fwd" and any(_flags_on(flags) <= fits for fits in WHOLE_TILE_FOLDS):
+        pieces = 1
     return max(1, min(pieces, BV // MIN_PIECE_COLUMNS))
 
 
